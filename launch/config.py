@@ -1,0 +1,338 @@
+"""The run configuration: sections, YAML presets, dotted overrides and validation.
+
+    python -m launch.train --config launch/presets/tiny-cpu.yaml learner.filter_threshold=0.1 run.dir=/tmp/x
+
+Each component owns a frozen dataclass with its defaults (rollout_workers.config, learner.config,
+weight_sync.config); this module adds the run-level sections and composes them into `Config`.
+Everything is validated here, before any actor starts: unknown keys (with the nearest valid key),
+wrong types, and combinations that cannot work. Nothing is silently rewritten.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from learner.config import LearnerConfig
+from rollout_workers.config import DataConfig, RolloutConfig
+from weight_sync.config import SyncConfig
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy model (section `model`)."""
+
+    path: str = ""
+    """Hugging Face model directory (or hub id on a networked cluster); empty = build the embedded tiny model."""
+    tiny_hidden_size: int = 64
+    """Embedded tiny model: hidden size (Qwen2-style architecture built from a config)."""
+    tiny_layers: int = 2
+    """Embedded tiny model: transformer layers."""
+    tiny_heads: int = 4
+    """Embedded tiny model: attention heads."""
+    sft_steps: int = 300
+    """Supervised warm-up steps on the training prompts before RL (0 = none); also the SFT baseline."""
+    sft_lr: float = 3e-3
+    """Learning rate of the supervised warm-up."""
+    sft_batch_size: int = 64
+    """Examples per supervised warm-up step."""
+
+    def __post_init__(self) -> None:
+        for key in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "sft_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.sft_steps < 0:
+            raise ValueError(f"model.sft_steps must be >= 0, got {self.sft_steps}")
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise ValueError(f"model.tiny_hidden_size ({self.tiny_hidden_size}) must be divisible by model.tiny_heads ({self.tiny_heads})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The outer RL loop (section `train`)."""
+
+    iterations: int = 20
+    """RL iterations (sample -> score -> filter -> learn -> sync -> log)."""
+    mode: str = "dash"
+    """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter)."""
+    overlap: bool = False
+    """Sample iteration t+1 while learning on t (one step off-policy; staleness is logged)."""
+    placement: str = "auto"
+    """"auto", "cpu", "colocated" (engines and learner share GPUs) or "disaggregated" (separate GPUs)."""
+    num_gpus: int = 0
+    """GPUs available to the job (0 = CPU only); checked against engines x tensor parallel + learner ranks."""
+    checkpoint_every: int = 0
+    """Checkpoint every k iterations (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K checkpoints."""
+    on_worker_death: str = "restart"
+    """"restart" a dead rollout worker, or "continue" on the survivors."""
+    ray_address: str = ""
+    """Ray cluster to join ("" = the one this job runs in, else start a local one)."""
+    actor_timeout_s: float = 600.0
+    """Upper bound on any single wait for an actor (a dead or frozen actor raises after this)."""
+    seed: int = 0
+    """Global seed."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"train.iterations must be >= 0, got {self.iterations}")
+        if self.mode not in ("dash", "standard_grpo"):
+            raise ValueError(f"train.mode must be one of ['dash', 'standard_grpo'], got {self.mode!r}")
+        if self.placement not in ("auto", "cpu", "colocated", "disaggregated"):
+            raise ValueError(f"train.placement must be one of ['auto', 'cpu', 'colocated', 'disaggregated'], got {self.placement!r}")
+        if self.on_worker_death not in ("restart", "continue"):
+            raise ValueError(f"train.on_worker_death must be one of ['restart', 'continue'], got {self.on_worker_death!r}")
+        for key in ("checkpoint_every", "num_gpus"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if not self.actor_timeout_s > 0:
+            raise ValueError(f"train.actor_timeout_s must be > 0, got {self.actor_timeout_s}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation (section `eval`)."""
+
+    every: int = 0
+    """Evaluate every k iterations (0 = only before and after RL)."""
+    size: int = 256
+    """Eval problems (greedy pass@1)."""
+    max_new_tokens: int = 16
+    """Completion length at eval."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.every must be >= 0, eval.size and eval.max_new_tokens >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Outputs of a run (section `run`)."""
+
+    name: str = "tiny-cpu"
+    """Run name; the default run directory is runs/<name>-<time>."""
+    dir: str = ""
+    """Run directory (config.yaml, metrics.jsonl, TensorBoard, checkpoints, plots); "" = runs/<name>-<time>."""
+    wandb: bool = False
+    """Also log to Weights & Biases (must be installed)."""
+    progress: bool = True
+    """Show a progress bar in the console."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run. Sections are documented on their own dataclasses."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt source."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Engines, sampling and rewards."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The DASH learner."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    """Weight sync."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The RL loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Outputs."""
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "learner": LearnerConfig,
+            "sync": SyncConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (a path or a preset name) <- dotted `section.key=value` overrides."""
+    raw: dict[str, dict] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.exists() and (PRESETS_DIR / f"{config_file}.yaml").exists():
+            path = PRESETS_DIR / f"{config_file}.yaml"
+        if not path.exists():
+            raise ConfigError(f"config file {config_file!r} not found (presets: {', '.join(list_presets())})")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in loaded.items():
+            _check_section(section)
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {type(values).__name__}")
+            for key, value in values.items():
+                raw.setdefault(section, {})[key] = value
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        if "." not in dotted:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, key = dotted.split(".", 1)
+        _check_section(section)
+        raw.setdefault(section, {})[key] = yaml.safe_load(text) if text != "" else ""
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, dict]) -> Config:
+    """Typed, validated Config from {section: {key: value}}; raises ConfigError naming the key."""
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section, {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in names:
+                near = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {section}.{near[0]}?" if near else ""
+                raise ConfigError(f"unknown config key {section}.{key}{hint}")
+            kwargs[key] = _coerce(f"{section}.{key}", value, _field_type(cls, key))
+        try:
+            sections[section] = cls(**kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    for section in raw:
+        _check_section(section)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-section rules: combinations that cannot work, each with the reason."""
+    r, l = cfg.rollout, cfg.learner
+    longest = r.max_prompt_tokens + r.max_new_tokens
+    if l.micro_batch_tokens < longest:
+        raise ConfigError(
+            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) is smaller than rollout.max_prompt_tokens + "
+            f"rollout.max_new_tokens ({longest}): the longest sample would not fit in one micro-batch")
+    if cfg.train.mode == "dash" and r.prompts_per_generation % l.prompts_per_step:
+        raise ConfigError(
+            f"rollout.prompts_per_generation ({r.prompts_per_generation}) must be a multiple of "
+            f"learner.prompts_per_step ({l.prompts_per_step}): one generation feeds whole optimizer steps")
+    if cfg.train.num_gpus:
+        engine_gpus = r.num_workers * r.tensor_parallel_size
+        learner_gpus = l.num_ranks * l.gpus_per_rank
+        colocated = cfg.train.placement == "colocated"
+        needed = max(engine_gpus, learner_gpus) if colocated else engine_gpus + learner_gpus
+        if needed > cfg.train.num_gpus:
+            raise ConfigError(
+                f"rollout.num_workers x rollout.tensor_parallel_size = {engine_gpus} engine GPUs"
+                f"{' and' if colocated else ' +'} learner.num_ranks x learner.gpus_per_rank = {learner_gpus:g} "
+                f"need {needed:g} GPUs but train.num_gpus is {cfg.train.num_gpus}")
+    elif r.engine == "vllm":
+        raise ConfigError("rollout.engine=vllm needs GPUs: set train.num_gpus (vLLM cannot run on CPU)")
+    if cfg.sync.transport in ("nccl", "ipc") and r.engine != "vllm":
+        raise ConfigError(f"sync.transport={cfg.sync.transport} is vLLM's native path; use rollout.engine=vllm or sync.transport=gloo")
+    if cfg.sync.transport == "ipc" and cfg.train.placement != "colocated":
+        raise ConfigError("sync.transport=ipc needs train.placement=colocated (learner and engine on one GPU)")
+    if cfg.model.path and not _is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path {cfg.model.path!r} does not exist")
+
+
+def _is_hub_id(path: str) -> bool:
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1 and not os.path.exists(path)
+
+
+def _check_section(section: str) -> None:
+    if section not in SECTIONS:
+        near = difflib.get_close_matches(section, SECTIONS, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise ConfigError(f"unknown config section {section!r}{hint} (sections: {', '.join(SECTIONS)})")
+
+
+def _field_type(cls: type, key: str):
+    return typing.get_type_hints(cls)[key]
+
+
+def _coerce(key: str, value, tp):
+    """Check (never guess) a value's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list of {inner.__name__}, got {value!r}")
+        return tuple(_coerce(key, v, inner) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} expects {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+# ----------------------------------------------------------------------------- output
+
+def to_dict(cfg: Config) -> dict:
+    out = dataclasses.asdict(cfg)
+    for section in out.values():
+        for k, v in section.items():
+            if isinstance(v, tuple):
+                section[k] = list(v)
+    return out
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string literal under each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def help_text() -> str:
+    """Config reference: every section, key, type, default and docstring."""
+    lines = []
+    defaults = Config()
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n[{section}]  {(cls.__doc__ or '').strip()}")
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section), f.name)
+            tp = hints[f.name]
+            tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            lines.append(f"  {section}.{f.name} ({tname}, default {default!r})\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)

