@@ -42,20 +42,22 @@ class PhaseTimer:
 class MetricsLogger:
     """Appends one JSON record per iteration and mirrors scalars to TensorBoard (and W&B if asked)."""
 
-    def __init__(self, run_dir: Path, use_wandb: bool, run_name: str, config: dict, resume_after: int | None = None):
+    def __init__(self, run_dir: Path, use_wandb: bool, run_name: str, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
-        if resume_after is not None and self.path.exists():
-            # Resume continues the same stream: drop records written after the checkpoint we resume from.
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["iteration"] <= resume_after]
-            self.path.write_text("".join(l + "\n" for l in kept))
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.wandb = None
         if use_wandb:
             import wandb  # optional; the config validation names it when missing
 
             self.wandb = wandb.init(project="dash-rl", name=run_name, config=config, dir=str(run_dir))
+
+    def truncate_after(self, iteration: int) -> None:
+        """Resume continues the same stream: drop records written after the checkpoint resumed from."""
+        if self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["iteration"] <= iteration]
+            self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
