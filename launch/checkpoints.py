@@ -45,7 +45,7 @@ def save(run: "Run", extra: dict) -> Path:
     state = {
         "iteration": run.iteration, "version": run.version, "cursor": run.cursor.state(),
         "samples_generated": run.samples_generated, "samples_kept": run.samples_kept,
-        "python_rng": random.getstate(), **extra,
+        "train_seconds": run.train_seconds, "python_rng": random.getstate(), **extra,
     }
     (tmp / "driver_state.json").write_text(json.dumps(state))
     torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
@@ -66,6 +66,7 @@ def restore_latest(run: "Run") -> dict:
     run.cursor.load_state(state["cursor"])
     run.iteration, run.version = state["iteration"], state["version"]
     run.samples_generated, run.samples_kept = state["samples_generated"], state["samples_kept"]
+    run.train_seconds = state["train_seconds"]
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(torch.load(path / "torch_rng.pt", weights_only=True))

@@ -64,6 +64,7 @@ class Run:
     iteration: int = 0
     samples_generated: int = 0
     samples_kept: int = 0
+    train_seconds: float = 0.0
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -147,13 +148,15 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(run: Run) -> float:
-    """Greedy pass@1 on the held-out prompts, through the same workers and reward function."""
+def evaluate(run: Run, train_seconds: float) -> dict:
+    """Greedy pass@1 on the held-out prompts, through the same workers and reward function.
+    Returns one point of the accuracy curve (against training wall seconds and samples)."""
     params = SamplingParamsSpec(n=1, greedy=True, max_new_tokens=run.cfg.eval.max_new_tokens, seed=0)
     correct = 0
     for group in run.dispatcher.run(run.eval_prompts, batch_id=-1 - run.iteration, params=params):
         correct += group.rewards[0] >= 1.0
-    return correct / len(run.eval_prompts)
+    return {"iteration": run.iteration, "train_seconds": train_seconds, "samples_generated": run.samples_generated,
+            "accuracy": correct / len(run.eval_prompts)}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -240,44 +243,47 @@ def setup(cfg: Config, run_dir: Path, resume: bool) -> tuple[Run, dict]:
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Run (or resume) training; returns the summary also written to run_dir/summary.json.
+    summary["evals"] is the accuracy curve: one point per evaluation, against `train_seconds`
+    (wall seconds inside training iterations, evaluation and checkpoints excluded) and samples."""
     start = time.perf_counter()
     run, info = setup(cfg, run_dir, resume)
-    stop = {"signal": None}
 
     def on_signal(signum, _frame):
-        stop["signal"] = signum
         raise Interrupted(signal.Signals(signum).name)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    evals: list[dict] = []
     try:
-        evals: list[tuple[int, float]] = []
         if resume:
-            state = checkpoints.restore_latest(run)
-            evals = state.get("evals", [])
+            evals = checkpoints.restore_latest(run)["evals"]
             run.sync.sync(run.version)
         if not evals:
-            evals.append((0, evaluate(run)))
-            print(f"eval before RL: accuracy {evals[0][1]:.3f} on {len(run.eval_prompts)} held-out problems", flush=True)
+            evals.append(evaluate(run, run.train_seconds))
+            print(f"eval before RL: accuracy {evals[0]['accuracy']:.3f} on {len(run.eval_prompts)} held-out problems", flush=True)
         while run.iteration < cfg.train.iterations:
             run.iteration += 1
+            t0 = time.perf_counter()
             record = train_iteration(run)
+            run.train_seconds += time.perf_counter() - t0
             if cfg.eval.every and run.iteration % cfg.eval.every == 0 and run.iteration < cfg.train.iterations:
-                evals.append((run.iteration, evaluate(run)))
-                record["eval_accuracy"] = evals[-1][1]
+                evals.append(evaluate(run, run.train_seconds))
+                record["eval_accuracy"] = evals[-1]["accuracy"]
             run.logger.log(record)
             print(console_line(record), flush=True)
             if cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0:
                 checkpoints.save(run, {"evals": evals})
-        evals.append((run.iteration, evaluate(run)))
+        if evals[-1]["iteration"] != run.iteration:
+            evals.append(evaluate(run, run.train_seconds))
         checkpoints.save(run, {"evals": evals})
         summary = {
-            "eval_accuracy_before_rl": evals[0][1], "eval_accuracy_after_rl": evals[-1][1],
+            "eval_accuracy_before_rl": evals[0]["accuracy"], "eval_accuracy_after_rl": evals[-1]["accuracy"],
             "evals": evals, "iterations": run.iteration, "wall_seconds": time.perf_counter() - start,
-            "samples_generated": run.samples_generated, "samples_kept": run.samples_kept,
-            "policy_version": run.version, **info,
+            "train_seconds": run.train_seconds, "samples_generated": run.samples_generated,
+            "samples_kept": run.samples_kept, "policy_version": run.version, **info,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_plots(run_dir, evals)
+        write_plots(run_dir, [(e["iteration"], e["accuracy"]) for e in evals])
         print_table(summary)
         return summary
     except Interrupted as e:
