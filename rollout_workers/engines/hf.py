@@ -102,13 +102,14 @@ class HFEngine(Engine):
         encoded = encode_prompts(self._tokenizer, prompts, params.max_new_tokens, self.context)
         version = self._version
         for c, idx in enumerate(self.chunks([len(e) for e in encoded], params.n, params.max_new_tokens)):
-            rows = self._generate_chunk([encoded[i] for i in idx], params, seed=params.seed + 1_000_003 * c)
+            rows = self.sample_token_ids([encoded[i] for i in idx], params, seed=params.seed + 1_000_003 * c)
             for j, i in enumerate(idx):
                 group = tuple(rows[j * params.n:(j + 1) * params.n])
                 yield GroupOutput(prompts[i], tuple(encoded[i]), group, version)
 
     @torch.no_grad()
-    def _generate_chunk(self, encoded: list[list[int]], params: SamplingParamsSpec, seed: int) -> list[Completion]:
+    def sample_token_ids(self, encoded: list[list[int]], params: SamplingParamsSpec, seed: int) -> list[Completion]:
+        """One generate() call on already tokenized prompts: B x G completions, prompt-major."""
         batch = self._tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self._device)
         width = batch["input_ids"].shape[1]
         if params.greedy:
