@@ -62,6 +62,12 @@ class GroupOutput:
 class Engine(ABC):
     """Interface of an inference engine (transformers, vLLM, the fake vLLM through the vLLM adapter)."""
 
+    context: int
+    """Positions the model can attend to (prompt + completion must fit)."""
+    completed_prompts: int = 0
+    """Prompts of the current (or last) generate() call whose groups are complete: a progress
+    counter that shows groups leave before the batch ends."""
+
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
         """Sample `params.n` completions per prompt; yield each prompt's group as soon as it completes.

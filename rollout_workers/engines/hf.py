@@ -101,8 +101,10 @@ class HFEngine(Engine):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
         encoded = encode_prompts(self._tokenizer, prompts, params.max_new_tokens, self.context)
         version = self._version
+        self.completed_prompts = 0
         for c, idx in enumerate(self.chunks([len(e) for e in encoded], params.n, params.max_new_tokens)):
             rows = self.sample_token_ids([encoded[i] for i in idx], params, seed=params.seed + 1_000_003 * c)
+            self.completed_prompts += len(idx)
             for j, i in enumerate(idx):
                 group = tuple(rows[j * params.n:(j + 1) * params.n])
                 yield GroupOutput(prompts[i], tuple(encoded[i]), group, version)

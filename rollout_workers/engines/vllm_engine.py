@@ -136,6 +136,7 @@ class VLLMEngine(Engine):
             engine.add_request(request_id, self._inputs_mod.TokensPrompt(prompt_token_ids=list(ids)), sp)
             pending[request_id] = i
         version = self._version
+        self.completed_prompts = 0
         try:
             while pending:
                 if not engine.has_unfinished_requests():
@@ -145,6 +146,7 @@ class VLLMEngine(Engine):
                     if not out.finished or out.request_id not in pending:
                         continue
                     i = pending.pop(out.request_id)
+                    self.completed_prompts += 1
                     yield GroupOutput(prompts[i], tuple(encoded[i]),
                                       tuple(self._completion(c) for c in out.outputs), version)
         finally:
