@@ -215,3 +215,62 @@ def test_gloo_zero3_two_ranks_bit_exact_versions_tied(ray_local, tiny_model_dir,
         _assert_engine_matches(ray, engines[1], version, expected, torch.bfloat16)
     for l in learners:
         ray.kill(l)
+
+
+@pytest.fixture(scope="module")
+def zero0_learner(ray_local, tiny_model_dir):
+    learner = _learner_cls().remote(str(tiny_model_dir), 0, 1, free_port(), 0)
+    yield learner
+    ray_local.kill(learner)
+
+
+@pytest.mark.slow
+def test_ray_transport_zero0_bf16_wire(ray_local, zero0_learner, engines):
+    """Object-store fallback, wire dtype bf16: the fp32 engine holds the bf16-rounded values."""
+    ray = ray_local
+    ep = make_endpoint(SyncConfig(transport="ray", bucket_mb=1, timeout_s=60), ["fp32", "bf16"], "bfloat16")
+    ray.get([zero0_learner.set_endpoint.remote(ep)]
+            + [e.set_endpoint.remote(ep, n) for e, n in zip(engines, ep.receiver_names)], timeout=60)
+    ray.get(zero0_learner.train_step.remote(5), timeout=60)
+    stats, v_a, v_b = _round(ray, [zero0_learner], engines, 11)
+    assert (stats.version, v_a, v_b) == (11, 11, 11)
+    expected = {n: w.to(torch.bfloat16) for n, w in ray.get(zero0_learner.full_weights.remote(), timeout=60).items()}
+    assert stats.num_bytes == sum(w.numel() * 2 for w in expected.values())  # tied head sent once
+    _assert_engine_matches(ray, engines[0], 11, expected, torch.float32)
+    _assert_engine_matches(ray, engines[1], 11, expected, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zero0_learner, tiny_model_dir):
+    ray = ray_local
+    Engine = _engine_cls()
+    a, b = Engine.remote(str(tiny_model_dir), "float32"), Engine.remote(str(tiny_model_dir), "float32")
+    cfg = SyncConfig(transport="gloo", bucket_mb=1, timeout_s=4)
+
+    # 1. Engine "b" never shows up: the learner's first sync fails in the rendezvous, naming it.
+    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a")], timeout=60)
+    t0 = time.monotonic()
+    send, recv = zero0_learner.sync_weights.remote(1), a.receive_weights.remote(1)
+    with pytest.raises(SyncError, match=r"phase 'rendezvous'; engines: \['b'\]"):
+        ray.get(send, timeout=60)
+    with pytest.raises(SyncError, match=r"phase 'rendezvous'; engines: \['a'\]"):
+        ray.get(recv, timeout=60)
+    assert time.monotonic() - t0 < 30  # bounded by timeout_s, never a hang
+
+    # 2. A good round, then "b" is killed: the next sync fails naming "b"; "a" gets nothing and
+    #    keeps version 1 (all-or-nothing).
+    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
+            timeout=60)
+    _round(ray, [zero0_learner], [a, b], 1, timeout=60)
+    v1 = ray.get(zero0_learner.full_weights.remote(), timeout=60)
+    ray.kill(b)
+    ray.get(zero0_learner.train_step.remote(9), timeout=60)
+    send, recv = zero0_learner.sync_weights.remote(2), a.receive_weights.remote(2)
+    with pytest.raises(SyncError, match=r"phase '(header|bucket \d+/\d+|ack)'; engines: \[.*'b'.*\]"):
+        ray.get(send, timeout=60)
+    with pytest.raises(SyncError, match=r"engine 'a'"):
+        ray.get(recv, timeout=60)
+    _assert_engine_matches(ray, a, 1, v1, torch.float32)
+    ray.kill(a)
