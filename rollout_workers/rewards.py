@@ -28,6 +28,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 MAX_COMPLETION_SCAN_CHARS = 1_000_000
@@ -239,17 +240,19 @@ def _worker_score(reward_fn: str, completion: str, gold: str, timeout_s: float,
         raise _SampleTimeout()
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        value = resolve_reward_fn(reward_fn)(completion, gold)
-        if format_reward and has_final_answer(completion):
-            value = value + format_reward
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            value = resolve_reward_fn(reward_fn)(completion, gold)
+            if format_reward and has_final_answer(completion):
+                value = value + format_reward
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm racing this line is caught below
     except _SampleTimeout:
         return 0.0, _TIMEOUT
     except Exception:
         return 0.0, _ERROR
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     if fired:  # the timer fired but something swallowed the exception
         return 0.0, _TIMEOUT
@@ -266,6 +269,8 @@ class RewardPool:
     timeout; if its process does not even answer by `timeout_s + grace`, the pool is killed and
     recreated and the other in-flight samples are resubmitted. A process crash (BrokenProcessPool)
     retries its samples one at a time, so only the sample that crashes twice is counted as an error.
+    The processes start (spawn, about 1-3 s) in `__init__`; after a kill they restart on the next
+    sample. Not thread-safe: call `score` from one thread at a time.
     """
 
     def __init__(self, reward_fn: str = "rollout_workers.rewards:score_math", processes: int = 1,
@@ -328,7 +333,7 @@ class RewardPool:
         args = (_worker_score, self.reward_fn, completion, gold, self.timeout_s, self.format_reward)
         try:
             return self._executor.submit(*args)
-        except cf.process.BrokenProcessPool:  # a process died while idle (e.g. the OOM killer)
+        except BrokenProcessPool:  # a process died while idle (e.g. the OOM killer)
             self._restart()
             return self._executor.submit(*args)
 
@@ -365,13 +370,19 @@ class RewardPool:
                 idx, _ = in_flight.pop(future)
                 try:
                     value, status = future.result(timeout=0)
-                except cf.process.BrokenProcessPool:
+                except BrokenProcessPool:
                     broken = True
                     if idx in crashed:
                         errors += 1
                     else:
                         crashed.add(idx)
                         retry.append(idx)
+                    continue
+                except _SampleTimeout:  # the timer fired in the worker's own bookkeeping
+                    timeouts += 1
+                    continue
+                except Exception:  # e.g. a result that failed to pickle
+                    errors += 1
                     continue
                 rewards[idx] = value
                 timeouts += status == _TIMEOUT
