@@ -53,6 +53,11 @@ def test_pack_unpack_roundtrip_casts_in_one_copy():
         for (_, got), want in zip(out, ts):
             assert got.dtype == wire and got.shape == want.shape
             assert torch.equal(got, want.to(wire))
+    staging = torch.empty(1000, dtype=torch.uint8)
+    packed = pack_bucket(ts, torch.bfloat16, staging)
+    assert packed.data_ptr() == staging.data_ptr() and torch.equal(packed, pack_bucket(ts, torch.bfloat16))
+    with pytest.raises(ValueError, match="staging buffer"):
+        pack_bucket(ts, torch.float32, staging[:10])
     with pytest.raises(ValueError, match="header says"):
         unpack_bucket(pack_bucket(ts[:1], torch.float32), ["a"], [(3, 4)], torch.float32)
 

@@ -137,12 +137,20 @@ def bucket_nbytes(shapes: list[tuple[int, ...]], wire_dtype: torch.dtype) -> int
     return sum(itemsize * _numel(s) for s in shapes)
 
 
-def pack_bucket(tensors: list[torch.Tensor], wire_dtype: torch.dtype) -> torch.Tensor:
+def pack_bucket(tensors: list[torch.Tensor], wire_dtype: torch.dtype, staging: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """One contiguous uint8 buffer holding every tensor cast to `wire_dtype`, back to back.
-    The cast happens inside the single copy into the buffer (no intermediate tensor)."""
+    The cast happens inside the single copy into the buffer (no intermediate tensor). With
+    `staging` (a uint8 buffer at least that large) the result is a prefix view of it: reusing one
+    buffer avoids the page faults of a fresh allocation, which cost ~4x the copy itself on CPU."""
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
     total = sum(t.numel() for t in tensors) * itemsize
-    flat = torch.empty(total, dtype=torch.uint8)
+    if staging is None:
+        flat = torch.empty(total, dtype=torch.uint8)
+    elif staging.numel() < total:
+        raise ValueError(f"staging buffer holds {staging.numel()} bytes, the bucket needs {total}")
+    else:
+        flat = staging[:total]
     typed = flat.view(wire_dtype)
     offset = 0
     with torch.no_grad():
@@ -171,13 +179,20 @@ def unpack_bucket(flat: torch.Tensor, names: list[str], shapes: list[tuple[int, 
     return out
 
 
-def iter_packed_buckets(plan: SendPlan, wire_dtype: torch.dtype) -> Iterator[torch.Tensor]:
+def max_bucket_nbytes(plan: SendPlan, wire_dtype: torch.dtype) -> int:
+    return max(bucket_nbytes([plan.shapes[i] for i in idx], wire_dtype) for idx in plan.buckets)
+
+
+def iter_packed_buckets(plan: SendPlan, wire_dtype: torch.dtype, staging: torch.Tensor | None = None
+                        ) -> Iterator[torch.Tensor]:
     """Gather (ZeRO-3), cast and pack one bucket at a time. Every learner rank must drive this
-    to the end, in step, because each gather is a collective among them."""
+    to the end, in step, because each gather is a collective among them. With `staging` every
+    bucket is a view of that one buffer: the consumer must be done with a bucket (e.g. its
+    broadcast waited on) before asking for the next."""
     for idx in plan.buckets:
         params = [plan.params[i] for i in idx]
         with gathered(params):
-            flat = pack_bucket([p.data for p in params], wire_dtype)
+            flat = pack_bucket([p.data for p in params], wire_dtype, staging)
         yield flat
 
 

@@ -41,6 +41,13 @@ class GlooSenderLink:
         self.endpoint = endpoint
         self.store: dist.TCPStore | None = None
         self.pg: dist.ProcessGroupGloo | None = None
+        self._staging = torch.empty(0, dtype=torch.uint8)
+
+    def staging(self, nbytes: int) -> torch.Tensor:
+        """One pack buffer reused for every bucket of every round (sends are waited on in turn)."""
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self._staging
 
     def connect(self, version: int, deadline: float) -> None:
         ep = self.endpoint
@@ -133,6 +140,14 @@ class GlooReceiverLink:
         self.rank = endpoint.receiver_rank(name)
         self.store: dist.TCPStore | None = None
         self.pg: dist.ProcessGroupGloo | None = None
+        self._buffers: list[torch.Tensor] = []  # one receive buffer per bucket, reused across rounds
+
+    def _buffer(self, k: int, nbytes: int) -> torch.Tensor:
+        while len(self._buffers) <= k:
+            self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self._buffers[k].numel() != nbytes:
+            self._buffers[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[k]
 
     def _fail(self, version: int, phase: str, e: Exception) -> SyncError:
         self.pg = None
@@ -170,7 +185,7 @@ class GlooReceiverLink:
             for k, bucket in enumerate(header["buckets"]):
                 step = k + 1
                 shapes = [tuple(s) for s in bucket["shapes"]]
-                flat = torch.empty(bucket_nbytes(shapes, wire), dtype=torch.uint8)
+                flat = self._buffer(k, bucket_nbytes(shapes, wire))
                 self.pg.broadcast(flat, 0, _left(deadline)).wait(_left(deadline))
                 received += flat.numel()
                 for name, t in unpack_bucket(flat, bucket["names"], shapes, wire):
