@@ -28,7 +28,7 @@ from weight_sync.buckets import (
     plan_header,
     strip_module_prefix,
 )
-from weight_sync.endpoint import ReceivedWeights, SyncEndpoint, SyncError, SyncStats
+from weight_sync.endpoint import ReceivedWeights, SyncEndpoint, SyncStats
 
 
 class WeightSender:
