@@ -115,8 +115,7 @@ class GlooSenderLink:
                 error = e
             else:
                 refused = [name for i, name in enumerate(self.endpoint.receiver_names) if int(acks[i + 1]) != 1]
-                if refused:
-                    self.close()
+                if refused:  # every collective completed: the group stays usable for the next round
                     raise SyncError(version, "ack", refused, "these engines rejected the round (see their log)")
         if error is not None:
             laggards = self._missing("ack", (version, step))
