@@ -106,18 +106,20 @@ def make_plan(named_params: Iterable[tuple[str, torch.nn.Parameter]], wire_dtype
     params: list[torch.nn.Parameter] = []
     shapes: list[tuple[int, ...]] = []
     aliases: dict[str, str] = {}
+    shapes_by_name: dict[str, tuple[int, ...]] = {}
     first_name: dict[int, str] = {}
     for train_name, param in named_params:
         name = name_map(train_name)
         if id(param) in first_name:
             aliases[name] = first_name[id(param)]
             continue
-        if name in first_name.values():
+        if name in aliases or name in shapes_by_name:
             raise ValueError(f"two parameters map to the engine name {name!r} (last: {train_name!r})")
         first_name[id(param)] = name
+        shapes_by_name[name] = full_shape(param)
         names.append(name)
         params.append(param)
-        shapes.append(full_shape(param))
+        shapes.append(shapes_by_name[name])
     if not names:
         raise ValueError("no parameters to send")
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
@@ -183,16 +185,16 @@ def max_bucket_nbytes(plan: SendPlan, wire_dtype: torch.dtype) -> int:
     return max(bucket_nbytes([plan.shapes[i] for i in idx], wire_dtype) for idx in plan.buckets)
 
 
-def iter_packed_buckets(plan: SendPlan, wire_dtype: torch.dtype, staging: torch.Tensor | None = None
+def iter_packed_buckets(plan: SendPlan, wire_dtype: torch.dtype, staging: list[torch.Tensor] | None = None
                         ) -> Iterator[torch.Tensor]:
     """Gather (ZeRO-3), cast and pack one bucket at a time. Every learner rank must drive this
-    to the end, in step, because each gather is a collective among them. With `staging` every
-    bucket is a view of that one buffer: the consumer must be done with a bucket (e.g. its
-    broadcast waited on) before asking for the next."""
-    for idx in plan.buckets:
+    to the end, in step, because each gather is a collective among them. With `staging`, bucket
+    k is a view of `staging[k % len(staging)]`: with two buffers the consumer can still be sending
+    bucket k-1 while bucket k is packed, but must be done with k-1 before asking for k+1."""
+    for k, idx in enumerate(plan.buckets):
         params = [plan.params[i] for i in idx]
         with gathered(params):
-            flat = pack_bucket([p.data for p in params], wire_dtype, staging)
+            flat = pack_bucket([p.data for p in params], wire_dtype, None if staging is None else staging[k % len(staging)])
         yield flat
 
 
