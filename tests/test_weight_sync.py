@@ -18,6 +18,7 @@ import torch
 from weight_sync.buckets import (
     decode_header,
     encode_header,
+    iter_cast_tensors,
     iter_packed_buckets,
     make_plan,
     pack_bucket,
@@ -53,6 +54,11 @@ def test_pack_unpack_roundtrip_casts_in_one_copy():
         for (_, got), want in zip(out, ts):
             assert got.dtype == wire and got.shape == want.shape
             assert torch.equal(got, want.to(wire))
+    staging = torch.empty(1000, dtype=torch.uint8)
+    packed = pack_bucket(ts, torch.bfloat16, staging)
+    assert packed.data_ptr() == staging.data_ptr() and torch.equal(packed, pack_bucket(ts, torch.bfloat16))
+    with pytest.raises(ValueError, match="staging buffer"):
+        pack_bucket(ts, torch.float32, staging[:10])
     with pytest.raises(ValueError, match="header says"):
         unpack_bucket(pack_bucket(ts[:1], torch.float32), ["a"], [(3, 4)], torch.float32)
 
@@ -67,6 +73,10 @@ def test_plan_maps_names_drops_tied_alias_and_header_roundtrips():
     assert plan.buckets == [[0], [1]]  # 80 bytes of bf16 embeddings fill the first bucket
     header = plan_header(plan, 7, torch.bfloat16)
     assert decode_header(encode_header(header)) == header and header["version"] == 7
+    cast = list(iter_cast_tensors(plan, torch.bfloat16))  # what vLLM's WeightSource.iter_full yields
+    assert [n for n, _ in cast] == plan.names
+    assert all(t.dtype == torch.bfloat16 and tuple(t.shape) == s for (_, t), s in zip(cast, plan.shapes))
+    assert torch.equal(cast[0][1], emb.detach().to(torch.bfloat16)) and cast[1][1].data_ptr() != named[1][1].data_ptr()
     flats = list(iter_packed_buckets(plan, torch.bfloat16))
     assert [f.numel() for f in flats] == [80, 8]
     assert strip_module_prefix("module.a.module.b") == "a.module.b"
@@ -258,15 +268,29 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
         ray.get(recv, timeout=60)
     assert time.monotonic() - t0 < 30  # bounded by timeout_s, never a hang
 
-    # 2. A good round, then "b" is killed: the next sync fails naming "b"; "a" gets nothing and
-    #    keeps version 1 (all-or-nothing).
+    # 2. A good round; later (4.) "b" is killed: the next sync fails naming "b"; "a" gets nothing
+    #    and keeps version 1 (all-or-nothing).
     ep = make_endpoint(cfg, ["a", "b"], "float32")
     ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
             timeout=60)
     _round(ray, [zero0_learner], [a, b], 1, timeout=60)
     v1 = ray.get(zero0_learner.full_weights.remote(), timeout=60)
-    ray.kill(b)
     ray.get(zero0_learner.train_step.remote(9), timeout=60)
+
+    # 3. "b" is asked for another version than the learner sends: it rejects the round, the
+    #    learner names it, "a" discards what it received; the group survives.
+    send, recv_a, recv_b = (zero0_learner.sync_weights.remote(2), a.receive_weights.remote(2),
+                            b.receive_weights.remote(3))
+    with pytest.raises(SyncError, match=r"phase 'ack'; engines: \['b'\]"):
+        ray.get(send, timeout=60)
+    with pytest.raises(SyncError, match=r"expected version 3, the learner sent 2"):
+        ray.get(recv_b, timeout=60)
+    with pytest.raises(SyncError, match=r"another engine rejected"):
+        ray.get(recv_a, timeout=60)
+    _assert_engine_matches(ray, a, 1, v1, torch.float32)
+
+    # 4. "b" dies between rounds.
+    ray.kill(b)
     send, recv = zero0_learner.sync_weights.remote(2), a.receive_weights.remote(2)
     with pytest.raises(SyncError, match=r"phase '(header|bucket \d+/\d+|ack)'; engines: \[.*'b'.*\]"):
         ray.get(send, timeout=60)

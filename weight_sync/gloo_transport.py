@@ -41,6 +41,14 @@ class GlooSenderLink:
         self.endpoint = endpoint
         self.store: dist.TCPStore | None = None
         self.pg: dist.ProcessGroupGloo | None = None
+        self._staging: list[torch.Tensor] = []
+
+    def staging(self, nbytes: int) -> list[torch.Tensor]:
+        """Two pack buffers reused for every bucket of every round: bucket k is packed into one
+        while bucket k-1 is still being sent from the other (see `send`)."""
+        if not self._staging or self._staging[0].numel() < nbytes:
+            self._staging = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(2)]
+        return self._staging
 
     def connect(self, version: int, deadline: float) -> None:
         ep = self.endpoint
@@ -90,13 +98,27 @@ class GlooSenderLink:
             self.pg.broadcast(head, 0, _left(deadline)).wait(_left(deadline))
         except Exception as e:  # noqa: BLE001
             error = e
-        for flat in buckets:
+        pending: tuple[int, object, int] | None = None  # (step, work, bytes) of the bucket in flight
+        # Advancing `buckets` gathers and packs bucket k while bucket k-1 is still on the wire;
+        # k-1 is waited on before k+1 is packed into its buffer.
+        for k, flat in enumerate(buckets):
             if error is not None:
                 continue  # keep gathering in step with the other learner ranks, send nothing
-            step += 1
+            step = k + 1
             try:
-                self.pg.broadcast(flat, 0, _left(deadline)).wait(_left(deadline))
-                sent += flat.numel()
+                work = self.pg.broadcast(flat, 0, _left(deadline))
+                if pending is not None:
+                    step = pending[0]
+                    pending[1].wait(_left(deadline))
+                    sent += pending[2]
+                pending = (k + 1, work, flat.numel())
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if error is None and pending is not None:
+            step = pending[0]
+            try:
+                pending[1].wait(_left(deadline))
+                sent += pending[2]
             except Exception as e:  # noqa: BLE001
                 error = e
         if error is None:
@@ -108,8 +130,7 @@ class GlooSenderLink:
                 error = e
             else:
                 refused = [name for i, name in enumerate(self.endpoint.receiver_names) if int(acks[i + 1]) != 1]
-                if refused:
-                    self.close()
+                if refused:  # every collective completed: the group stays usable for the next round
                     raise SyncError(version, "ack", refused, "these engines rejected the round (see their log)")
         if error is not None:
             laggards = self._missing("ack", (version, step))
@@ -133,6 +154,14 @@ class GlooReceiverLink:
         self.rank = endpoint.receiver_rank(name)
         self.store: dist.TCPStore | None = None
         self.pg: dist.ProcessGroupGloo | None = None
+        self._buffers: list[torch.Tensor] = []  # one receive buffer per bucket, reused across rounds
+
+    def _buffer(self, k: int, nbytes: int) -> torch.Tensor:
+        while len(self._buffers) <= k:
+            self._buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self._buffers[k].numel() != nbytes:
+            self._buffers[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[k]
 
     def _fail(self, version: int, phase: str, e: Exception) -> SyncError:
         self.pg = None
@@ -167,13 +196,16 @@ class GlooReceiverLink:
             self.store.set(f"ack/{self.rank}", f"{header['version']}:0")
             out: list[tuple[str, torch.Tensor]] = []
             received = 0
-            for k, bucket in enumerate(header["buckets"]):
+            buckets = [(b["names"], [tuple(s) for s in b["shapes"]]) for b in header["buckets"]]
+            flats = [self._buffer(k, bucket_nbytes(shapes, wire)) for k, (_, shapes) in enumerate(buckets)]
+            # Every receive is posted at once (gloo matches ops by sequence number), so the next
+            # bucket streams in while this one is unpacked.
+            works = [self.pg.broadcast(flat, 0, _left(deadline)) for flat in flats]
+            for k, ((names, shapes), flat, work) in enumerate(zip(buckets, flats, works)):
                 step = k + 1
-                shapes = [tuple(s) for s in bucket["shapes"]]
-                flat = torch.empty(bucket_nbytes(shapes, wire), dtype=torch.uint8)
-                self.pg.broadcast(flat, 0, _left(deadline)).wait(_left(deadline))
+                work.wait(_left(deadline))
                 received += flat.numel()
-                for name, t in unpack_bucket(flat, bucket["names"], shapes, wire):
+                for name, t in unpack_bucket(flat, names, shapes, wire):
                     out.append((name, t if out_dtype is None or out_dtype == wire else t.to(out_dtype)))
                 self.store.set(f"ack/{self.rank}", f"{header['version']}:{step}")
             step = n + 1

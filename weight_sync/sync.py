@@ -19,8 +19,16 @@ from typing import Iterable
 
 import torch
 
-from weight_sync.buckets import NameMap, encode_header, iter_packed_buckets, make_plan, plan_header, strip_module_prefix
-from weight_sync.endpoint import ReceivedWeights, SyncEndpoint, SyncError, SyncStats
+from weight_sync.buckets import (
+    NameMap,
+    encode_header,
+    iter_packed_buckets,
+    make_plan,
+    max_bucket_nbytes,
+    plan_header,
+    strip_module_prefix,
+)
+from weight_sync.endpoint import ReceivedWeights, SyncEndpoint, SyncStats
 
 
 class WeightSender:
@@ -57,7 +65,9 @@ class WeightSender:
                 pass
             sent = 0
         elif ep.transport == "gloo":
-            sent = self._link.send(version, plan_header(plan, version, wire), iter_packed_buckets(plan, wire), deadline)
+            staging = self._link.staging(max_bucket_nbytes(plan, wire))
+            sent = self._link.send(version, plan_header(plan, version, wire),
+                                   iter_packed_buckets(plan, wire, staging), deadline)
         else:
             from weight_sync.ray_transport import ray_send
 
@@ -72,7 +82,11 @@ class WeightSender:
 
 class WeightReceiver:
     """Engine side (gloo / ray). `out_dtype` casts what arrives in the wire dtype to this engine's
-    dtype when the fleet is mixed (default: keep the wire dtype = `endpoint.dtype`)."""
+    dtype when the fleet is mixed (default: keep the wire dtype = `endpoint.dtype`).
+
+    gloo, no cast: the returned tensors are views of receive buffers that are reused by the next
+    `receive` (fresh buffers would page-fault at ~4x the cost of the transfer itself), so apply
+    them (`load_into_module` copies) before receiving the next version."""
 
     def __init__(self, endpoint: SyncEndpoint, name: str, out_dtype: torch.dtype | None = None) -> None:
         if not endpoint.receivers_participate:

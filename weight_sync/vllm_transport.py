@@ -11,12 +11,12 @@ with timeouts that names the engine at fault.
 
 The vLLM 0.33.0 API this is written against (paths under vllm/):
 - distributed/weight_transfer/base.py:
-  `ParamMeta(name, dtype, shape, owners=None)` (l.143), `WeightSource` with `metadata` as a
-  `functools.cached_property` (checked in `__init_subclass__`, l.248) and `iter_full()` (l.293),
-  `TrainerInitInfo(rank=...)` with `is_sender = rank == 0` (l.372-404),
-  `WeightTransferInitRequest` / `WeightTransferUpdateRequest` (l.414-425),
+  `ParamMeta(name, dtype, shape, owners=None)` (l.133), `WeightSource` (l.215) with `metadata` as a
+  `functools.cached_property` (checked in `__init_subclass__`, l.236) and `iter_full()` (l.266),
+  `TrainerInitInfo(rank=...)` with `is_sender = rank == 0` (l.372-403),
+  `WeightTransferInitRequest` / `WeightTransferUpdateRequest` (l.415, l.422),
   `VLLMWeightSyncClient` protocol: init_weight_transfer_engine / start_weight_update /
-  update_weights / finish_weight_update(weight_version) (l.626-655).
+  update_weights / finish_weight_update(weight_version) (l.618-642).
 - distributed/weight_transfer/nccl_engine.py: `NCCLTrainerInitInfo(master_address, master_port,
   world_size, packed=True, packed_buffer_size_bytes, packed_num_buffers, *, rank)` (l.53-81),
   `NCCLTrainerWeightTransferEngine.trainer_init(init_info, client=, source=)` (l.301-345; rank 0
@@ -29,7 +29,7 @@ The vLLM 0.33.0 API this is written against (paths under vllm/):
   (`_worker_group_rank`, l.239-244). Several independent engines would therefore all claim rank 1,
   so `ActorSyncClient` rewrites `rank_offset` per engine (1 + i * workers_per_engine).
 - distributed/weight_transfer/ipc_engine.py: `IPCTrainerInitInfo(packed, packed_buffer_size_bytes,
-  *, rank)` (l.48-59), `IPCTrainerWeightTransferEngine.trainer_init` / `send_weights` (l.284-331):
+  *, rank)` (l.48-59), `IPCTrainerWeightTransferEngine.trainer_init` / `send_weights` (l.284, l.318):
   every trainer rank must own every parameter (true here: each bucket is gathered on all ranks)
   and the IPC handles are all-gathered over the default process group (DeepSpeed's).
 - entrypoints/rl/offline.py: `LLM.init_weight_transfer_engine(request)`, `start_weight_update()`,
