@@ -212,6 +212,18 @@ class StreamingBatcher:
             self._active = False
             self.batches_done += 1
 
+    def abort_batch(self) -> None:
+        """Drop the open batch after an error: wait for its in-flight passes and discard the
+        accumulated gradient on every rank (optimizer steps already taken stay)."""
+        if not self._active:
+            return
+        try:
+            for handles, _ in self.grad_handles:
+                self.pool.wait(handles)
+            self.pool.wait(self.pool.discard_gradients())
+        finally:
+            self._active = False
+
     def probe_gradients(self, groups: Sequence[ScoredGroup]) -> dict[str, torch.Tensor]:
         """Diagnostics (exactness tests): run the whole filter/pack/backprop path of ONE optimizer
         step over `groups` (len == prompts_per_step, epochs_per_batch == 1) and return the full
