@@ -80,7 +80,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Keep the newest K checkpoints."""
     on_worker_death: str = "restart"
-    """"restart" a dead rollout worker, or "continue" on the survivors."""
+    """A dead rollout worker is "restart"ed (its prompts go to the new one), or its prompts are "redispatch"ed to the survivors, or the run stops ("raise")."""
     ray_address: str = ""
     """Ray cluster to join ("" = the one this job runs in, else start a local one)."""
     actor_timeout_s: float = 600.0
@@ -95,8 +95,8 @@ class TrainConfig:
             raise ValueError(f"train.mode must be one of ['dash', 'standard_grpo'], got {self.mode!r}")
         if self.placement not in ("auto", "cpu", "colocated", "disaggregated"):
             raise ValueError(f"train.placement must be one of ['auto', 'cpu', 'colocated', 'disaggregated'], got {self.placement!r}")
-        if self.on_worker_death not in ("restart", "continue"):
-            raise ValueError(f"train.on_worker_death must be one of ['restart', 'continue'], got {self.on_worker_death!r}")
+        if self.on_worker_death not in ("restart", "redispatch", "raise"):
+            raise ValueError(f"train.on_worker_death must be one of ['restart', 'redispatch', 'raise'], got {self.on_worker_death!r}")
         for key in ("checkpoint_every", "num_gpus"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")

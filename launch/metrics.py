@@ -60,11 +60,13 @@ class MetricsLogger:
             self.path.write_text("".join(l + "\n" for l in kept))
 
     def log(self, record: dict) -> None:
+        # Strict JSON: a NaN (e.g. the loss of an iteration whose every sample was filtered) is null.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         step = record["iteration"]
         for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
         if self.wandb is not None:
@@ -82,8 +84,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def console_line(r: dict) -> str:
+    loss = "   n/a " if r["loss"] is None or r["loss"] != r["loss"] else f"{r['loss']:+.4f}"
     return (f"it {r['iteration']:>4} | reward {r['reward_mean']:.3f} | acc {r['accuracy']:.3f} | kept {r['kept_fraction']:.2f} "
-            f"| len {r['response_length_mean']:.1f} | loss {r['loss']:+.4f} | gen {r['time/generate']:.1f}s "
+            f"| len {r['response_length_mean']:.1f} | loss {loss} | gen {r['time/generate']:.1f}s "
             f"learn {r['time/learn']:.1f}s sync {r['time/sync']:.2f}s | {r['tokens_per_second']:.0f} tok/s | v{r['policy_version']}")
 
 

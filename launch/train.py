@@ -33,6 +33,8 @@ from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, make_placement
 from launch.sft import sft_train
 from launch.tiny_model import write_tiny_model_dir
+from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
+from launch.sync_group import SyncGroup
 from learner.actor import LearnerGroup
 from learner.driver import LearnStats
 from rollout_workers.dispatch import Dispatcher
@@ -40,7 +42,6 @@ from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
-from weight_sync.sync import SyncGroup
 
 
 class Interrupted(Exception):
@@ -75,6 +76,8 @@ def train_iteration(run: Run) -> dict:
     prompts = run.cursor.next_batch(cfg.rollout.prompts_per_generation if cfg.train.mode == "dash"
                                     else cfg.learner.prompts_per_step)
     groups: list[ScoredGroup] = []
+    version_sampling = run.version  # the version the engines serve for this batch
+    score_before = score_seconds(run)
     run.learner.begin_batch(len(prompts))
     # sample + score (in the workers) -> filter + learn (in the learner), streamed group by group.
     # DASH samples the whole preemptive batch in one engine call; standard GRPO one micro-batch
@@ -87,13 +90,22 @@ def train_iteration(run: Run) -> dict:
     with timer.phase("learn"):
         stats = run.learner.end_batch()
     with timer.phase("sync"):
-        run.version += 1
-        run.sync.sync(run.version)
-    timer.seconds["score"] = run.dispatcher.last_score_seconds
-    record = iteration_record(run, groups, stats, timer.finish())
+        if run.sync.workers != run.dispatcher.workers:  # a worker was restarted: rebuild the side group
+            run.sync.set_workers(run.dispatcher.workers, run.dispatcher.names)
+        if run.learner.policy_version != run.version:  # no optimizer step (all filtered) = nothing to send
+            run.version = run.learner.policy_version
+            run.sync.sync(run.version)
+    timer.seconds["score"] = score_seconds(run) - score_before
+    record = iteration_record(run, groups, stats, timer.finish(), version_sampling)
     run.samples_generated += record["samples_generated"]
     run.samples_kept += stats.samples_kept
     return record
+
+
+def score_seconds(run: Run) -> float:
+    """Seconds the workers spent scoring so far (scoring runs inside the generate stream)."""
+    stats = ray.get([w.stats.remote() for w in run.dispatcher.workers], timeout=run.cfg.train.actor_timeout_s)
+    return sum(s.score_seconds for s in stats)
 
 
 def sampling_calls(cfg: Config, prompts: list[Prompt]) -> list[list[Prompt]]:
@@ -116,11 +128,12 @@ def sampling_params(cfg: Config, iteration: int) -> SamplingParamsSpec:
                               max_new_tokens=r.max_new_tokens, seed=r.seed * 1_000_003 + iteration)
 
 
-def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float]) -> dict:
+def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float],
+                     version_sampling: int) -> dict:
     rewards = [x for g in groups for x in g.rewards]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     tokens = sum(lengths)
-    staleness = [run.version - 1 - g.policy_version for g in groups]
+    staleness = [version_sampling - g.policy_version for g in groups]  # 0 when on-policy
     return {
         "iteration": run.iteration,
         "policy_version": run.version,
@@ -217,7 +230,7 @@ def needed_cpus(cfg: Config) -> int:
     return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
 
 
-def setup(cfg: Config, run_dir: Path, resume: bool) -> tuple[Run, dict]:
+def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     train = load_prompts(cfg.data, "train")
     evals = load_prompts(cfg.data, "eval")
     data_info = {"train_prompts": len(train.prompts), "eval_prompts": len(evals.prompts),
@@ -226,14 +239,26 @@ def setup(cfg: Config, run_dir: Path, resume: bool) -> tuple[Run, dict]:
     connect_ray(cfg)
     placement = make_placement(cfg)
     timeout = cfg.train.actor_timeout_s
-    workers = make_rollout_workers(cfg.rollout, str(model_path), placement.pg, placement.worker_bundles)
-    dispatcher = Dispatcher(workers, timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
-                            worker_factory=lambda i: make_rollout_workers(cfg.rollout, str(model_path), placement.pg,
-                                                                          placement.worker_bundles[i:i + 1], index=i)[0])
     learner_cfg = cfg.learner if cfg.train.mode == "dash" else replace(cfg.learner, filter=False)
     learner = LearnerGroup(learner_cfg, str(model_path), cfg.rollout.max_new_tokens, timeout,
-                           placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset)
-    sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, engine_dtype=cfg.rollout.dtype)
+                           placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset,
+                           rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction * (cfg.train.num_gpus > 0))
+
+    def new_workers(indices: list[int] | None = None) -> list:
+        return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],
+                                    num_gpus_per_worker=placement.gpu_fraction * cfg.rollout.tensor_parallel_size,
+                                    worker_cls=SyncedRolloutWorker, indices=indices)
+
+    def restart_worker(index: int):
+        """A fresh worker for a dead one, brought to the learner's current weights before it samples."""
+        (worker,) = new_workers([index])
+        weights = list(learner.full_weights().items())
+        ray.get(worker.update_weights.remote(weights, learner.policy_version), timeout=timeout)
+        return worker
+
+    dispatcher = Dispatcher(new_workers(), timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
+                            worker_factory=restart_worker)
+    sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype)
     cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
     logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
     run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger)
@@ -247,7 +272,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     summary["evals"] is the accuracy curve: one point per evaluation, against `train_seconds`
     (wall seconds inside training iterations, evaluation and checkpoints excluded) and samples."""
     start = time.perf_counter()
-    run, info = setup(cfg, run_dir, resume)
+    run, info = setup(cfg, run_dir)
 
     def on_signal(signum, _frame):
         raise Interrupted(signal.Signals(signum).name)
@@ -297,10 +322,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 
 def shutdown(run: Run) -> None:
+    """Stop everything this run started (reward pools, actors, placement group); bounded waits."""
     run.logger.close()
     run.sync.close()
     run.learner.shutdown()
-    run.dispatcher.shutdown()
+    closing = [w.close.remote() for w in run.dispatcher.workers]
+    ray.wait(closing, num_returns=len(closing), timeout=30)
+    for w in run.dispatcher.workers:
+        ray.kill(w)
     run.placement.remove()
 
 
