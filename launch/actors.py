@@ -47,5 +47,9 @@ class SyncedRolloutWorker(RolloutWorker):
         received = self._receiver.receive(version)
         return self.update_weights(received.named_tensors, received.version)
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The engine's current weights (for equality checks after a sync)."""
+        return [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()]
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -23,8 +23,10 @@ class SyncGroup:
     """Learner ranks (senders) and rollout workers (receivers) of one run."""
 
     def __init__(self, cfg: SyncConfig, learner_ranks: Sequence, workers: Sequence, worker_names: Sequence[str],
-                 engine_dtype: str) -> None:
+                 engine_dtype: str, actor_timeout_s: float) -> None:
+        """`actor_timeout_s` bounds waiting for actors that may still be starting (loading models)."""
         self.cfg = cfg
+        self.actor_timeout_s = actor_timeout_s
         self.learner_ranks = list(learner_ranks)
         self.engine_dtype = engine_dtype
         self.endpoint: SyncEndpoint | None = None
@@ -38,30 +40,30 @@ class SyncGroup:
         refs = [r.init_weight_sender.remote(self.endpoint) for r in self.learner_ranks]
         if self.endpoint.receivers_participate:
             refs += [w.init_weight_receiver.remote(self.endpoint) for w in self.workers]
-        ray.get(refs, timeout=self.cfg.timeout_s)
+        ray.get(refs, timeout=self.actor_timeout_s)
 
     def sync(self, version: int) -> SyncStats:
         """Every engine serves `version` afterwards, or this raises SyncError naming the engines
-        and the phase (never hangs: bounded by sync.timeout_s plus a margin)."""
+        and the phase (never hangs: bounded by sync.timeout_s plus a margin). A dead engine is
+        named alone; the survivors keep their last complete version."""
         send = [r.sync_weights.remote(version) for r in self.learner_ranks]
         recv = [w.receive_weights.remote(version) for w in self.workers] if self.endpoint.receivers_participate else []
-        ready, pending = ray.wait(send + recv, num_returns=len(send) + len(recv),
-                                  timeout=self.cfg.timeout_s + DRIVER_MARGIN_S)
-        late = [self.worker_names[i] for i, ref in enumerate(recv) if ref in pending]
-        if pending and not late:
-            late = ["learner"]
+        _, pending = ray.wait(send + recv, num_returns=len(send) + len(recv),
+                              timeout=self.cfg.timeout_s + DRIVER_MARGIN_S)
+        dead = [name for name, ref in zip(self.worker_names, recv) if ref not in pending and _died(ref)]
+        if dead:
+            raise SyncError(version, "engine died", dead, "rollout worker actor is dead")
+        if pending:
+            late = [name for name, ref in zip(self.worker_names, recv) if ref in pending] or ["learner"]
+            raise SyncError(version, "driver wait", late, f"no answer within {self.cfg.timeout_s + DRIVER_MARGIN_S:.0f} s")
         try:
-            # A SyncError raised by a sender or receiver names the phase; surface it first.
-            results = ray.get(ready, timeout=DRIVER_MARGIN_S)
-        except RayActorError as e:
-            dead = [self.worker_names[i] for i, ref in enumerate(recv) if ref in ready and _failed(ref)]
-            raise SyncError(version, "actor died", dead or ["learner"], str(e)) from e
+            results = ray.get(send + recv, timeout=DRIVER_MARGIN_S)
         except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, SyncError):
+            if isinstance(e.cause, SyncError):  # raised by a sender or receiver: it names the phase
                 raise e.cause from None
             raise
-        if pending:
-            raise SyncError(version, "driver wait", late, f"no answer within {self.cfg.timeout_s + DRIVER_MARGIN_S:.0f} s")
+        except RayActorError as e:
+            raise SyncError(version, "learner died", ["learner"], str(e)) from e
         versions = results[len(send):]
         wrong = [n for n, v in zip(self.worker_names, versions) if v != version]
         if wrong:
@@ -76,9 +78,12 @@ class SyncGroup:
             pass  # shutting down: the actors are about to be killed anyway
 
 
-def _failed(ref) -> bool:
+def _died(ref) -> bool:
+    """True when the actor behind a finished ref is dead (not merely raised an error)."""
     try:
         ray.get(ref, timeout=0)
         return False
-    except Exception:
+    except RayActorError:
         return True
+    except Exception:
+        return False

@@ -258,7 +258,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
 
     dispatcher = Dispatcher(new_workers(), timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
                             worker_factory=restart_worker)
-    sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype)
+    sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype, timeout)
     cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
     logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
     run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger)
