@@ -52,6 +52,12 @@ class WorkerStats(NamedTuple):
     yielded; first < second means groups leave before the batch ends."""
 
 
+def sampling_spec(cfg: RolloutConfig, iteration: int, greedy: bool = False) -> SamplingParamsSpec:
+    """Sampling parameters of iteration `iteration` (seeded from rollout.seed; greedy for eval)."""
+    return SamplingParamsSpec(n=1 if greedy else cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1_000_003 * iteration, greedy=greedy)
+
+
 def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm") -> Engine:
     """The engine rollout.engine names, configured from the rollout section."""
     if cfg.engine == "vllm":
@@ -109,10 +115,12 @@ class RolloutWorker:
         try:
             with self._engine_lock:
                 kept = self._admissible(request)
-                done = 0
-                for group in self._engine.generate(kept, request.params):
-                    done += 1
-                    if done == 1:
+                groups = self._engine.generate(kept, request.params)
+                for k, group in enumerate(groups):
+                    if ray.get_runtime_context().is_canceled():
+                        groups.close()  # the driver gave up on this batch: stop sampling it
+                        return
+                    if k == 0:
                         self._first_yield_progress = (self._engine.completed_prompts, len(kept))
                     scored = self._rewards.score([c.text for c in group.completions],
                                                  [group.prompt.gold] * len(group.completions))
