@@ -63,6 +63,15 @@ def test_identical_prompts_each_get_their_group(engine):
     assert sorted(g.prompt.uid for g in groups) == ["twin-a", "twin-b"]
 
 
+def test_greedy_group_is_argmax_repeated(engine):
+    (g,) = engine.generate(PROMPTS[:1], SamplingParamsSpec(n=3, max_new_tokens=5, greedy=True))
+    assert len(g.completions) == 3 and len({c.token_ids for c in g.completions}) == 1
+    ids = torch.tensor([list(g.prompt_token_ids) + list(g.completions[0].token_ids)])
+    with torch.no_grad():
+        logits = engine.llm.apply_model(lambda m: m(input_ids=ids).logits[0])[0]
+    assert list(g.completions[0].token_ids) == logits[len(g.prompt_token_ids) - 1:-1].argmax(-1).tolist()
+
+
 def test_weight_update_handshake_end_to_end(engine):
     before = dict(engine.named_weights())
     new = {n: torch.randn_like(t) * 0.05 for n, t in before.items()}

@@ -121,8 +121,9 @@ class VLLMEngine(Engine):
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before generate()")
         encoded = encode_prompts(self._tokenizer, prompts, params.max_new_tokens, self.context)
         engine = self.llm.llm_engine
+        # vLLM refuses n > 1 with greedy sampling (sampling_params.py:769): sample once, copy G times.
         sampling = [self._vllm.SamplingParams(
-            n=params.n, temperature=0.0 if params.greedy else params.temperature,
+            n=1 if params.greedy else params.n, temperature=0.0 if params.greedy else params.temperature,
             top_p=1.0 if params.greedy else params.top_p, max_tokens=params.max_new_tokens, logprobs=0,
             seed=params.seed + i) for i in range(len(encoded))]
         # enqueue() renders and queues every request (it sets output_kind=FINAL_ONLY) and returns
@@ -149,8 +150,10 @@ class VLLMEngine(Engine):
                     i = queue.pop(0)
                     del pending[i]
                     self.completed_prompts += 1
-                    yield GroupOutput(prompts[i], tuple(encoded[i]),
-                                      tuple(self._completion(c) for c in out.outputs), version)
+                    completions = tuple(self._completion(c) for c in out.outputs)
+                    if params.greedy:
+                        completions = completions * params.n
+                    yield GroupOutput(prompts[i], tuple(encoded[i]), completions, version)
         finally:
             if pending:  # consumer stopped early or an error: free the engine of this batch
                 engine.abort_request(list(pending.values()), internal=True)
