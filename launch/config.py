@@ -80,7 +80,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Keep the newest K checkpoints."""
     on_worker_death: str = "restart"
-    """"restart" a dead rollout worker, or "continue" on the survivors."""
+    """A dead rollout worker is "restart"ed (its prompts go to the new one), or its prompts are "redispatch"ed to the survivors, or the run stops ("raise")."""
     ray_address: str = ""
     """Ray cluster to join ("" = the one this job runs in, else start a local one)."""
     actor_timeout_s: float = 600.0
@@ -95,8 +95,8 @@ class TrainConfig:
             raise ValueError(f"train.mode must be one of ['dash', 'standard_grpo'], got {self.mode!r}")
         if self.placement not in ("auto", "cpu", "colocated", "disaggregated"):
             raise ValueError(f"train.placement must be one of ['auto', 'cpu', 'colocated', 'disaggregated'], got {self.placement!r}")
-        if self.on_worker_death not in ("restart", "continue"):
-            raise ValueError(f"train.on_worker_death must be one of ['restart', 'continue'], got {self.on_worker_death!r}")
+        if self.on_worker_death not in ("restart", "redispatch", "raise"):
+            raise ValueError(f"train.on_worker_death must be one of ['restart', 'redispatch', 'raise'], got {self.on_worker_death!r}")
         for key in ("checkpoint_every", "num_gpus"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
@@ -284,6 +284,11 @@ def _coerce(key: str, value, tp):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -336,3 +341,20 @@ def help_text() -> str:
             tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             lines.append(f"  {section}.{f.name} ({tname}, default {default!r})\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the dataclasses (`python -m launch.config`)."""
+    defaults = Config()
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"\n**`{section}`**: {(cls.__doc__ or '').strip()}\n\n| key | default | meaning |\n|---|---|---|")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section), f.name)
+            out.append(f"| `{section}.{f.name}` | `{default!r}` | {docs.get(f.name, '').replace('|', '/')} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

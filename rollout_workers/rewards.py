@@ -294,6 +294,11 @@ class RewardPool:
         self._pids: set[int] = set()
         self._start()
 
+    @property
+    def worker_pids(self) -> frozenset[int]:
+        """Pids of the current pool processes (empty while the pool awaits a restart)."""
+        return frozenset(self._pids)
+
     def _start(self) -> None:
         pid_queue = self._ctx.Queue()
         executor = cf.ProcessPoolExecutor(self.processes, mp_context=self._ctx,

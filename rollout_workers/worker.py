@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+import time
+from typing import Iterator, NamedTuple, Sequence
 
 import ray
 import torch
@@ -47,6 +48,8 @@ class WorkerStats(NamedTuple):
     """Prompts refused before sampling: empty, or longer than rollout.max_prompt_tokens / the context."""
     batches_in_flight: int
     """Requests whose stream has not ended yet."""
+    score_seconds: float
+    """Wall seconds spent scoring completions (inside the generate stream)."""
     first_yield_progress: tuple[int, int]
     """(prompts the engine had completed, prompts in the batch) when the last batch's first group was
     yielded; first < second means groups leave before the batch ends."""
@@ -100,6 +103,7 @@ class RolloutWorker:
         self._counts = dict(prompts=0, completions=0, reward_timeouts=0, reward_errors=0, skipped_prompts=0,
                             batches_in_flight=0)
         self._first_yield_progress = (0, 0)
+        self._score_seconds = 0.0
 
     def name(self) -> str:
         return self._name
@@ -108,7 +112,8 @@ class RolloutWorker:
         return self._engine.version
 
     def stats(self) -> WorkerStats:
-        return WorkerStats(**self._counts, first_yield_progress=self._first_yield_progress)
+        return WorkerStats(**self._counts, score_seconds=self._score_seconds,
+                           first_yield_progress=self._first_yield_progress)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
         """Load new weights (object-store path) and return the version now in use."""
@@ -131,8 +136,10 @@ class RolloutWorker:
                         return
                     if k == 0:
                         self._first_yield_progress = (self._engine.completed_prompts, len(kept))
+                    t0 = time.perf_counter()
                     scored = self._rewards.score([c.text for c in group.completions],
                                                  [group.prompt.gold] * len(group.completions))
+                    self._score_seconds += time.perf_counter() - t0
                     self._counts["prompts"] += 1
                     self._counts["completions"] += len(group.completions)
                     self._counts["reward_timeouts"] += scored.timeouts
@@ -162,15 +169,18 @@ class RolloutWorker:
 
 def make_rollout_workers(cfg: RolloutConfig, model_path: str, placement_group=None, vllm_module: str = "vllm",
                          name_prefix: str = "rollout", first_bundle: int = 0,
-                         num_gpus_per_worker: float | None = None, weight_transfer_backend: str = "ipc") -> list:
+                         num_gpus_per_worker: float | None = None, worker_cls: type = RolloutWorker,
+                         indices: Sequence[int] | None = None, weight_transfer_backend: str = "ipc") -> list:
     """Create `cfg.num_workers` RolloutWorker actors (ActorHandles). With a placement group, worker i
     goes to bundle `first_bundle + i`. GPUs per worker: `num_gpus_per_worker`, by default
-    `tensor_parallel_size` for vLLM and 0 for transformers (the fake vLLM runs on CPU: pass 0)."""
+    `tensor_parallel_size` for vLLM and 0 for transformers (the fake vLLM runs on CPU: pass 0).
+    `worker_cls`: RolloutWorker or a subclass adding methods (launch adds the weight-sync receiver).
+    `indices`: which workers to (re)create, default all (a restart passes the dead one's index)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    actor = ray.remote(RolloutWorker)
+    actor = ray.remote(worker_cls)
     handles = []
-    for i in range(cfg.num_workers):
+    for i in (range(cfg.num_workers) if indices is None else indices):
         if num_gpus_per_worker is None:
             num_gpus_per_worker = cfg.tensor_parallel_size if cfg.engine == "vllm" else 0
         opts = dict(num_cpus=cfg.cpus_per_worker, num_gpus=num_gpus_per_worker,

@@ -4,6 +4,8 @@ Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_rewards.py`
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -201,3 +203,11 @@ def test_pool_blames_only_the_crashing_sample(bad_pool: RewardPool) -> None:
     result = bad_pool.score(["a", "CRASH", "b", "c", "d", "e"], ["a", "x", "b", "c", "d", "x"])
     assert result == ScoreResult([1.0, 0.0, 1.0, 1.0, 1.0, 0.0], timeouts=0, errors=1)
     assert bad_pool.score(["a"], ["a"]) == ScoreResult([1.0], 0, 0)
+
+
+def test_pool_recovers_from_a_process_killed_while_idle(bad_pool: RewardPool) -> None:
+    bad_pool.score(["a"], ["a"])  # make sure the pool is up
+    os.kill(next(iter(bad_pool.worker_pids)), signal.SIGKILL)  # as the OOM killer would
+    # Whether the executor notices the death at submit time or mid-batch, no sample is lost or blamed.
+    for _ in range(2):
+        assert bad_pool.score(["a", "b", "c"], ["a", "x", "c"]) == ScoreResult([1.0, 0.0, 1.0], 0, 0)

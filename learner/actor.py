@@ -1,0 +1,244 @@
+"""Ray side of the learner: one `LearnerRank` actor per data-parallel DeepSpeed rank, and the
+driver-side `LearnerGroup` that creates them, streams scored groups to them (via
+`learner.driver.StreamingBatcher`) and checkpoints / exports.
+
+Inside each rank actor, `self.engine` is the DeepSpeedEngine and `self.engine.module` the
+transformers model (weight-sync sender methods can read the weights there; under ZeRO-3 gather
+them with `deepspeed.zero.GatheredParameters`). `self.rank_engine` is the `RankEngine` around it.
+
+Every ray.get has a timeout: a dead or stuck rank raises, never hangs.
+
+Tested by:
+    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.config import LearnerConfig
+from learner.driver import LearnStats, StreamingBatcher
+from learner.ds_engine import MicroResult, RankEngine, StepResult
+from learner.packing import MicroBatch
+from rollout_workers.types import ScoredGroup
+
+
+class LearnerRank:
+    """One DeepSpeed data-parallel rank (a Ray actor via `ray.remote(LearnerRank)`). Construction is
+    cheap; `setup` joins the process group and builds the engine (two phases, so rank 0's node
+    address and a free port there can be the rendezvous)."""
+
+    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int) -> None:
+        self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.rank_engine: Optional[RankEngine] = None
+        self.engine = None
+        """The DeepSpeedEngine (after `setup`); `self.engine.module` is the transformers model."""
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it now (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int, timeout_s: float) -> None:
+        torch.set_num_threads(max(1, int(self.cfg.cpus_per_rank)))
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.rank_engine = RankEngine(self.cfg, self.model_path, self.rank, self.world_size, master_addr,
+                                      master_port, timeout_s)
+        self.engine = self.rank_engine.engine
+
+    def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
+        return self.rank_engine.forward_backward(mb, boundary, return_logprobs)
+
+    def old_logprobs(self, mb: MicroBatch) -> MicroResult:
+        return self.rank_engine.old_logprobs(mb)
+
+    def step(self, normaliser: float) -> StepResult:
+        return self.rank_engine.step(normaliser)
+
+    def full_gradients(self, normaliser: float) -> dict[str, torch.Tensor]:
+        return self.rank_engine.full_gradients(normaliser)
+
+    def discard_gradients(self) -> None:
+        self.rank_engine.discard_gradients()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        return self.rank_engine.full_weights()
+
+    def forward_calls(self) -> int:
+        return self.rank_engine.forward_calls
+
+    def forward_uids(self) -> set[int]:
+        return set(self.rank_engine.forward_uids)
+
+    def has_reference_model(self) -> bool:
+        return self.rank_engine.ref_model is not None
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        self.rank_engine.save_checkpoint(path, client_state)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self.rank_engine.load_checkpoint(path)
+
+    def export_hf(self, path: str) -> None:
+        self.rank_engine.export_hf(path)
+
+
+class RayRankPool:
+    """`learner.driver.RankPool` over LearnerRank actors: calls fire at once (ObjectRefs), `wait`
+    gets them with the group's timeout."""
+
+    def __init__(self, actors: Sequence[Any], timeout_s: float) -> None:
+        self.actors, self.timeout_s, self.num_ranks = list(actors), timeout_s, len(actors)
+
+    def forward_backward(self, per_rank: Sequence[MicroBatch], boundary: bool, return_logprobs: bool) -> list[Any]:
+        return [a.forward_backward.remote(mb, boundary, return_logprobs) for a, mb in zip(self.actors, per_rank)]
+
+    def old_logprobs(self, per_rank: Sequence[MicroBatch]) -> list[Any]:
+        return [a.old_logprobs.remote(mb) for a, mb in zip(self.actors, per_rank)]
+
+    def step(self, normaliser: float) -> list[Any]:
+        return [a.step.remote(normaliser) for a in self.actors]
+
+    def full_gradients(self, normaliser: float) -> list[Any]:
+        return [a.full_gradients.remote(normaliser) for a in self.actors]
+
+    def discard_gradients(self) -> list[Any]:
+        return [a.discard_gradients.remote() for a in self.actors]
+
+    def wait(self, handles: Sequence[Any]) -> list[Any]:
+        try:
+            return ray.get(list(handles), timeout=self.timeout_s)
+        except GetTimeoutError as e:
+            raise TimeoutError(f"learner ranks did not answer within {self.timeout_s} s") from e
+
+
+class LearnerState(NamedTuple):
+    """Driver-side learner state saved next to the DeepSpeed checkpoint."""
+
+    optimizer_steps: int
+    """Optimizer steps taken so far (skipped steps not counted)."""
+    policy_version: int
+    """Weight version: +1 after every sampled batch that took at least one optimizer step."""
+    batches_done: int
+    """Sampled batches finished (end_batch calls)."""
+
+
+class LearnerGroup:
+    """W LearnerRank actors (W = cfg.num_ranks) behind one streaming interface."""
+
+    def __init__(self, cfg: LearnerConfig, model_path: str, max_new_tokens: int, timeout_s: float,
+                 placement_group=None, bundle_offset: int = 0, rank_cls: type = LearnerRank,
+                 gpu_fraction: float | None = None) -> None:
+        """`rank_cls`: LearnerRank or a subclass adding methods (launch adds the weight-sync sender).
+        `gpu_fraction`: GPUs per rank actor (default cfg.gpus_per_rank; 0.5 when colocated)."""
+        self.cfg, self.model_path, self.timeout_s = cfg, model_path, timeout_s
+        remote_cls = ray.remote(rank_cls)
+        self._actors = []
+        for r in range(cfg.num_ranks):
+            opts: dict[str, Any] = {"num_cpus": cfg.cpus_per_rank,
+                                    "num_gpus": cfg.gpus_per_rank if gpu_fraction is None else gpu_fraction}
+            if placement_group is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)
+            self._actors.append(remote_cls.options(**opts).remote(cfg, model_path, r, cfg.num_ranks))
+        self._pool = RayRankPool(self._actors, timeout_s)
+        try:
+            addr, port = self._pool.wait([self._actors[0].rendezvous_address.remote()])[0]
+            self._pool.wait([a.setup.remote(addr, port, timeout_s) for a in self._actors])
+        except (RayError, TimeoutError):
+            self.shutdown()
+            raise
+        self._batcher = StreamingBatcher(cfg, self._pool, max_new_tokens)
+        self.optimizer_steps = 0
+        self.policy_version = 0
+
+    @property
+    def rank_actors(self) -> list[Any]:
+        """The LearnerRank actor handles, rank order (see the module docstring for what they hold)."""
+        return list(self._actors)
+
+    def begin_batch(self, num_groups: int) -> None:
+        """Announce a sampled batch of `num_groups` groups: num_groups / prompts_per_step * epochs_per_batch steps."""
+        self._batcher.begin_batch(num_groups)
+
+    def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
+        """Filter, pack and dispatch backprop as micro-batches fill; does not wait for backprop."""
+        self._batcher.add_groups(groups)
+
+    def end_batch(self) -> LearnStats:
+        """Run the rest of the batch's steps and wait for every rank."""
+        stats = self._batcher.end_batch()
+        self.optimizer_steps += stats.steps
+        self.policy_version += stats.steps > 0
+        return stats
+
+    def abort_batch(self) -> None:
+        """Drop the open batch after an error (see `StreamingBatcher.abort_batch`)."""
+        self._batcher.abort_batch()
+
+    def probe_gradients(self, groups: Sequence[ScoredGroup]) -> dict[str, torch.Tensor]:
+        """See `StreamingBatcher.probe_gradients` (diagnostics; takes no optimizer step)."""
+        return self._batcher.probe_gradients(groups)
+
+    def forward_calls(self) -> list[int]:
+        """Model forward passes per rank so far (dummy passes included)."""
+        return self._pool.wait([a.forward_calls.remote() for a in self._actors])
+
+    def forward_uids(self) -> set[int]:
+        """Sample uids (of the current/last batch numbering) any rank ran a forward pass on."""
+        return set().union(*self._pool.wait([a.forward_uids.remote() for a in self._actors]))
+
+    def has_reference_model(self) -> list[bool]:
+        return self._pool.wait([a.has_reference_model.remote() for a in self._actors])
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights by name, from rank 0 (gathered under ZeRO-3)."""
+        return self._pool.wait([a.full_weights.remote() for a in self._actors])[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed state (model, optimizer, scheduler, per-rank RNG) + LearnerState at `path`,
+        atomically: written under `path`.tmp, then renamed (a crash leaves the old checkpoint)."""
+        tmp, final = Path(f"{path}.tmp"), Path(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = LearnerState(self.optimizer_steps, self.policy_version, self._batcher.batches_done)
+        self._pool.wait([a.save_checkpoint.remote(str(tmp), state._asdict()) for a in self._actors])
+        with open(tmp / "learner_state.json", "w") as f:
+            json.dump(state._asdict(), f)
+        old = Path(f"{path}.old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: str) -> LearnerState:
+        """Restore a `save_checkpoint` directory on every rank; returns the saved LearnerState."""
+        if not (Path(path) / "learner_state.json").exists():
+            raise FileNotFoundError(f"{path} is not a learner checkpoint (no learner_state.json)")
+        self._pool.wait([a.load_checkpoint.remote(path) for a in self._actors])
+        with open(Path(path) / "learner_state.json") as f:
+            state = LearnerState(**json.load(f))
+        self.optimizer_steps, self.policy_version = state.optimizer_steps, state.policy_version
+        self._batcher.batches_done = state.batches_done
+        return state
+
+    def export_hf(self, path: str) -> None:
+        """Current weights as a transformers model dir (safetensors + tokenizer), atomically."""
+        self._pool.wait([a.export_hf.remote(path) for a in self._actors])
+
+    def shutdown(self) -> None:
+        """Kill the rank actors (idempotent)."""
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []

@@ -1,0 +1,318 @@
+"""One data-parallel learner rank: a DeepSpeed engine (ZeRO 0-3, fp32/bf16) running the DASH loss on
+packed micro-batches, plus the exact gradient normalisation, non-finite step skipping, checkpoints
+and Hugging Face export. Ray-free: `learner.actor.LearnerRank` wraps it in an actor, and tests
+run it in-process.
+
+Exactness (DESIGN.md invariant 1). Every micro-batch backprops the SUM-form loss
+sum_t w_t l_t (`losses.ppo_clip_loss_sum`), with the gradient-accumulation boundary set by hand
+(DeepSpeed config gradient_accumulation_steps = 1, `scale_wrt_gas=False`, so DeepSpeed neither
+divides by a micro-step count nor steps early). DeepSpeed then holds  (1/W) sum_ranks sum_mb grad
+(it AVERAGES over the W data-parallel ranks). Right before the optimizer step we multiply by
+W / normaliser, where the normaliser (tokens / sequences / constant of the whole optimizer batch,
+`losses.step_normaliser`) is computed by the driver, which sees every kept sample before it
+packs them, so no extra all-reduce is needed. The factor is applied
+  - ZeRO 1/2/3: through the ZeRO optimizer's static loss scale (set to normaliser / W for the
+    step only): DeepSpeed divides the gradient by it, and computes the clipping norm on the
+    divided gradient, so `grad_clip` clips the true normalised gradient;
+  - ZeRO 0: by scaling `param.grad` in place (DeepSpeed clips after that, in `engine.step`).
+Result: the optimizer sees exactly grad(sum_t w_t l_t / normaliser) over the whole batch.
+
+Run its tests:
+    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from learner.config import LearnerConfig
+from learner.losses import ppo_clip_loss_sum, truncated_is_weights
+from learner.packing import MicroBatch
+
+
+class MicroResult(NamedTuple):
+    """What one rank reports for one micro-batch pass (sums; the driver divides)."""
+
+    loss_sum: float
+    """sum_t w_t l_t of the micro-batch (NaN/inf when non-finite)."""
+    tokens: int
+    """Completion tokens in it."""
+    clipped_tokens: int
+    kl_sum: float
+    ratio_sum: float
+    seconds: float
+    """Forward (+ backward) wall time on the rank."""
+    logprobs: dict[int, torch.Tensor]
+    """Sample.uid -> (C,) detached learner logprobs, when asked for (old logprobs for later steps)."""
+
+
+class StepResult(NamedTuple):
+    """One optimizer step on one rank."""
+
+    grad_norm: float
+    """Global L2 norm of the normalised gradient before clipping (NaN when skipped)."""
+    lr: float
+    """Learning rate the step used."""
+    skipped: bool
+    """True when a non-finite loss on any rank made every rank drop the gradient instead."""
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict:
+    """The DeepSpeed config for `cfg` (optimizer built by DeepSpeed, AdamW via torch: no JIT build)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LrSchedule:
+    """Multiplier of the peak lr at optimizer step s: linear warmup over `warmup_steps`, then constant
+    or cosine decay to 0 at `total_steps`. A callable object, so LambdaLR checkpoints it."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int) -> None:
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RankEngine:
+    """DeepSpeed engine + DASH loss on one rank. `self.engine` is the DeepSpeedEngine and
+    `self.engine.module` the transformers model (weight sync reads it from here).
+
+    Distributed set-up: if torch.distributed is not initialised yet, this sets the rendezvous env
+    (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, DS_ACCELERATOR=cpu unless set) and calls
+    `deepspeed.init_distributed("gloo")` with `timeout_s` on every collective.
+    """
+
+    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0) -> None:
+        if cfg.bf16 and cfg.zero_stage == 0:
+            raise ValueError("learner.bf16 needs learner.zero_stage >= 1 (the exact gradient normalisation goes "
+                             "through the ZeRO optimizer's loss scale; ZeRO 0 is fp32 only)")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+                               "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
+            deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.model_path = model_path
+        torch.manual_seed(cfg.seed)
+        from transformers import AutoModelForCausalLM
+
+        # sdpa: the only CPU attention that takes the packed block-diagonal 4-D bool mask exactly.
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, LrSchedule(cfg.lr_schedule, cfg.warmup_steps, cfg.total_steps)))
+        # Frozen reference model for the k3 KL: loaded only when the KL is on (paper finding 3).
+        self.ref_model = None
+        if cfg.kl_coef > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                                  attn_implementation="sdpa").eval()
+            self.ref_model.requires_grad_(False)
+        self.forward_calls = 0
+        """Model forward passes on this rank (dummy passes included); a filtered sample adds none."""
+        self.forward_uids: set[int] = set()
+        """Sample.uid of every sample this rank ran a forward pass on."""
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+        self.consecutive_bad_steps = 0
+        self._bad_since_step = False
+
+    # ---- forward passes ------------------------------------------------------------------
+    def _logprobs(self, module: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) learner logprobs of the completion tokens, and the logits (for the dummy's zero loss)."""
+        self.forward_calls += 1
+        self.forward_uids.update(mb.uids)
+        logits = module(input_ids=mb.input_ids, position_ids=mb.position_ids,
+                        attention_mask=mb.attention_mask()).logits  # (1, T, V)
+        picked = logits[0, mb.pred_index].float()  # (K, V)
+        logprobs = torch.log_softmax(picked, dim=-1).gather(1, mb.target_ids[:, None])[:, 0]  # (K,)
+        return logprobs, logits
+
+    def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
+        """Backprop the sum-form loss of one micro-batch (no optimizer step). `boundary` marks the last
+        pass before the next `step` (DeepSpeed reduces deferred gradients there, as with its own
+        gradient accumulation). `mb.logprobs_old` None means the current weights are the old ones
+        (rho = 1: vanilla policy gradient)."""
+        t0 = time.perf_counter()
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        logprobs, logits = self._logprobs(self.engine, mb)
+        if mb.target_ids.numel() == 0:  # dummy: joins the round's collectives with an exact zero gradient
+            loss = logits.float().sum() * 0.0
+            self.engine.backward(loss, scale_wrt_gas=False)
+            return MicroResult(0.0, 0, 0, 0.0, 0.0, time.perf_counter() - t0, {})
+        logprobs_old = mb.logprobs_old if mb.logprobs_old is not None else logprobs.detach()  # (K,)
+        if self.cfg.old_logprobs == "sampler":
+            logprobs_old = mb.logprobs_sampler
+        is_weights = None
+        if self.cfg.tis_cap > 0:
+            is_weights = truncated_is_weights(logprobs_old, mb.logprobs_sampler, self.cfg.tis_cap)
+        logprobs_ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                logprobs_ref, _ = self._logprobs(self.ref_model, mb)  # (K,)
+        out = ppo_clip_loss_sum(logprobs, logprobs_old, mb.advantages, mb.weights, self.cfg.clip_eps_low,
+                                self.cfg.clip_eps_high, logprobs_ref, self.cfg.kl_coef, is_weights)
+        if not torch.isfinite(out.loss_sum):
+            self._bad_since_step = True
+        self.engine.backward(out.loss_sum, scale_wrt_gas=False)
+        return MicroResult(float(out.loss_sum.detach()), out.num_tokens, int(out.clipped_tokens), float(out.kl_sum),
+                           float(out.ratio_sum), time.perf_counter() - t0,
+                           self._split(logprobs.detach(), mb) if return_logprobs else {})
+
+    @torch.no_grad()
+    def old_logprobs(self, mb: MicroBatch) -> MicroResult:
+        """No-grad pass with the current (pre-update) weights: Sample.uid -> (C,) logprobs_old."""
+        t0 = time.perf_counter()
+        logprobs, _ = self._logprobs(self.engine, mb)
+        return MicroResult(0.0, 0, 0, 0.0, 0.0, time.perf_counter() - t0, self._split(logprobs, mb))
+
+    @staticmethod
+    def _split(logprobs: torch.Tensor, mb: MicroBatch) -> dict[int, torch.Tensor]:
+        return {uid: lp.clone() for uid, lp in zip(mb.uids, torch.split(logprobs, mb.seq_lens.tolist()))}
+
+    # ---- optimizer step ------------------------------------------------------------------
+    def _any_rank_bad(self) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self._bad_since_step else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def step(self, normaliser: float) -> StepResult:
+        """Normalise the accumulated gradient (module docstring) and take one optimizer step, or, when
+        any rank saw a non-finite loss since the last step, drop the gradient on every rank and count
+        it. Raises RuntimeError after `max_bad_steps` skipped steps in a row. Collective."""
+        lr = float(self.engine.get_lr()[0])
+        if self._any_rank_bad():
+            self.discard_gradients()
+            self.skipped_steps += 1
+            self.consecutive_bad_steps += 1
+            if self.consecutive_bad_steps >= self.cfg.max_bad_steps:
+                raise RuntimeError(f"learner rank {self.rank}: {self.consecutive_bad_steps} optimizer steps in a row "
+                                   f"had a non-finite loss (max_bad_steps={self.cfg.max_bad_steps}); aborting")
+            return StepResult(float("nan"), lr, True)
+        factor = self.world_size / normaliser
+        if self.cfg.zero_stage == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            for g in grads:
+                g.mul_(factor)
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            self.engine.step()
+        else:
+            self.engine.optimizer.loss_scale = 1.0 / factor
+            try:
+                self.engine.step()
+            finally:
+                self.engine.optimizer.loss_scale = 1.0
+            grad_norm = float(self.engine.get_global_grad_norm())
+        self.optimizer_steps += 1
+        self.consecutive_bad_steps = 0
+        return StepResult(grad_norm, lr, False)
+
+    def discard_gradients(self) -> None:
+        """Drop the accumulated gradient without stepping (a skipped step). DeepSpeed has no public
+        call for this outside fp16 overflow handling, so this mirrors its overflow clean-up."""
+        self._bad_since_step = False
+        opt = self.engine.optimizer
+        if self.cfg.zero_stage == 0:
+            self.engine.zero_grad()
+        elif self.cfg.zero_stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            opt.zero_grad(set_to_none=True)
+            opt._release_preflattened_grad_buffers()
+            for k in opt.averaged_gradients.keys():
+                opt.averaged_gradients[k] = None
+                opt.all_grad_tensors[k] = None
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        else:
+            opt._overflow_clean_up(opt.loss_scale)
+
+    def full_gradients(self, normaliser: float) -> dict[str, torch.Tensor]:
+        """The full normalised gradient the next `step(normaliser)` would use (before clipping), by
+        parameter name (fp32 copies). Collective under ZeRO-3 (every rank must call it)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        factor = self.world_size / normaliser
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            g = safe_get_full_grad(p)
+            out[name] = (g.detach().float() * factor).clone() if g is not None else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        return out
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Full fp32 copies of the weights by name (gathered under ZeRO-3; collective there)."""
+        import deepspeed
+
+        params = list(self.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=self.cfg.zero_stage == 3):
+            return {name: p.detach().float().clone() for name, p in params}
+
+    # ---- checkpoints and export ------------------------------------------------------------
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """DeepSpeed state (model, optimizer, scheduler) + this rank's RNG into `path` (a directory
+        every rank can reach; the caller makes it atomic). Collective."""
+        self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
+        torch.save({"torch_rng": torch.get_rng_state(), "optimizer_steps": self.optimizer_steps,
+                    "skipped_steps": self.skipped_steps}, Path(path) / f"rank{self.rank}_rng.pt")
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore what `save_checkpoint` wrote; returns its client_state. Collective."""
+        _, client_state = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        extra = torch.load(Path(path) / f"rank{self.rank}_rng.pt", weights_only=False)
+        torch.set_rng_state(extra["torch_rng"])
+        self.optimizer_steps, self.skipped_steps = extra["optimizer_steps"], extra["skipped_steps"]
+        self.consecutive_bad_steps, self._bad_since_step = 0, False
+        return client_state or {}
+
+    def export_hf(self, path: str) -> None:
+        """Save the current weights as a transformers model directory (safetensors + config +
+        tokenizer) at `path`, atomically (temp dir then rename, by rank 0). Collective."""
+        import deepspeed
+        import torch.distributed as dist
+        from transformers import AutoTokenizer
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
+            if self.rank == 0:
+                tmp = Path(f"{path}.tmp-export")
+                shutil.rmtree(tmp, ignore_errors=True)
+                state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+                with open(tmp / "dash_export.json", "w") as f:
+                    json.dump({"optimizer_steps": self.optimizer_steps}, f)
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(tmp, path)
+        dist.barrier()

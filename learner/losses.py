@@ -1,0 +1,99 @@
+"""The DASH policy loss (arXiv 2505.17218, Eq. 1-2): per-token PPO clip, optional k3 KL to a reference
+model, optional truncated importance sampling (TIS), and the three aggregations, all in SUM form.
+
+Why SUM form: the token-mean normaliser (tokens of the whole optimizer batch, after filtering) is
+only known once the last group of the batch has arrived, but backward must start earlier
+(streaming). So every micro-batch backprops  sum_t w_t * l_t  (w_t = `token_weights`), and the
+learner divides the accumulated gradient by `step_normaliser(...)` right before the optimizer
+step. Gradients are linear, so the result equals the gradient of the aggregated loss of the whole
+batch in one pass, for any micro-batch split.
+
+Pure tensor math, no Ray/DeepSpeed. Tested by:
+    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_math.py
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+
+
+class LossOut(NamedTuple):
+    """Sum-form loss of some tokens and sums for the step statistics (divide by `num_tokens`)."""
+
+    loss_sum: torch.Tensor
+    """Scalar: sum_t w_t * l_t (differentiable). Divide by the step normaliser for the loss."""
+    num_tokens: int
+    """Tokens in this call."""
+    clipped_tokens: torch.Tensor
+    """Scalar: tokens where the clipped branch was taken (no gradient flows through rho)."""
+    kl_sum: torch.Tensor
+    """Scalar: sum over tokens of the k3 KL estimate (0 when no reference logprobs)."""
+    ratio_sum: torch.Tensor
+    """Scalar: sum over tokens of rho (mean rho = ratio_sum / num_tokens; 1.0 when on-policy)."""
+
+
+def token_weights(seq_lens: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Per-token weight w_t of the sum-form loss, for sequences of completion lengths `seq_lens` (S,).
+
+    token_mean: 1 (normaliser = completion tokens of the step); seq_mean: 1/len of the token's
+    sequence (normaliser = sequences of the step); constant: 1 (normaliser = a constant, Dr.GRPO).
+    Returns (sum(seq_lens),), tokens of sequence 0 first.
+    """
+    if loss_agg not in AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {list(AGGREGATIONS)}, got {loss_agg!r}")
+    if (seq_lens < 1).any():
+        raise ValueError(f"every sequence needs >= 1 completion token, got lengths {seq_lens.tolist()}")
+    per_seq = 1.0 / seq_lens.double() if loss_agg == "seq_mean" else torch.ones(len(seq_lens), dtype=torch.float64)
+    return torch.repeat_interleave(per_seq, seq_lens).float()
+
+
+def step_normaliser(loss_agg: str, num_tokens: int, num_sequences: int, constant: float) -> float:
+    """What divides the summed loss of an optimizer step (see `token_weights`)."""
+    if loss_agg == "token_mean":
+        value = float(num_tokens)
+    elif loss_agg == "seq_mean":
+        value = float(num_sequences)
+    elif loss_agg == "constant":
+        value = float(constant)
+    else:
+        raise ValueError(f"loss_agg must be one of {list(AGGREGATIONS)}, got {loss_agg!r}")
+    if not value > 0:
+        raise ValueError(f"step normaliser for {loss_agg} must be > 0, got {value} (an empty optimizer batch?)")
+    return value
+
+
+def ppo_clip_loss_sum(logprobs: torch.Tensor, logprobs_old: torch.Tensor, advantages: torch.Tensor,
+                      weights: torch.Tensor, clip_eps_low: float, clip_eps_high: float,
+                      logprobs_ref: Optional[torch.Tensor] = None, kl_coef: float = 0.0,
+                      is_weights: Optional[torch.Tensor] = None) -> LossOut:
+    """Sum-form PPO-clip policy loss over K tokens (all inputs (K,), one entry per completion token).
+
+    l_t = is_t * -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t) + kl_coef * k3_t
+    with rho_t = exp(logprobs - logprobs_old) and k3_t = exp(ref - logp) - (ref - logp) - 1 (Schulman's
+    k3, unbiased and >= 0). When logprobs_old == logprobs.detach(), rho = 1 and the gradient is the
+    vanilla policy gradient -A * grad logp. `is_weights` (detached, e.g. TIS min(exp(old - sampler), cap))
+    multiplies the policy term only. Returns sum_t weights_t * l_t.
+    """
+    ratio = torch.exp(logprobs - logprobs_old)  # (K,)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)  # (K,)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    kl_sum = logprobs.new_zeros(())
+    if logprobs_ref is not None and kl_coef > 0:
+        delta = logprobs_ref - logprobs
+        kl = torch.exp(delta) - delta - 1.0  # (K,)
+        per_token = per_token + kl_coef * kl
+        kl_sum = kl.detach().sum()
+    with torch.no_grad():
+        clipped_tokens = (clipped < unclipped).sum()
+    return LossOut((per_token * weights).sum(), int(logprobs.numel()), clipped_tokens, kl_sum, ratio.detach().sum())
+
+
+def truncated_is_weights(logprobs_old: torch.Tensor, logprobs_sampler: torch.Tensor, cap: float) -> torch.Tensor:
+    """TIS (Yao et al. 2025): min(exp(logprobs_old - logprobs_sampler), cap), detached. (K,)"""
+    return torch.clamp(torch.exp(logprobs_old - logprobs_sampler), max=cap).detach()

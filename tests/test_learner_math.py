@@ -1,0 +1,152 @@
+"""Hand-computed tests of the learner's pure math (advantages, filtering, losses, packing).
+
+    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_math.py
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.advantages import group_advantages
+from learner.filtering import filter_mask, select_samples
+from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights, truncated_is_weights
+from learner.packing import collate, pack_first_fit_decreasing, split_across_ranks
+from rollout_workers.types import Completion, Prompt, ScoredGroup
+
+
+def group(rewards, lens=None, prompt=(5, 6), advantages=None, uid="p"):
+    lens = lens or [2] * len(rewards)
+    comps = tuple(Completion(tuple(range(10, 10 + n)), tuple([-0.5] * n), "stop", "x") for n in lens)
+    return ScoredGroup(Prompt(uid, "q", "1"), prompt, comps, tuple(rewards), 0, 0, advantages)
+
+
+def test_grpo_uses_population_std():
+    a = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), "grpo", eps=0.0)
+    # mean 0.25, population std sqrt(0.25*0.75) = 0.4330127 (sample std would be 0.5)
+    assert torch.allclose(a, torch.tensor([[0.75, -0.25, -0.25, -0.25]]) / math.sqrt(0.1875), atol=1e-7)
+
+
+def test_drgrpo_and_rloo_hand_values():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 2.0]])
+    assert torch.allclose(group_advantages(r, "drgrpo"), torch.tensor([[0.75, -0.25, -0.25, -0.25], [1.0, -1.0, 0.0, 0.0]]))
+    # rloo: r_i - mean(others): 1 - 0 = 1, 0 - 1/3; 3 - 5/3 = 4/3, 1 - 7/3 = -4/3, 2 - 2 = 0
+    assert torch.allclose(group_advantages(r, "rloo"),
+                          torch.tensor([[1.0, -1 / 3, -1 / 3, -1 / 3], [4 / 3, -4 / 3, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_all_equal_group_has_zero_advantage_and_eps_avoids_nan():
+    a = group_advantages(torch.tensor([[1.0, 1.0, 1.0]]), "grpo")
+    assert torch.equal(a, torch.zeros(1, 3))
+
+
+def test_nan_reward_names_group_and_bad_estimator():
+    with pytest.raises(ValueError, match="group 1"):
+        group_advantages(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), "grpo")
+    with pytest.raises(ValueError, match="estimator"):
+        group_advantages(torch.zeros(1, 2), "ppo")
+    with pytest.raises(ValueError, match="rloo"):
+        group_advantages(torch.zeros(2, 1), "rloo")
+
+
+def test_filter_mask_is_strict():
+    a = torch.tensor([0.1, -0.1, 0.2, -0.3, 0.0])
+    assert filter_mask(a, 0.1).tolist() == [False, False, True, True, False]
+
+
+def test_select_samples_reasons_and_kept():
+    groups = [group([1, 1]), group([0, 0]), group([1, 0], lens=[3, 1]), group([0.55, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5][:2], advantages=(0.05, -0.05))]
+    res = select_samples(groups, "grpo", 0.1, apply_filter=True)
+    assert res.samples_in == 8
+    assert dict(res.drop_reasons) == {"all_correct": 2, "all_wrong": 2, "small_advantage": 2}
+    assert [s.uid for s in res.samples] == [4, 5]
+    assert res.samples[0].completion_token_ids == (10, 11, 12) and res.samples[0].num_tokens == 5
+    assert res.samples[0].advantage == pytest.approx(1.0, abs=1e-5)
+    assert res.samples[1].advantage == pytest.approx(-1.0, abs=1e-5)
+    off = select_samples(groups, "grpo", 0.1, apply_filter=False)
+    assert len(off.samples) == 8 and not off.drop_reasons
+
+
+def test_select_samples_bad_groups():
+    with pytest.raises(ValueError, match="3 completions, expected group_size=2"):
+        select_samples([group([1, 0]), group([1, 0, 1])], "grpo", 0.1, True)
+    with pytest.raises(ValueError, match="non-finite reward in group 0"):
+        select_samples([group([float("nan"), 0])], "grpo", 0.1, True)
+
+
+def test_vanilla_pg_gradient_when_old_equals_current():
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    out = ppo_clip_loss_sum(logp, logp.detach(), adv, torch.ones(3), 0.2, 0.2)
+    out.loss_sum.backward()
+    assert torch.allclose(logp.grad, -adv)
+    assert out.loss_sum.item() == pytest.approx(-1.5)
+    assert int(out.clipped_tokens) == 0 and out.ratio_sum.item() == pytest.approx(3.0)
+
+
+def test_clipping_hand_values():
+    # rho = e^{0.5} = 1.6487 > 1.2 with A > 0 -> clipped to 1.2*A, no gradient;
+    # rho = e^{-0.5} = 0.6065 < 0.8 with A > 0 -> min picks rho*A (unclipped), gradient -A*rho
+    logp = torch.tensor([0.5, -0.5], requires_grad=True)
+    out = ppo_clip_loss_sum(logp, torch.zeros(2), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0]), 0.2, 0.2)
+    out.loss_sum.backward()
+    assert out.loss_sum.item() == pytest.approx(-1.2 - 2 * math.exp(-0.5), rel=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor([0.0, -2 * math.exp(-0.5)]))
+    assert int(out.clipped_tokens) == 1
+    # asymmetric (DAPO clip-higher): eps_high 0.7 leaves rho = 1.6487 unclipped
+    out = ppo_clip_loss_sum(torch.tensor([0.5]), torch.zeros(1), torch.ones(1), torch.ones(1), 0.2, 0.7)
+    assert out.loss_sum.item() == pytest.approx(-math.exp(0.5), rel=1e-6)
+
+
+def test_k3_kl_and_tis():
+    logp = torch.tensor([-1.0, -1.0])
+    ref = torch.tensor([-1.0, -2.0])
+    out = ppo_clip_loss_sum(logp, logp, torch.zeros(2), torch.ones(2), 0.2, 0.2, logprobs_ref=ref, kl_coef=0.5)
+    k3 = math.exp(-1.0) + 1.0 - 1.0  # delta = -1: e^-1 - (-1) - 1
+    assert out.kl_sum.item() == pytest.approx(k3, rel=1e-6)
+    assert out.loss_sum.item() == pytest.approx(0.5 * k3, rel=1e-6)
+    w = truncated_is_weights(torch.tensor([0.0, 0.0]), torch.tensor([-0.1, -5.0]), cap=2.0)
+    assert torch.allclose(w, torch.tensor([math.exp(0.1), 2.0]))
+    out = ppo_clip_loss_sum(logp, logp, torch.ones(2), torch.ones(2), 0.2, 0.2, is_weights=w)
+    assert out.loss_sum.item() == pytest.approx(-(math.exp(0.1) + 2.0), rel=1e-6)
+
+
+def test_aggregation_weights_and_normaliser():
+    lens = torch.tensor([2, 1])
+    assert token_weights(lens, "token_mean").tolist() == [1.0, 1.0, 1.0]
+    assert token_weights(lens, "seq_mean").tolist() == [0.5, 0.5, 1.0]
+    assert step_normaliser("token_mean", 3, 2, 0) == 3.0
+    assert step_normaliser("seq_mean", 3, 2, 0) == 2.0
+    assert step_normaliser("constant", 3, 2, 100) == 100.0
+    with pytest.raises(ValueError, match="> 0"):
+        step_normaliser("token_mean", 0, 0, 0)
+    # seq_mean over per-token losses [1, 3 | 5]: ((1+3)/2 + 5) / 2 = 3.5
+    per_tok = torch.tensor([1.0, 3.0, 5.0])
+    assert (per_tok * token_weights(lens, "seq_mean")).sum().item() / 2 == pytest.approx(3.5)
+
+
+def test_ffd_packing_and_too_long():
+    assert pack_first_fit_decreasing([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    with pytest.raises(ValueError, match="9 tokens.*micro_batch_tokens=8"):
+        pack_first_fit_decreasing([3, 9], 8)
+
+
+def test_split_across_ranks_balances_count_and_tokens():
+    split = split_across_ranks([8, 7, 6, 1, 1], 2)
+    assert sorted(len(r) for r in split) == [2, 3]
+    assert split == [[0, 3, 4], [1, 2]]  # tokens 10 vs 13; counts 3 vs 2
+    assert split_across_ranks([4], 3) == [[0], [], []]
+
+
+def test_collate_layout():
+    res = select_samples([group([1, 0], lens=[2, 1], prompt=(7, 8, 9))], "drgrpo", 0.1, True)
+    mb = collate(res.samples, "seq_mean")
+    assert mb.input_ids.tolist() == [[7, 8, 9, 10, 11, 7, 8, 9, 10]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert mb.pred_index.tolist() == [2, 3, 7] and mb.target_ids.tolist() == [10, 11, 10]
+    assert mb.advantages.tolist() == [0.5, 0.5, -0.5] and mb.weights.tolist() == [0.5, 0.5, 1.0]
+    m = mb.attention_mask()[0, 0]
+    assert m[4, 0] and not m[5, 4] and m[8, 5] and not m[0, 1]
+    dummy = collate([], "token_mean")
+    assert dummy.num_tokens == 1 and dummy.target_ids.numel() == 0
