@@ -196,8 +196,9 @@ class VLLMEngine(Engine):
         return VLLMSyncClient(self)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Weights as the engine holds them, by checkpoint name. Real vLLM fuses layers (qkv, gate_up),
-        so names match only for the fake; on a real engine this reads them with `LLM.apply_model`."""
+        """Weights as the engine holds them, read with `LLM.apply_model` (llm.py:604). Real vLLM fuses
+        layers (qkv_proj, gate_up_proj), so names equal checkpoint names only on the fake; the real
+        one also needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the callable. Tests only."""
         model = self.llm.apply_model(lambda m: {n: p.detach().cpu() for n, p in m.named_parameters()})[0]
         yield from model.items()
 
