@@ -120,8 +120,7 @@ class HFEngine(Engine):
         # Sampling from the policy itself: every knob a checkpoint's generation_config may set
         # (Qwen sets top_k, top_p, temperature, repetition_penalty) is neutralised, and the
         # temperature/top-p warpers are passed as processors so the recorder can run after them.
-        neutral = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-                       eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, renormalize_logits=False)
+        neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, renormalize_logits=False)
         recorder = _SampledTokenLogprobs()
         processors = LogitsProcessorList()
         if params.greedy:
@@ -129,7 +128,8 @@ class HFEngine(Engine):
             # num_return_sequences > 1 without sampling).
             sampling = dict(do_sample=False, num_return_sequences=1)
         else:
-            sampling = dict(do_sample=True, num_return_sequences=params.n)
+            sampling = dict(do_sample=True, num_return_sequences=params.n, temperature=1.0, top_p=1.0, top_k=0,
+                            min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
             if params.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
