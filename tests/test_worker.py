@@ -135,6 +135,13 @@ def test_engine_error_surfaces_with_worker_name(ray_local, tiny_model_dir):
     ray.kill(ws[0])
 
 
+def test_engine_that_fails_to_start_is_named(ray_local, tiny_model_dir):
+    (w,) = make_rollout_workers(_cfg(engine="vllm"), str(tiny_model_dir), name_prefix="nov",
+                                vllm_module="no_such_vllm", num_gpus_per_worker=0)
+    with pytest.raises(ray.exceptions.ActorDiedError, match=r"needs vLLM >=0\.33\.0,<0\.34"):
+        Dispatcher([w], timeout_s=120)
+
+
 def test_request_and_dispatcher_validation(workers):
     with pytest.raises(ValueError, match="duplicate prompt uids"):
         list(Dispatcher(workers, timeout_s=60).run(_prompts(2, "d") * 2, batch_id=3, params=PARAMS))
