@@ -39,6 +39,8 @@ from rollout_workers.engines.base import (Engine, GroupOutput, SamplingParamsSpe
                                           encode_prompts)
 from rollout_workers.types import Completion, Prompt
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 SUPPORTED_VLLM = (Version("0.33.0"), Version("0.34"))
 """Supported vLLM versions: >= first, < second (the weight-transfer API and output fields used here)."""
 
@@ -87,6 +89,10 @@ class VLLMEngine(Engine):
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True,
                  enable_sleep_mode: bool = False, weight_transfer_backend: str = "ipc",
                  vllm_module: ModuleType | str | None = None, llm_kwargs: dict[str, Any] | None = None) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"VLLMEngine dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if weight_transfer_backend not in ("ipc", "nccl"):
+            raise ValueError(f"VLLMEngine weight_transfer_backend must be 'ipc' or 'nccl', got {weight_transfer_backend!r}")
         self._vllm = load_vllm(vllm_module)
         root = self._vllm.__name__
         self._wt_mod = importlib.import_module(f"{root}.distributed.weight_transfer.base")
@@ -104,7 +110,7 @@ class VLLMEngine(Engine):
         self._tokenizer = self.llm.get_tokenizer()
         self.context = int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
         self._expected, self._optional = checkpoint_shapes(model_path)
-        self._dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self._dtype = _DTYPES[dtype]
         self._version = 0
         self._sleeping = False
 
