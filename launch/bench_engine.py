@@ -44,7 +44,7 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the CPU machines have 2 cores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budget-s", type=float, default=110.0,
-                    help="skip the remaining batch sizes (reported as null) once this much time is spent")
+                    help="skip a batch size (listed under skipped_batch_sizes) predicted to end past this many seconds")
     ap.add_argument("--json", default="", help="write the result here as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,18 +59,21 @@ def main(argv: list[str]) -> dict:
             engine = HFEngine(str(path), device=args.device, gen_batch_tokens=10 ** 9)
             n_params = sum(p.numel() for _, p in engine.named_weights())
             measure(engine, 2, 4)  # warm-up (allocator, kernels)
-            rates = []
+            sizes, rates, skipped = [], [], []
             for b in args.batch_sizes:
-                if time.perf_counter() - started > args.budget_s:
+                # Predict this batch's time from the last rate (throughput only grows with batch size).
+                predicted = b * args.max_new_tokens / rates[-1] if rates and rates[-1] else 0.0
+                if time.perf_counter() - started + predicted > args.budget_s:
                     print(f"{name}: batch {b} skipped, past the {args.budget_s:.0f} s budget", flush=True)
-                    rates.append(None)
+                    skipped.append(b)
                     continue
                 tokens, seconds = measure(engine, b, args.max_new_tokens)
+                sizes.append(b)
                 rates.append(round(tokens / seconds, 1))
                 print(f"{name:5s} ({n_params / 1e6:.1f}M params) batch {b:4d}: {tokens:6d} tokens in "
                       f"{seconds:6.2f} s = {tokens / seconds:8.1f} tok/s", flush=True)
-            result["models"][name] = {"params": n_params, "batch_sizes": list(args.batch_sizes),
-                                      "tokens_per_second": rates}
+            result["models"][name] = {"params": n_params, "batch_sizes": sizes, "tokens_per_second": rates,
+                                      "skipped_batch_sizes": skipped}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

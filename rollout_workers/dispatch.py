@@ -5,7 +5,7 @@ back as they arrive, surviving worker deaths without losing or duplicating a pro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
 import ray
@@ -56,6 +56,7 @@ class Dispatcher:
         """Groups received twice for the same (uid, batch_id) and not yielded again."""
         self.skipped: list[str] = []
         """Uids that a worker finished its stream without returning (refused: empty/too long)."""
+        self._requests = 0
 
     def run(self, prompts: Sequence[Prompt], batch_id: int, params: SamplingParamsSpec) -> Iterator[ScoredGroup]:
         """Sample every prompt once; yield each scored group as it arrives (any order)."""
@@ -63,7 +64,18 @@ class Dispatcher:
         if len(set(uids)) != len(uids):
             raise ValueError(f"batch {batch_id} has duplicate prompt uids; groups could not be told apart")
         streams: list[_Stream] = []
-        self._submit(list(prompts), batch_id, params, streams)
+        self._requests = 0
+        try:
+            yield from self._run(list(prompts), batch_id, params, streams)
+        finally:
+            # Early exit (error, timeout, consumer stopped): ask the workers to stop sampling;
+            # they check the flag between groups (threaded actors, RolloutWorker.generate).
+            for s in streams:
+                ray.cancel(s.gen)
+
+    def _run(self, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec,
+             streams: list[_Stream]) -> Iterator[ScoredGroup]:
+        self._submit(prompts, batch_id, params, streams)
         yielded: set[tuple[str, int]] = set()
         while streams:
             ready, _ = ray.wait([s.gen for s in streams], num_returns=1, timeout=self.timeout_s)
@@ -112,7 +124,10 @@ class Dispatcher:
                 continue
             chunk = prompts[start:start + take]
             start += take
-            req = RolloutRequest(prompts=tuple(chunk), batch_id=batch_id, params=params)
+            # Each request of a batch samples from its own seed: workers must not share random streams.
+            req = RolloutRequest(prompts=tuple(chunk), batch_id=batch_id,
+                                 params=replace(params, seed=params.seed + 7919 * self._requests))
+            self._requests += 1
             streams.append(_Stream(i, self.workers[i].generate.remote(req), {p.uid: p for p in chunk}))
         assert start == len(prompts)
 

@@ -55,15 +55,29 @@ class WorkerStats(NamedTuple):
     yielded; first < second means groups leave before the batch ends."""
 
 
-def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm") -> Engine:
-    """The engine rollout.engine names, configured from the rollout section."""
+_ACTOR_THREADS = 4
+"""Threads per worker actor: a streaming batch, a re-dispatched batch queued behind it, a weight
+update queued behind them, and one left for stats()/version()."""
+
+
+def sampling_spec(cfg: RolloutConfig, iteration: int, greedy: bool = False) -> SamplingParamsSpec:
+    """Sampling parameters of iteration `iteration` (seeded from rollout.seed; greedy for eval)."""
+    return SamplingParamsSpec(n=1 if greedy else cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1_000_003 * iteration, greedy=greedy)
+
+
+def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm",
+                weight_transfer_backend: str = "ipc") -> Engine:
+    """The engine rollout.engine names, configured from the rollout section. `vllm_module` and
+    `weight_transfer_backend` ("ipc" for object-store updates, "nccl" when the learner pushes
+    through vLLM's NCCL transfer) only matter for vLLM."""
     if cfg.engine == "vllm":
         from rollout_workers.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization,
                           enable_prefix_caching=cfg.enable_prefix_caching, enable_sleep_mode=cfg.enable_sleep_mode,
-                          vllm_module=vllm_module)
+                          weight_transfer_backend=weight_transfer_backend, vllm_module=vllm_module)
     from rollout_workers.engines.hf import HFEngine
 
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
@@ -73,17 +87,18 @@ def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm") 
 class RolloutWorker:
     """Ray actor (create it with `make_rollout_workers`): one engine, one reward pool."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, name: str, vllm_module: str = "vllm") -> None:
+    def __init__(self, cfg: RolloutConfig, model_path: str, name: str, vllm_module: str = "vllm",
+                 weight_transfer_backend: str = "ipc") -> None:
         from rollout_workers.rewards import RewardPool
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self._cfg = cfg
         self._name = name
-        self._engine = make_engine(cfg, model_path, vllm_module)
+        self._engine = make_engine(cfg, model_path, vllm_module, weight_transfer_backend)
         self._rewards = RewardPool(cfg.reward_fn, processes=cfg.reward_processes, timeout_s=cfg.reward_timeout_s,
                                    format_reward=cfg.format_reward)
-        # generate() and update_weights() may arrive on different actor threads (max_concurrency=2
-        # lets stats() answer mid-stream); the engine serves one of them at a time.
+        # Threaded actor (make_rollout_workers): stats()/version() answer while a batch streams;
+        # the engine serves one generate() or update_weights() at a time, in arrival order.
         self._engine_lock = threading.Lock()
         self._counts = dict(prompts=0, completions=0, reward_timeouts=0, reward_errors=0, skipped_prompts=0,
                             batches_in_flight=0)
@@ -114,10 +129,12 @@ class RolloutWorker:
         try:
             with self._engine_lock:
                 kept = self._admissible(request)
-                done = 0
-                for group in self._engine.generate(kept, request.params):
-                    done += 1
-                    if done == 1:
+                groups = self._engine.generate(kept, request.params)
+                for k, group in enumerate(groups):
+                    if ray.get_runtime_context().is_canceled():
+                        groups.close()  # the driver gave up on this batch: stop sampling it
+                        return
+                    if k == 0:
                         self._first_yield_progress = (self._engine.completed_prompts, len(kept))
                     t0 = time.perf_counter()
                     scored = self._rewards.score([c.text for c in group.completions],
@@ -153,7 +170,7 @@ class RolloutWorker:
 def make_rollout_workers(cfg: RolloutConfig, model_path: str, placement_group=None, vllm_module: str = "vllm",
                          name_prefix: str = "rollout", first_bundle: int = 0,
                          num_gpus_per_worker: float | None = None, worker_cls: type = RolloutWorker,
-                         indices: Sequence[int] | None = None) -> list:
+                         indices: Sequence[int] | None = None, weight_transfer_backend: str = "ipc") -> list:
     """Create `cfg.num_workers` RolloutWorker actors (ActorHandles). With a placement group, worker i
     goes to bundle `first_bundle + i`. GPUs per worker: `num_gpus_per_worker`, by default
     `tensor_parallel_size` for vLLM and 0 for transformers (the fake vLLM runs on CPU: pass 0).
@@ -167,9 +184,10 @@ def make_rollout_workers(cfg: RolloutConfig, model_path: str, placement_group=No
         if num_gpus_per_worker is None:
             num_gpus_per_worker = cfg.tensor_parallel_size if cfg.engine == "vllm" else 0
         opts = dict(num_cpus=cfg.cpus_per_worker, num_gpus=num_gpus_per_worker,
-                    max_concurrency=2, max_restarts=0)
+                    max_concurrency=_ACTOR_THREADS, max_restarts=0)
         if placement_group is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=placement_group, placement_group_bundle_index=first_bundle + i)
-        handles.append(actor.options(**opts).remote(cfg, model_path, f"{name_prefix}-{i}", vllm_module))
+        handles.append(actor.options(**opts).remote(cfg, model_path, f"{name_prefix}-{i}", vllm_module,
+                                                    weight_transfer_backend))
     return handles

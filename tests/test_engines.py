@@ -48,6 +48,25 @@ def test_logprobs_match_teacher_forced_pass(engine, temperature):
             torch.testing.assert_close(torch.tensor(c.logprobs_sampler), want, atol=1e-4, rtol=0)
 
 
+def test_top_p_logprobs_are_those_of_the_renormalised_nucleus(engine):
+    temperature, top_p = 0.8, 0.5
+    groups = list(engine.generate(PROMPTS[:2], SamplingParamsSpec(n=2, temperature=temperature, top_p=top_p,
+                                                                  max_new_tokens=6, seed=4)))
+    for g in groups:
+        for c in g.completions:
+            ids = torch.tensor([list(g.prompt_token_ids) + list(c.token_ids)])
+            with torch.no_grad():
+                logits = engine.model(input_ids=ids).logits[0, len(g.prompt_token_ids) - 1:-1].double()
+            for t, tok in enumerate(c.token_ids):
+                probs = torch.softmax(logits[t] / temperature, -1)
+                order = probs.argsort(descending=True)
+                before = probs[order].cumsum(0) - probs[order]  # mass strictly above each token
+                nucleus = order[before < top_p]  # smallest prefix reaching top_p
+                assert tok in nucleus.tolist()
+                want = torch.log(probs[tok] / probs[nucleus].sum())
+                assert abs(c.logprobs_sampler[t] - float(want)) < 1e-4
+
+
 def test_seed_determinism_and_variety(engine):
     params = SamplingParamsSpec(n=4, max_new_tokens=8, seed=11)
     a = [[c.token_ids for c in g.completions] for g in engine.generate(PROMPTS[:2], params)]

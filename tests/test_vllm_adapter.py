@@ -49,6 +49,29 @@ def test_generation_end_to_end_streams_per_step(engine, tiny_model_dir):
             torch.testing.assert_close(torch.tensor(c.logprobs_sampler), want, atol=1e-4, rtol=0)
 
 
+def test_stopping_early_aborts_the_rest_of_the_batch(engine):
+    gen = engine.generate(PROMPTS, SamplingParamsSpec(n=2, max_new_tokens=6))
+    next(gen)
+    assert engine.llm.llm_engine.has_unfinished_requests()
+    gen.close()
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+
+
+def test_identical_prompts_each_get_their_group(engine):
+    twins = [Prompt("twin-a", "Q: 1 + 1 = ?\nA:", "2"), Prompt("twin-b", "Q: 1 + 1 = ?\nA:", "2")]
+    groups = list(engine.generate(twins, SamplingParamsSpec(n=2, max_new_tokens=4)))
+    assert sorted(g.prompt.uid for g in groups) == ["twin-a", "twin-b"]
+
+
+def test_greedy_group_is_argmax_repeated(engine):
+    (g,) = engine.generate(PROMPTS[:1], SamplingParamsSpec(n=3, max_new_tokens=5, greedy=True))
+    assert len(g.completions) == 3 and len({c.token_ids for c in g.completions}) == 1
+    ids = torch.tensor([list(g.prompt_token_ids) + list(g.completions[0].token_ids)])
+    with torch.no_grad():
+        logits = engine.llm.apply_model(lambda m: m(input_ids=ids).logits[0])[0]
+    assert list(g.completions[0].token_ids) == logits[len(g.prompt_token_ids) - 1:-1].argmax(-1).tolist()
+
+
 def test_weight_update_handshake_end_to_end(engine):
     before = dict(engine.named_weights())
     new = {n: torch.randn_like(t) * 0.05 for n, t in before.items()}

@@ -16,7 +16,7 @@ from rollout_workers.dispatch import Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.rewards import score_math
 from rollout_workers.types import Prompt
-from rollout_workers.worker import RolloutRequest, make_rollout_workers
+from rollout_workers.worker import RolloutRequest, make_rollout_workers, sampling_spec
 
 PARAMS = SamplingParamsSpec(n=2, max_new_tokens=6, seed=0)
 
@@ -103,6 +103,27 @@ def test_killed_worker_prompts_are_redispatched(ray_local, tiny_model_dir):
     ray.kill(ws[1 - victim])
 
 
+def test_restart_mode_replaces_a_killed_worker(ray_local, tiny_model_dir):
+    cfg = _cfg(gen_batch_tokens=20)
+    ws = make_rollout_workers(cfg, str(tiny_model_dir), name_prefix="r")
+    fresh = []
+
+    def factory(index: int):
+        fresh.extend(make_rollout_workers(cfg, str(tiny_model_dir), name_prefix=f"r-new{index}"))
+        return fresh[-1]
+
+    disp = Dispatcher(ws, timeout_s=120, on_worker_death="restart", worker_factory=factory)
+    prompts = _prompts(12, "r")
+    run = disp.run(prompts, batch_id=4, params=PARAMS)
+    got = [next(run)]
+    ray.kill(ws[0])
+    got += list(run)
+    assert Counter(g.prompt.uid for g in got) == Counter(p.uid for p in prompts)
+    assert disp.deaths == 1 and disp.names == ["r-new0-0"] and disp.alive == [True]
+    assert any(g.worker == "r-new0-0" for g in got)
+    ray.kill(fresh[0])
+
+
 def test_engine_error_surfaces_with_worker_name(ray_local, tiny_model_dir):
     ws = make_rollout_workers(_cfg(), str(tiny_model_dir), name_prefix="nan")
     from safetensors.torch import load_file
@@ -114,9 +135,20 @@ def test_engine_error_surfaces_with_worker_name(ray_local, tiny_model_dir):
     ray.kill(ws[0])
 
 
+def test_engine_that_fails_to_start_is_named(ray_local, tiny_model_dir):
+    (w,) = make_rollout_workers(_cfg(engine="vllm"), str(tiny_model_dir), name_prefix="nov",
+                                vllm_module="no_such_vllm", num_gpus_per_worker=0)
+    with pytest.raises(ray.exceptions.ActorDiedError, match=r"needs vLLM >=0\.33\.0,<0\.34"):
+        Dispatcher([w], timeout_s=120)
+
+
 def test_request_and_dispatcher_validation(workers):
     with pytest.raises(ValueError, match="duplicate prompt uids"):
         list(Dispatcher(workers, timeout_s=60).run(_prompts(2, "d") * 2, batch_id=3, params=PARAMS))
     with pytest.raises(ValueError, match="worker_factory"):
         Dispatcher(workers, on_worker_death="restart")
     assert RolloutRequest(tuple(_prompts(1, "r")), 0, PARAMS).params.n == 2
+    spec = sampling_spec(_cfg(group_size=3), iteration=2)
+    assert (spec.n, spec.max_new_tokens, spec.greedy) == (3, 6, False)
+    assert sampling_spec(_cfg(), 2).seed != sampling_spec(_cfg(), 3).seed
+    assert sampling_spec(_cfg(), 0, greedy=True).n == 1

@@ -4,9 +4,11 @@ Preemptive sampling (DASH, arXiv 2505.17218 Sec. 4) wants one engine call for a 
 prompts; `generate` then runs them in chunks that fit a token budget (prompts x G x (prompt +
 max_new) <= gen_batch_tokens), and each chunk's groups are yielded as soon as the chunk ends.
 
-The logprobs are taken from the *processed* scores that `generate` sampled from (after the
-temperature and top-p warpers), so they are exactly the sampling distribution's logprobs,
-which is what the PPO importance ratio's denominator must be.
+The logprobs are taken from the *processed* scores that `generate` samples from (after the
+temperature and top-p warpers), so they are exactly the sampling distribution's logprobs, which
+is what the PPO importance ratio's denominator must be. They are gathered step by step by a
+logits processor placed after the warpers, instead of `output_scores=True`, which would keep
+(B*G, T, V) floats: 13 GB for a 65k-token budget and a 49k vocabulary.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
 """
@@ -15,7 +17,8 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 from rollout_workers.engines.base import (Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
@@ -114,24 +117,33 @@ class HFEngine(Engine):
         """One generate() call on already tokenized prompts: B x G completions, prompt-major."""
         batch = self._tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self._device)
         width = batch["input_ids"].shape[1]
+        # Sampling from the policy itself: every knob a checkpoint's generation_config may set
+        # (Qwen sets top_k, top_p, temperature, repetition_penalty) is neutralised, and the
+        # temperature/top-p warpers are passed as processors so the recorder can run after them.
+        neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, renormalize_logits=False)
+        recorder = _SampledTokenLogprobs()
+        processors = LogitsProcessorList()
         if params.greedy:
             # Argmax gives G identical completions: decode once, copy G times (generate refuses
             # num_return_sequences > 1 without sampling).
-            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
+            sampling = dict(do_sample=False, num_return_sequences=1)
         else:
-            # top_k=0 switches off the generation_config default (50): only temperature and top_p warp.
-            sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
-                            num_return_sequences=params.n)
+            sampling = dict(do_sample=True, num_return_sequences=params.n, temperature=1.0, top_p=1.0, top_k=0,
+                            min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        processors.append(recorder)
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._seed * 7919 + seed)
-            out = self._model.generate(
-                **batch, max_new_tokens=params.max_new_tokens,
-                output_scores=True, return_dict_in_generate=True, eos_token_id=list(self._eos_ids),
-                pad_token_id=self._tokenizer.pad_token_id, **sampling)
-        new_tokens = out.sequences[:, width:]  # (B*G, T)
-        scores = torch.stack(out.scores, dim=1).float()  # (B*G, T, V) processed (warped) logits
-        logprobs_sampler = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
+            sequences = self._model.generate(
+                **batch, max_new_tokens=params.max_new_tokens, logits_processor=processors,
+                eos_token_id=list(self._eos_ids), pad_token_id=self._tokenizer.pad_token_id,
+                return_dict_in_generate=False, **neutral, **sampling)
+        new_tokens = sequences[:, width:]  # (B*G, T)
+        logprobs_sampler = recorder.result(sequences)  # (B*G, T)
         is_eos = torch.isin(new_tokens, torch.tensor(self._eos_ids, device=new_tokens.device))  # (B*G, T)
         completions = []
         for r in range(new_tokens.shape[0]):
@@ -145,3 +157,28 @@ class HFEngine(Engine):
         if params.greedy:
             completions = [c for c in completions for _ in range(params.n)]
         return completions
+
+
+class _SampledTokenLogprobs(LogitsProcessor):
+    """Last logits processor of a generate() call: keeps the log-softmax of the final processed
+    scores of the current step, and at the next step (or `result`) gathers the logprob of the token
+    that was sampled from them. Memory: one (B*G, V) step, not the whole (B*G, T, V)."""
+
+    def __init__(self) -> None:
+        self._step_logprobs: torch.Tensor | None = None  # (B*G, V) of the step being sampled
+        self._gathered: list[torch.Tensor] = []  # T x (B*G,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._gather(input_ids[:, -1])
+        self._step_logprobs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _gather(self, sampled: torch.Tensor) -> None:
+        if self._step_logprobs is not None:
+            self._gathered.append(self._step_logprobs.gather(-1, sampled[:, None])[:, 0])
+
+    def result(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Logprobs of every sampled token, (B*G, T), given generate()'s output sequences."""
+        self._gather(sequences[:, -1])
+        self._step_logprobs = None
+        return torch.stack(self._gathered, dim=1)

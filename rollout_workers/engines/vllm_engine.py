@@ -1,14 +1,13 @@
 """vLLM engine adapter (vLLM >= 0.33.0, < 0.34), for GPU clusters. Tests drive it through the
 fake vLLM (`rollout_workers.fake_vllm`), injected as `vllm_module`.
 
-Streaming: the whole preemptive batch is queued at once with `llm.llm_engine.add_request` (so
-vLLM's continuous batching and prefix caching see every request, as the DASH paper's single big
-engine call wants), then `llm.llm_engine.step()` is driven here, exactly as `LLM._run_engine`
-does (vllm/entrypoints/common/offline.py:589), and each request is yielded the step it finishes.
-The sync `LLM` was chosen over `AsyncLLM` because a Ray actor method that is a plain generator
-needs no event loop, and `LLM.generate` on sub-batches would cut the batch vLLM can schedule.
-Request ids are ours (external ids are what `RequestOutput.request_id` carries), so outputs map
-back to prompts without depending on `enqueue`'s internal, randomised ids.
+Streaming: the whole preemptive batch is queued at once with `LLM.enqueue` (entrypoints/llm.py:483;
+so vLLM's continuous batching and prefix caching see every request, as the DASH paper's single big
+engine call wants), then `llm.llm_engine.step()` (v1/engine/llm_engine.py:319) is driven here
+exactly as `LLM.wait_for_completion` -> `_run_engine` does (entrypoints/common/offline.py:589), and
+each request is yielded the step it finishes. The sync `LLM` was chosen over `AsyncLLM` because a
+Ray actor method that is a plain generator needs no event loop, and `LLM.generate` on sub-batches
+would shrink the batch vLLM can schedule.
 
 Logprobs: `LLM(logprobs_mode="processed_logprobs")` makes `logprobs=0` return the logprob of the
 sampled token after temperature/top-p (vllm/config/model.py:291), the sampling distribution.
@@ -26,7 +25,6 @@ vllm/distributed/weight_transfer/base.py:618) driven by weight_sync.
 from __future__ import annotations
 
 import importlib
-import itertools
 import json
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +38,8 @@ from transformers import AutoConfig
 from rollout_workers.engines.base import (Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
 from rollout_workers.types import Completion, Prompt
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SUPPORTED_VLLM = (Version("0.33.0"), Version("0.34"))
 """Supported vLLM versions: >= first, < second (the weight-transfer API and output fields used here)."""
@@ -89,9 +89,12 @@ class VLLMEngine(Engine):
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True,
                  enable_sleep_mode: bool = False, weight_transfer_backend: str = "ipc",
                  vllm_module: ModuleType | str | None = None, llm_kwargs: dict[str, Any] | None = None) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"VLLMEngine dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if weight_transfer_backend not in ("ipc", "nccl"):
+            raise ValueError(f"VLLMEngine weight_transfer_backend must be 'ipc' or 'nccl', got {weight_transfer_backend!r}")
         self._vllm = load_vllm(vllm_module)
         root = self._vllm.__name__
-        self._sp_mod = importlib.import_module(f"{root}.sampling_params")
         self._wt_mod = importlib.import_module(f"{root}.distributed.weight_transfer.base")
         config_mod = importlib.import_module(f"{root}.config")
         self._inputs_mod = importlib.import_module(f"{root}.inputs")
@@ -107,10 +110,9 @@ class VLLMEngine(Engine):
         self._tokenizer = self.llm.get_tokenizer()
         self.context = int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
         self._expected, self._optional = checkpoint_shapes(model_path)
-        self._dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self._dtype = _DTYPES[dtype]
         self._version = 0
         self._sleeping = False
-        self._batches = itertools.count()
 
     @property
     def tokenizer(self):
@@ -125,16 +127,21 @@ class VLLMEngine(Engine):
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before generate()")
         encoded = encode_prompts(self._tokenizer, prompts, params.max_new_tokens, self.context)
         engine = self.llm.llm_engine
-        tag = next(self._batches)
-        pending: dict[str, int] = {}
+        # vLLM refuses n > 1 with greedy sampling (sampling_params.py:769): sample once, copy G times.
+        sampling = [self._vllm.SamplingParams(
+            n=1 if params.greedy else params.n, temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p, max_tokens=params.max_new_tokens, logprobs=0,
+            seed=params.seed + i) for i in range(len(encoded))]
+        # enqueue() renders and queues every request (it sets output_kind=FINAL_ONLY) and returns
+        # the internal request ids, in prompt order.
+        internal_ids = self.llm.enqueue([self._inputs_mod.TokensPrompt(prompt_token_ids=list(ids)) for ids in encoded],
+                                        sampling, use_tqdm=False)
+        # A RequestOutput carries the *external* id (a counter inside LLM), not enqueue's internal one,
+        # so outputs are matched back by their prompt token ids (first-in first-out among equal prompts).
+        waiting: dict[tuple[int, ...], list[int]] = {}
         for i, ids in enumerate(encoded):
-            sp = self._vllm.SamplingParams(
-                n=params.n, temperature=0.0 if params.greedy else params.temperature,
-                top_p=1.0 if params.greedy else params.top_p, max_tokens=params.max_new_tokens,
-                logprobs=0, seed=params.seed + i, output_kind=self._sp_mod.RequestOutputKind.FINAL_ONLY)
-            request_id = f"dash-{tag}-{i}"
-            engine.add_request(request_id, self._inputs_mod.TokensPrompt(prompt_token_ids=list(ids)), sp)
-            pending[request_id] = i
+            waiting.setdefault(tuple(ids), []).append(i)
+        pending = dict(enumerate(internal_ids))
         version = self._version
         self.completed_prompts = 0
         try:
@@ -143,15 +150,19 @@ class VLLMEngine(Engine):
                     raise RuntimeError(f"vLLM reports no unfinished requests but {len(pending)} of this batch "
                                        "never finished (aborted or dropped by the engine)")
                 for out in engine.step():
-                    if not out.finished or out.request_id not in pending:
+                    queue = waiting.get(tuple(out.prompt_token_ids or ()))
+                    if not out.finished or not queue:
                         continue
-                    i = pending.pop(out.request_id)
+                    i = queue.pop(0)
+                    del pending[i]
                     self.completed_prompts += 1
-                    yield GroupOutput(prompts[i], tuple(encoded[i]),
-                                      tuple(self._completion(c) for c in out.outputs), version)
+                    completions = tuple(self._completion(c) for c in out.outputs)
+                    if params.greedy:
+                        completions = completions * params.n
+                    yield GroupOutput(prompts[i], tuple(encoded[i]), completions, version)
         finally:
             if pending:  # consumer stopped early or an error: free the engine of this batch
-                engine.abort_request(list(pending))
+                engine.abort_request(list(pending.values()), internal=True)
 
     def _completion(self, c) -> Completion:
         if c.finish_reason not in ("stop", "length"):
@@ -191,8 +202,9 @@ class VLLMEngine(Engine):
         return VLLMSyncClient(self)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Weights as the engine holds them, by checkpoint name. Real vLLM fuses layers (qkv, gate_up),
-        so names match only for the fake; on a real engine this reads them with `LLM.apply_model`."""
+        """Weights as the engine holds them, read with `LLM.apply_model` (llm.py:604). Real vLLM fuses
+        layers (qkv_proj, gate_up_proj), so names equal checkpoint names only on the fake; the real
+        one also needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the callable. Tests only."""
         model = self.llm.apply_model(lambda m: {n: p.detach().cpu() for n, p in m.named_parameters()})[0]
         yield from model.items()
 

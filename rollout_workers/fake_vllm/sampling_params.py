@@ -37,5 +37,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.temperature == 0.0 and self.n > 1:  # _verify_greedy_sampling (sampling_params.py:769)
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")

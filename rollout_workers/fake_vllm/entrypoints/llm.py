@@ -3,6 +3,7 @@ vllm/entrypoints/rl/offline.py `RLOfflineMixin` and the `llm_engine` it drives
 (vllm/v1/engine/llm_engine.py `LLMEngine`). Backed by `HFEngine`: real tokens, real logprobs."""
 from __future__ import annotations
 
+import itertools
 import secrets
 from typing import Any, Iterable
 
@@ -30,7 +31,8 @@ class LLMEngine:
     def __init__(self, hf: HFEngine, model_name: str) -> None:
         self._hf = hf
         self._model_name = model_name
-        self._queue: list[tuple[str, list[int], SamplingParams]] = []
+        self._queue: list[tuple[str, list[int], SamplingParams]] = []  # (internal id, prompt ids, params)
+        self._external: dict[str, str] = {}  # internal id -> external id
         self.sleeping = False
         self.weight_version = "0"
 
@@ -43,16 +45,19 @@ class LLMEngine:
         if len(ids) + (params.max_tokens or 0) > self._hf.context:
             raise ValueError(f"The decoder prompt (length {len(ids)}) plus max_tokens is longer than the "
                              f"maximum model length of {self._hf.context}.")
-        self._queue.append((request_id, ids, params))
-        # Like the real engine, the returned id is the internal one (a random suffix, input_processor.py:371).
-        return f"{request_id}-{secrets.token_hex(4)}"
+        # Like the real engine, the returned id is the internal one (a random suffix,
+        # input_processor.py:371), while outputs carry the external one (output_processor.py:402).
+        internal = f"{request_id}-{secrets.token_hex(4)}"
+        self._external[internal] = request_id
+        self._queue.append((internal, ids, params))
+        return internal
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._queue)
 
     def abort_request(self, request_ids: list[str], internal: bool = False) -> None:
         drop = set(request_ids)
-        self._queue = [q for q in self._queue if q[0] not in drop]
+        self._queue = [q for q in self._queue if (q[0] if internal else self._external[q[0]]) not in drop]
 
     def step(self) -> list[RequestOutput]:
         if self.sleeping:
@@ -82,7 +87,7 @@ class LLMEngine:
                     token_ids=list(c.token_ids), cumulative_logprob=sum(c.logprobs_sampler), logprobs=lps,
                     finish_reason=c.finish_reason, stop_reason=None,
                     weight_versions=[WeightVersionSpan(self.weight_version, 0, len(c.token_ids))]))
-            outputs.append(RequestOutput(rid, None, ids, None, comps, finished=True))
+            outputs.append(RequestOutput(self._external.pop(rid), None, ids, None, comps, finished=True))
         return outputs
 
 
@@ -149,7 +154,7 @@ def _load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Ten
 
 # Mirrors vllm/entrypoints/llm.py:62 `class LLM` (constructor at line 177; the kwargs below reach
 # EngineArgs through **kwargs there: enable_prefix_caching, enable_sleep_mode,
-# weight_transfer_config, logprobs_mode), get_tokenizer (385), apply_model (604), sleep (839), wake_up (872), and
+# weight_transfer_config, logprobs_mode), get_tokenizer (385), enqueue (483), apply_model (604), sleep (839), wake_up (872), and
 # RLOfflineMixin (entrypoints/rl/offline.py): init_weight_transfer_engine, start_weight_update,
 # update_weights, finish_weight_update, get_weight_version.
 class LLM:
@@ -168,6 +173,7 @@ class LLM:
                       gen_batch_tokens=max_num_batched_tokens or 65536, seed=seed)
         self._hf = hf
         self.llm_engine = LLMEngine(hf, model)
+        self._request_counter = itertools.count()
         self._enable_sleep_mode = enable_sleep_mode
         self._weight_transfer_config = weight_transfer_config
         self._transfer: _FakeIPCTransferEngine | None = None
@@ -176,6 +182,22 @@ class LLM:
                 raise ValueError(f"Invalid weight transfer backend: {weight_transfer_config.backend}. "
                                  "Available engines (fake): ['ipc']")
             self._transfer = _FakeIPCTransferEngine(hf.model)
+
+    def enqueue(self, prompts, sampling_params=None, lora_request=None, priority=None, use_tqdm=True,
+                tokenization_kwargs=None, mm_processor_kwargs=None) -> list[str]:
+        # Real: llm.py:483 -> _add_completion_requests -> _add_request (common/offline.py:568), which
+        # sets output_kind=FINAL_ONLY and numbers requests with a counter (the external id).
+        prompts = [prompts] if isinstance(prompts, dict) else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError("The lengths of prompts and sampling_params must be the same.")
+        ids = []
+        for prompt, sp in zip(prompts, params):
+            sp.output_kind = RequestOutputKind.FINAL_ONLY
+            ids.append(self.llm_engine.add_request(str(next(self._request_counter)), prompt, sp))
+        return ids
 
     def apply_model(self, func):
         # Real: runs `func` on the model in every worker, returns one result per worker (llm.py:604).
@@ -188,7 +210,7 @@ class LLM:
         if not self._enable_sleep_mode:
             raise ValueError("Sleep mode is not enabled: construct LLM(..., enable_sleep_mode=True)")
         if mode == "abort":
-            self.llm_engine.abort_request([q[0] for q in self.llm_engine._queue])
+            self.llm_engine.abort_request([q[0] for q in self.llm_engine._queue], internal=True)
         self.llm_engine.sleeping = True
 
     def wake_up(self, tags: list[str] | None = None) -> bool:
