@@ -268,8 +268,7 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
         ray.get(recv, timeout=60)
     assert time.monotonic() - t0 < 30  # bounded by timeout_s, never a hang
 
-    # 2. A good round; later (4.) "b" is killed: the next sync fails naming "b"; "a" gets nothing
-    #    and keeps version 1 (all-or-nothing).
+    # 2. A good round: version 1 everywhere.
     ep = make_endpoint(cfg, ["a", "b"], "float32")
     ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
             timeout=60)
@@ -289,12 +288,29 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
         ray.get(recv_a, timeout=60)
     _assert_engine_matches(ray, a, 1, v1, torch.float32)
 
-    # 4. "b" dies between rounds.
-    ray.kill(b)
-    send, recv = zero0_learner.sync_weights.remote(2), a.receive_weights.remote(2)
-    with pytest.raises(SyncError, match=r"phase '(header|bucket \d+/\d+|ack)'; engines: \[.*'b'.*\]"):
+    # 4. "b" is alive but never receives: the learner gives up after timeout_s, naming only "b"
+    #    (the only engine that never entered receive(3)), in whichever phase gloo blocked;
+    #    "a" gets nothing and keeps version 1.
+    send, recv = zero0_learner.sync_weights.remote(3), a.receive_weights.remote(3)
+    with pytest.raises(SyncError, match=r"phase '(header|bucket 1/1|ack)'; engines: \['b'\]"):
         ray.get(send, timeout=60)
     with pytest.raises(SyncError, match=r"engine 'a'"):
         ray.get(recv, timeout=60)
     _assert_engine_matches(ray, a, 1, v1, torch.float32)
+
+    # 5. A fresh group, a good round, then "b" dies between rounds: the next sync fails naming
+    #    "b"; "a" gets nothing and keeps the version it had.
+    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
+            timeout=60)
+    _round(ray, [zero0_learner], [a, b], 4, timeout=60)
+    v4 = ray.get(zero0_learner.full_weights.remote(), timeout=60)
+    ray.kill(b)
+    ray.get(zero0_learner.train_step.remote(10), timeout=60)
+    send, recv = zero0_learner.sync_weights.remote(5), a.receive_weights.remote(5)
+    with pytest.raises(SyncError, match=r"phase '(header|bucket \d+/\d+|ack)'; engines: \[.*'b'.*\]"):
+        ray.get(send, timeout=60)
+    with pytest.raises(SyncError, match=r"engine 'a'"):
+        ray.get(recv, timeout=60)
+    _assert_engine_matches(ray, a, 4, v4, torch.float32)
     ray.kill(a)
