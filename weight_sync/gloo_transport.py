@@ -61,7 +61,7 @@ class GlooSenderLink:
             self.pg = dist.ProcessGroupGloo(self.store, 0, ep.world_size, _left(deadline))
         except Exception as e:  # noqa: BLE001 - re-raised with the engines that never arrived
             missing = self._missing("name", None) if self.store is not None else list(ep.receiver_names)
-            self.pg = None
+            self.close()
             raise SyncError(version, "rendezvous", missing, repr(e)) from e
 
     def _missing(self, kind: str, expect: tuple[int, int] | None) -> list[str]:
