@@ -133,6 +133,14 @@ def _learner_cls():
             # remove_duplicate=False: the tied lm_head shows up too and the sender must drop it.
             return self.sender.sync(version, self.engine.named_parameters(remove_duplicate=False))
 
+        def cast_stream(self, dtype: str) -> dict[str, torch.Tensor]:
+            """What the vLLM nccl/ipc WeightSource yields (`iter_cast_tensors`), kept past each
+            bucket's gather (a collective: every rank calls it)."""
+            from weight_sync.buckets import iter_cast_tensors
+
+            plan = make_plan(self.engine.named_parameters(remove_duplicate=False), getattr(torch, dtype), 16 * 1024)
+            return dict(iter_cast_tensors(plan, getattr(torch, dtype)))
+
         def full_weights(self) -> dict[str, torch.Tensor]:
             """Every full fp32 parameter under its engine name (test-only: the whole model)."""
             from weight_sync.buckets import gathered
@@ -223,6 +231,12 @@ def test_gloo_zero3_two_ranks_bit_exact_versions_tied(ray_local, tiny_model_dir,
         assert "lm_head.weight" not in expected  # tied to embed_tokens: compared through `tied`
         _assert_engine_matches(ray, engines[0], version, expected, torch.float32)
         _assert_engine_matches(ray, engines[1], version, expected, torch.bfloat16)
+    # The per-tensor stream behind vLLM's WeightSource, under ZeRO-3: full, cast, still valid
+    # after each bucket's gather was released.
+    streamed, _ = ray.get([l.cast_stream.remote("bfloat16") for l in learners], timeout=60)
+    assert list(streamed) == list(expected)
+    for name, want in expected.items():
+        assert torch.equal(streamed[name], want.to(torch.bfloat16)), name
     for l in learners:
         ray.kill(l)
 
