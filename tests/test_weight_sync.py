@@ -85,6 +85,21 @@ def test_plan_maps_names_drops_tied_alias_and_header_roundtrips():
                   torch.float32, 8)
 
 
+def test_make_endpoint_ranks_and_validation():
+    ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=2), ["e0", "e1", "e2"], "bfloat16")
+    assert (ep.world_size, ep.receiver_rank("e0"), ep.receiver_rank("e2")) == (4, 1, 3)
+    assert ep.bucket_bytes == 2 * 2 ** 20 and ep.wire_dtype == torch.bfloat16 and ep.receivers_participate
+    with pytest.raises(ValueError, match="unknown receiver"):
+        ep.receiver_rank("e3")
+    with pytest.raises(ValueError, match="unique"):
+        make_endpoint(SyncConfig(), ["e0", "e0"], "float32")
+    with pytest.raises(ValueError, match="unsupported weight dtype"):
+        make_endpoint(SyncConfig(), ["e0"], "int8")
+    with pytest.raises(ValueError, match="one actor handle per receiver"):
+        make_endpoint(SyncConfig(transport="nccl"), ["e0", "e1"], "bfloat16", engine_handles=("h0",))
+    assert not make_endpoint(SyncConfig(transport="ipc"), ["e0"], "bfloat16", engine_handles=("h0",)).receivers_participate
+
+
 # ---------------------------------------------------------------- actors
 
 def _ray():
