@@ -85,6 +85,21 @@ def test_plan_maps_names_drops_tied_alias_and_header_roundtrips():
                   torch.float32, 8)
 
 
+def test_make_endpoint_ranks_and_validation():
+    ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=2), ["e0", "e1", "e2"], "bfloat16")
+    assert (ep.world_size, ep.receiver_rank("e0"), ep.receiver_rank("e2")) == (4, 1, 3)
+    assert ep.bucket_bytes == 2 * 2 ** 20 and ep.wire_dtype == torch.bfloat16 and ep.receivers_participate
+    with pytest.raises(ValueError, match="unknown receiver"):
+        ep.receiver_rank("e3")
+    with pytest.raises(ValueError, match="unique"):
+        make_endpoint(SyncConfig(), ["e0", "e0"], "float32")
+    with pytest.raises(ValueError, match="unsupported weight dtype"):
+        make_endpoint(SyncConfig(), ["e0"], "int8")
+    with pytest.raises(ValueError, match="one actor handle per receiver"):
+        make_endpoint(SyncConfig(transport="nccl"), ["e0", "e1"], "bfloat16", engine_handles=("h0",))
+    assert not make_endpoint(SyncConfig(transport="ipc"), ["e0"], "bfloat16", engine_handles=("h0",)).receivers_participate
+
+
 # ---------------------------------------------------------------- actors
 
 def _ray():
@@ -132,6 +147,14 @@ def _learner_cls():
         def sync_weights(self, version: int):
             # remove_duplicate=False: the tied lm_head shows up too and the sender must drop it.
             return self.sender.sync(version, self.engine.named_parameters(remove_duplicate=False))
+
+        def cast_stream(self, dtype: str) -> dict[str, torch.Tensor]:
+            """What the vLLM nccl/ipc WeightSource yields (`iter_cast_tensors`), kept past each
+            bucket's gather (a collective: every rank calls it)."""
+            from weight_sync.buckets import iter_cast_tensors
+
+            plan = make_plan(self.engine.named_parameters(remove_duplicate=False), getattr(torch, dtype), 16 * 1024)
+            return dict(iter_cast_tensors(plan, getattr(torch, dtype)))
 
         def full_weights(self) -> dict[str, torch.Tensor]:
             """Every full fp32 parameter under its engine name (test-only: the whole model)."""
@@ -223,6 +246,12 @@ def test_gloo_zero3_two_ranks_bit_exact_versions_tied(ray_local, tiny_model_dir,
         assert "lm_head.weight" not in expected  # tied to embed_tokens: compared through `tied`
         _assert_engine_matches(ray, engines[0], version, expected, torch.float32)
         _assert_engine_matches(ray, engines[1], version, expected, torch.bfloat16)
+    # The per-tensor stream behind vLLM's WeightSource, under ZeRO-3: full, cast, still valid
+    # after each bucket's gather was released.
+    streamed, _ = ray.get([l.cast_stream.remote("bfloat16") for l in learners], timeout=60)
+    assert list(streamed) == list(expected)
+    for name, want in expected.items():
+        assert torch.equal(streamed[name], want.to(torch.bfloat16)), name
     for l in learners:
         ray.kill(l)
 
@@ -268,8 +297,7 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
         ray.get(recv, timeout=60)
     assert time.monotonic() - t0 < 30  # bounded by timeout_s, never a hang
 
-    # 2. A good round; later (4.) "b" is killed: the next sync fails naming "b"; "a" gets nothing
-    #    and keeps version 1 (all-or-nothing).
+    # 2. A good round: version 1 everywhere.
     ep = make_endpoint(cfg, ["a", "b"], "float32")
     ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
             timeout=60)
@@ -289,12 +317,29 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
         ray.get(recv_a, timeout=60)
     _assert_engine_matches(ray, a, 1, v1, torch.float32)
 
-    # 4. "b" dies between rounds.
-    ray.kill(b)
-    send, recv = zero0_learner.sync_weights.remote(2), a.receive_weights.remote(2)
-    with pytest.raises(SyncError, match=r"phase '(header|bucket \d+/\d+|ack)'; engines: \[.*'b'.*\]"):
+    # 4. "b" is alive but never receives: the learner gives up after timeout_s, naming only "b"
+    #    (the only engine that never entered receive(3)), in whichever phase gloo blocked;
+    #    "a" gets nothing and keeps version 1.
+    send, recv = zero0_learner.sync_weights.remote(3), a.receive_weights.remote(3)
+    with pytest.raises(SyncError, match=r"phase '(header|bucket 1/1|ack)'; engines: \['b'\]"):
         ray.get(send, timeout=60)
     with pytest.raises(SyncError, match=r"engine 'a'"):
         ray.get(recv, timeout=60)
     _assert_engine_matches(ray, a, 1, v1, torch.float32)
+
+    # 5. A fresh group, a good round, then "b" dies between rounds: the next sync fails naming
+    #    "b"; "a" gets nothing and keeps the version it had.
+    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
+            timeout=60)
+    _round(ray, [zero0_learner], [a, b], 4, timeout=60)
+    v4 = ray.get(zero0_learner.full_weights.remote(), timeout=60)
+    ray.kill(b)
+    ray.get(zero0_learner.train_step.remote(10), timeout=60)
+    send, recv = zero0_learner.sync_weights.remote(5), a.receive_weights.remote(5)
+    with pytest.raises(SyncError, match=r"phase '(header|bucket \d+/\d+|ack)'; engines: \[.*'b'.*\]"):
+        ray.get(send, timeout=60)
+    with pytest.raises(SyncError, match=r"engine 'a'"):
+        ray.get(recv, timeout=60)
+    _assert_engine_matches(ray, a, 4, v4, torch.float32)
     ray.kill(a)

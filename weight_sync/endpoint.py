@@ -111,6 +111,9 @@ def make_endpoint(config: SyncConfig, receiver_names: list[str], dtype: str, hos
     if len(set(receiver_names)) != len(receiver_names):
         raise ValueError(f"receiver names must be unique, got {receiver_names}")
     dtype_from_name(dtype)
+    if config.transport in ("nccl", "ipc") and len(engine_handles) != len(receiver_names):
+        raise ValueError(f"transport {config.transport!r} drives the engines itself: give one actor handle per "
+                         f"receiver name ({len(engine_handles)} handles for {len(receiver_names)} names)")
     if config.transport == "ray":
         from weight_sync.ray_transport import start_mailbox
 

@@ -6,8 +6,9 @@ master) and the engines (ranks 1..N), next to whatever default group DeepSpeed u
 One round: header length (int64[1]) -> JSON header (uint8) -> one broadcast per packed bucket
 -> an ack all-reduce (int32[world], each receiver writes 1 in its own slot once it holds the
 complete version). Every op waits with the time left before the round's deadline. Each receiver
-also records its progress ("<version>:<step>") in the store, so a failure names the engines that
-did not get through the failing phase, even when the gloo error only says "connection reset".
+also records its progress ("<version>:<step>", step -1 = entered `receive`) in the store, so a
+failure names the engines that never came or did not get through the failing phase, even when
+the gloo error only says "connection reset" or "timed out".
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class GlooSenderLink:
             self.pg = dist.ProcessGroupGloo(self.store, 0, ep.world_size, _left(deadline))
         except Exception as e:  # noqa: BLE001 - re-raised with the engines that never arrived
             missing = self._missing("name", None) if self.store is not None else list(ep.receiver_names)
-            self.pg = None
+            self.close()
             raise SyncError(version, "rendezvous", missing, repr(e)) from e
 
     def _missing(self, kind: str, expect: tuple[int, int] | None) -> list[str]:
@@ -133,7 +134,10 @@ class GlooSenderLink:
                 if refused:  # every collective completed: the group stays usable for the next round
                     raise SyncError(version, "ack", refused, "these engines rejected the round (see their log)")
         if error is not None:
-            laggards = self._missing("ack", (version, step))
+            # Blame the engines that never entered `receive(version)` (dead, stuck, busy); if all
+            # did, those that did not complete the failing step (for the ack, which nobody
+            # completes when one is missing: those that did not receive every bucket).
+            laggards = self._missing("ack", (version, -1)) or self._missing("ack", (version, min(step, n)))
             self.close()
             raise SyncError(version, phase_name(step, n), laggards or list(self.endpoint.receiver_names),
                             repr(error)) from error
@@ -186,6 +190,7 @@ class GlooReceiverLink:
         step = 0
         n = 0
         try:
+            self.store.set(f"ack/{self.rank}", f"{version}:-1")  # "entered receive(version)"
             length = torch.zeros(1, dtype=torch.int64)
             self.pg.broadcast(length, 0, _left(deadline)).wait(_left(deadline))
             head = torch.empty(int(length.item()), dtype=torch.uint8)
