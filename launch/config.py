@@ -284,6 +284,11 @@ def _coerce(key: str, value, tp):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -336,3 +341,20 @@ def help_text() -> str:
             tname = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
             lines.append(f"  {section}.{f.name} ({tname}, default {default!r})\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the dataclasses (`python -m launch.config`)."""
+    defaults = Config()
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"\n**`{section}`**: {(cls.__doc__ or '').strip()}\n\n| key | default | meaning |\n|---|---|---|")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section), f.name)
+            out.append(f"| `{section}.{f.name}` | `{default!r}` | {docs.get(f.name, '').replace('|', '/')} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -138,12 +138,16 @@ class LearnerGroup:
     """W LearnerRank actors (W = cfg.num_ranks) behind one streaming interface."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str, max_new_tokens: int, timeout_s: float,
-                 placement_group=None, bundle_offset: int = 0) -> None:
+                 placement_group=None, bundle_offset: int = 0, rank_cls: type = LearnerRank,
+                 gpu_fraction: float | None = None) -> None:
+        """`rank_cls`: LearnerRank or a subclass adding methods (launch adds the weight-sync sender).
+        `gpu_fraction`: GPUs per rank actor (default cfg.gpus_per_rank; 0.5 when colocated)."""
         self.cfg, self.model_path, self.timeout_s = cfg, model_path, timeout_s
-        remote_cls = ray.remote(LearnerRank)
+        remote_cls = ray.remote(rank_cls)
         self._actors = []
         for r in range(cfg.num_ranks):
-            opts: dict[str, Any] = {"num_cpus": cfg.cpus_per_rank, "num_gpus": cfg.gpus_per_rank}
+            opts: dict[str, Any] = {"num_cpus": cfg.cpus_per_rank,
+                                    "num_gpus": cfg.gpus_per_rank if gpu_fraction is None else gpu_fraction}
             if placement_group is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)

@@ -1,0 +1,51 @@
+"""The actor classes the driver creates: the components' own actors plus the weight-sync ends.
+
+`learner` and `rollout_workers` do not import `weight_sync` (imports flow from launch down), so the
+sender is attached to the learner rank and the receiver to the rollout worker here, by subclassing.
+
+Used by `python -m launch.train`.
+"""
+from __future__ import annotations
+
+import torch
+
+from learner.actor import LearnerRank
+from rollout_workers.worker import RolloutWorker
+from weight_sync.endpoint import SyncEndpoint, SyncStats
+from weight_sync.sync import WeightReceiver, WeightSender
+
+
+class SyncedLearnerRank(LearnerRank):
+    """A learner rank that also sends its weights (rank 0 transmits, all ranks join ZeRO-3 gathers)."""
+
+    _sender: WeightSender | None = None
+
+    def init_weight_sender(self, endpoint: SyncEndpoint) -> None:
+        self.close_weight_sender()
+        self._sender = WeightSender(endpoint, self.rank)
+
+    def sync_weights(self, version: int) -> SyncStats:
+        return self._sender.sync(version, self.engine.module.named_parameters())
+
+    def close_weight_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
+
+class SyncedRolloutWorker(RolloutWorker):
+    """A rollout worker whose engine receives new weights all-or-nothing."""
+
+    _receiver: WeightReceiver | None = None
+
+    def init_weight_receiver(self, endpoint: SyncEndpoint) -> None:
+        self._receiver = WeightReceiver(endpoint, self.name(), out_dtype=_DTYPES[self._cfg.dtype])
+
+    def receive_weights(self, version: int) -> int:
+        """Receive every bucket of `version`, then load them in one go; returns the version now served.
+        On any failure the engine keeps its previous weights and version."""
+        received = self._receiver.receive(version)
+        return self.update_weights(received.named_tensors, received.version)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

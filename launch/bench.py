@@ -1,0 +1,86 @@
+"""Benchmarks, one command each; every number in the README's performance table comes from here.
+
+    python -m launch.bench learner --json runs/bench/learner.json
+    python -m launch.bench engine  --json runs/bench/engine.json
+    python -m launch.bench sync    --json runs/bench/sync.json
+    python -m launch.bench dash [--quick] --json runs/bench/dash.json
+    python -m launch.bench all [--quick]     # all of the above + the README table (runs/bench/table.md)
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+BENCHES = {"learner": "launch.bench_learner", "engine": "launch.bench_engine", "sync": "launch.bench_sync",
+           "dash": "launch.bench_dash"}
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores, {cpu}, {gpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*BENCHES, "all"):
+        print(__doc__)
+        return 2
+    which, rest = argv[0], argv[1:]
+    if which != "all":
+        importlib.import_module(BENCHES[which]).main(rest)
+        return 0
+    out = Path("runs/bench")
+    out.mkdir(parents=True, exist_ok=True)
+    quick = ["--quick"] if "--quick" in rest else []
+    results = {}
+    for name, module in BENCHES.items():
+        results[name] = importlib.import_module(module).main(["--json", str(out / f"{name}.json")] + (quick if name == "dash" else []))
+    table = render_table(results, machine(), time.strftime("%Y-%m-%d"))
+    (out / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+def render_table(r: dict, machine_name: str, date: str) -> str:
+    l, e, s = r["learner"], r["engine"], r["sync"]
+    rows = [
+        ("learner backprop, 5M model", f"{l['tokens_per_second']:.0f} tok/s vs bare torch {l['bare_torch_tokens_per_second']:.0f} tok/s "
+         f"({l['tokens_per_second'] / l['bare_torch_tokens_per_second']:.2f}x); grad rel. error {l['grad_rel_error']:.1e}; "
+         f"filtered forward calls {l['filtered_forward_calls']}", "python -m launch.bench learner"),
+    ]
+    for model, curve in e["models"].items():
+        pts = ", ".join(f"{b}: {t:.0f}" for b, t in zip(curve["batch_sizes"], curve["tokens_per_second"]))
+        rows.append((f"transformers engine, {model} (batch: tok/s)", pts, "python -m launch.bench engine"))
+    for model, x in s["models"].items():
+        rows.append((f"gloo weight sync, {model}", f"{x['bytes'] / 1e6:.1f} MB in {x['seconds'] * 1e3:.1f} ms vs memcpy "
+                     f"{x['memcpy_seconds'] * 1e3:.1f} ms ({x['seconds'] / x['memcpy_seconds']:.1f}x); max abs diff {x['max_abs_diff']}",
+                     "python -m launch.bench sync"))
+    if "dash" in r:
+        d = r["dash"]
+        for name, c in d["contenders"].items():
+            rows.append((f"{name}: seconds to target {d['target_accuracy']:.3f}", f"{c['seconds_to_target']} s; final accuracy {c['final_accuracy']:.3f}",
+                         "python -m launch.bench dash" + (" --quick" if d.get("quick") else "")))
+        rows.append(("ratio dash / standard_grpo (seconds to target)", f"{d['ratio_dash_vs_standard_grpo']}", "python -m launch.bench dash"))
+        rows.append(("ratio dash / trl GRPOTrainer", f"{d['ratio_dash_vs_trl']}", "python -m launch.bench dash"))
+    head = f"Measured on {machine_name}, {date}.\n\n| what | measured | command |\n|---|---|---|\n"
+    return head + "\n".join(f"| {a} | {b} | `{c}` |" for a, b, c in rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The DASH training driver, a Ray job entrypoint.
+
+    python -m launch.train                                      # the embedded CPU default (tiny-cpu)
+    python -m launch.train --config qwen2.5-1.5b-math learner.filter_threshold=0.1 run.dir=/tmp/x
+    python -m launch.train --resume runs/tiny-cpu-20261126-070000
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m launch.train --config ...
+
+One iteration (`train_iteration`) reads top to bottom: sample -> score -> filter -> learn -> sync
+-> log. Sampling and scoring happen in the rollout workers and stream scored groups back; the
+learner filters and backprops each group as it arrives, so in DASH mode "learn" overlaps
+"generate" and only the tail of the backprop is on the clock after the last group.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import ray
+import torch
+
+from launch import checkpoints
+from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
+from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
+from launch.placement import Placement, make_placement
+from launch.sft import sft_train
+from launch.tiny_model import write_tiny_model_dir
+from learner.actor import LearnerGroup
+from learner.driver import LearnStats
+from rollout_workers.dispatch import Dispatcher
+from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
+from rollout_workers.types import Prompt, ScoredGroup
+from rollout_workers.worker import make_rollout_workers
+from weight_sync.sync import SyncGroup
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: checkpoint, shut the actors down, exit."""
+
+
+@dataclass
+class Run:
+    """Everything one training run holds. Built by `setup`, torn down by `shutdown`."""
+
+    cfg: Config
+    run_dir: Path
+    placement: Placement
+    dispatcher: Dispatcher
+    learner: LearnerGroup
+    sync: SyncGroup
+    cursor: PromptCursor
+    eval_prompts: list[Prompt]
+    logger: MetricsLogger
+    version: int = 0
+    iteration: int = 0
+    samples_generated: int = 0
+    samples_kept: int = 0
+    train_seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+def train_iteration(run: Run) -> dict:
+    """sample -> score -> filter -> learn -> sync -> log, each phase timed."""
+    cfg, timer = run.cfg, PhaseTimer()
+    prompts = run.cursor.next_batch(cfg.rollout.prompts_per_generation if cfg.train.mode == "dash"
+                                    else cfg.learner.prompts_per_step)
+    groups: list[ScoredGroup] = []
+    run.learner.begin_batch(len(prompts))
+    # sample + score (in the workers) -> filter + learn (in the learner), streamed group by group.
+    # DASH samples the whole preemptive batch in one engine call; standard GRPO one micro-batch
+    # of prompts per call (the baseline of the paper's Sec. 3.1).
+    with timer.phase("generate"):
+        for call in sampling_calls(cfg, prompts):
+            for group in run.dispatcher.run(call, batch_id=run.iteration, params=sampling_params(cfg, run.iteration)):
+                groups.append(group)
+                run.learner.add_groups([group])
+    with timer.phase("learn"):
+        stats = run.learner.end_batch()
+    with timer.phase("sync"):
+        run.version += 1
+        run.sync.sync(run.version)
+    timer.seconds["score"] = run.dispatcher.last_score_seconds
+    record = iteration_record(run, groups, stats, timer.finish())
+    run.samples_generated += record["samples_generated"]
+    run.samples_kept += stats.samples_kept
+    return record
+
+
+def sampling_calls(cfg: Config, prompts: list[Prompt]) -> list[list[Prompt]]:
+    if cfg.train.mode == "dash":
+        return [prompts]
+    per_call = standard_grpo_prompts_per_call(cfg)
+    return [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
+
+
+def standard_grpo_prompts_per_call(cfg: Config) -> int:
+    """Standard GRPO samples one backprop micro-batch at a time: as many prompts as G samples of
+    the longest length fit in learner.micro_batch_tokens."""
+    longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    return max(1, cfg.learner.micro_batch_tokens // (cfg.rollout.group_size * longest))
+
+
+def sampling_params(cfg: Config, iteration: int) -> SamplingParamsSpec:
+    r = cfg.rollout
+    return SamplingParamsSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
+                              max_new_tokens=r.max_new_tokens, seed=r.seed * 1_000_003 + iteration)
+
+
+def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float]) -> dict:
+    rewards = [x for g in groups for x in g.rewards]
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    tokens = sum(lengths)
+    staleness = [run.version - 1 - g.policy_version for g in groups]
+    return {
+        "iteration": run.iteration,
+        "policy_version": run.version,
+        "reward_mean": sum(rewards) / max(1, len(rewards)),
+        "accuracy": sum(r >= 1.0 for r in rewards) / max(1, len(rewards)),
+        "kept_fraction": stats.samples_kept / max(1, stats.samples_in),
+        "drop_reasons": dict(stats.drop_reasons),
+        "response_length_mean": tokens / max(1, len(lengths)),
+        "tokens_generated": tokens,
+        "samples_generated": len(rewards),
+        "samples_kept": stats.samples_kept,
+        "tokens_per_second": tokens / max(1e-9, times["time/total"]),
+        "staleness_mean": sum(staleness) / max(1, len(staleness)),
+        "staleness_max": max(staleness, default=0),
+        "optimizer_steps": stats.steps,
+        "lr": stats.lr,
+        "loss": stats.loss,
+        "grad_norm": stats.grad_norm,
+        "clip_fraction": stats.clip_frac,
+        **({"kl": stats.kl} if run.cfg.learner.kl_coef > 0 else {}),
+        "skipped_nonfinite_steps": stats.skipped_nonfinite,
+        **times,
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(run: Run, train_seconds: float) -> dict:
+    """Greedy pass@1 on the held-out prompts, through the same workers and reward function.
+    Returns one point of the accuracy curve (against training wall seconds and samples)."""
+    params = SamplingParamsSpec(n=1, greedy=True, max_new_tokens=run.cfg.eval.max_new_tokens, seed=0)
+    correct = 0
+    for group in run.dispatcher.run(run.eval_prompts, batch_id=-1 - run.iteration, params=params):
+        correct += group.rewards[0] >= 1.0
+    return {"iteration": run.iteration, "train_seconds": train_seconds, "samples_generated": run.samples_generated,
+            "accuracy": correct / len(run.eval_prompts)}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def prepare_model(cfg: Config, run_dir: Path, train_prompts: list[Prompt]) -> tuple[Path, dict]:
+    """The policy's starting point. With model.path that directory; else the embedded tiny model:
+    an offline-trained tokenizer and a Qwen2-style model, SFT-warmed on the training prompts."""
+    if cfg.model.path:
+        return Path(cfg.model.path), {}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run_dir / "sft_model"
+    if (out / "config.json").exists():  # resume: the warm-up is part of the run, not redone
+        return out, json.loads((run_dir / "sft.json").read_text())
+    texts = [p.text + sft_target(p) for p in train_prompts[:4000]]
+    base = write_tiny_model_dir(run_dir / "base_model", texts, cfg.model.tiny_hidden_size, cfg.model.tiny_layers,
+                                cfg.model.tiny_heads, seed=cfg.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    stats = sft_train(model, tokenizer, [p.text for p in train_prompts], [sft_target(p) for p in train_prompts],
+                      cfg.model.sft_steps, cfg.model.sft_lr, cfg.model.sft_batch_size, cfg.train.seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    info = {"sft_steps": stats.steps, "sft_final_loss": stats.final_loss, "sft_seconds": stats.seconds}
+    (run_dir / "sft.json").write_text(json.dumps(info))
+    return out, info
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster this job runs in (RAY_ADDRESS under `ray job submit`), or start a local one."""
+    if ray.is_initialized():
+        return
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if cfg.train.num_gpus == 0 else ""),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # A local cluster: the repo must be importable in the workers too.
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, needed_cpus(cfg)),
+                 runtime_env={"env_vars": {k: v for k, v in env.items() if v}})
+    else:
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in env.items() if v}})
+
+
+def needed_cpus(cfg: Config) -> int:
+    import math
+
+    return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
+
+
+def setup(cfg: Config, run_dir: Path, resume: bool) -> tuple[Run, dict]:
+    train = load_prompts(cfg.data, "train")
+    evals = load_prompts(cfg.data, "eval")
+    data_info = {"train_prompts": len(train.prompts), "eval_prompts": len(evals.prompts),
+                 "skipped_rows": dict(train.skipped + evals.skipped)}
+    model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
+    connect_ray(cfg)
+    placement = make_placement(cfg)
+    timeout = cfg.train.actor_timeout_s
+    workers = make_rollout_workers(cfg.rollout, str(model_path), placement.pg, placement.worker_bundles)
+    dispatcher = Dispatcher(workers, timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
+                            worker_factory=lambda i: make_rollout_workers(cfg.rollout, str(model_path), placement.pg,
+                                                                          placement.worker_bundles[i:i + 1], index=i)[0])
+    learner_cfg = cfg.learner if cfg.train.mode == "dash" else replace(cfg.learner, filter=False)
+    learner = LearnerGroup(learner_cfg, str(model_path), cfg.rollout.max_new_tokens, timeout,
+                           placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset)
+    sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, engine_dtype=cfg.rollout.dtype)
+    cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
+    logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
+    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger)
+    return run, {**data_info, **sft_info}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Run (or resume) training; returns the summary also written to run_dir/summary.json.
+    summary["evals"] is the accuracy curve: one point per evaluation, against `train_seconds`
+    (wall seconds inside training iterations, evaluation and checkpoints excluded) and samples."""
+    start = time.perf_counter()
+    run, info = setup(cfg, run_dir, resume)
+
+    def on_signal(signum, _frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    evals: list[dict] = []
+    try:
+        if resume:
+            evals = checkpoints.restore_latest(run)["evals"]
+            run.sync.sync(run.version)
+        if not evals:
+            evals.append(evaluate(run, run.train_seconds))
+            print(f"eval before RL: accuracy {evals[0]['accuracy']:.3f} on {len(run.eval_prompts)} held-out problems", flush=True)
+        while run.iteration < cfg.train.iterations:
+            run.iteration += 1
+            t0 = time.perf_counter()
+            record = train_iteration(run)
+            run.train_seconds += time.perf_counter() - t0
+            if cfg.eval.every and run.iteration % cfg.eval.every == 0 and run.iteration < cfg.train.iterations:
+                evals.append(evaluate(run, run.train_seconds))
+                record["eval_accuracy"] = evals[-1]["accuracy"]
+            run.logger.log(record)
+            print(console_line(record), flush=True)
+            if cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0:
+                checkpoints.save(run, {"evals": evals})
+        if evals[-1]["iteration"] != run.iteration:
+            evals.append(evaluate(run, run.train_seconds))
+        checkpoints.save(run, {"evals": evals})
+        summary = {
+            "eval_accuracy_before_rl": evals[0]["accuracy"], "eval_accuracy_after_rl": evals[-1]["accuracy"],
+            "evals": evals, "iterations": run.iteration, "wall_seconds": time.perf_counter() - start,
+            "train_seconds": run.train_seconds, "samples_generated": run.samples_generated,
+            "samples_kept": run.samples_kept, "policy_version": run.version, **info,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_plots(run_dir, [(e["iteration"], e["accuracy"]) for e in evals])
+        print_table(summary)
+        return summary
+    except Interrupted as e:
+        print(f"\n{e}: checkpointing iteration {run.iteration} and shutting down", flush=True)
+        checkpoints.save(run, {"evals": evals, "interrupted": str(e)})
+        raise
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        shutdown(run)
+
+
+def shutdown(run: Run) -> None:
+    run.logger.close()
+    run.sync.close()
+    run.learner.shutdown()
+    run.dispatcher.shutdown()
+    run.placement.remove()
+
+
+def print_table(summary: dict) -> None:
+    print("\n| phase | greedy accuracy (held-out) |\n|---|---|")
+    print(f"| before RL (after SFT warm-up) | {summary['eval_accuracy_before_rl']:.3f} |")
+    print(f"| after {summary['iterations']} DASH iterations | {summary['eval_accuracy_after_rl']:.3f} |")
+    print(f"\nwall {summary['wall_seconds']:.0f}s, {summary['samples_generated']} samples generated, "
+          f"{summary['samples_kept']} kept for backprop", flush=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.train",
+        description="DASH RL training (Ray + DeepSpeed + vLLM/transformers). Overrides are section.key=value.",
+        epilog="presets: " + ", ".join(list_presets()) + "\n\nconfig reference:" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file or preset name")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest complete checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.filter_threshold=0.1")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").exists():
+                raise ConfigError(f"--resume {run_dir}: no config.yaml there")
+            cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            run_dir = prepare_run_dir(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    print(f"run dir: {run_dir}", flush=True)
+    try:
+        train(cfg, run_dir, resume=bool(args.resume))
+    except Interrupted:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

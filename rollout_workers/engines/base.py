@@ -1,0 +1,145 @@
+"""The one interface every inference engine implements, plus the checks they share.
+
+An engine turns prompts into groups of G sampled completions (token ids, the sampler's own
+per-token logprobs, finish reason, text) stamped with the policy version of the weights that
+produced them, and loads new weights all-or-nothing.
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from rollout_workers.types import Completion, Prompt
+
+
+@dataclass(frozen=True)
+class SamplingParamsSpec:
+    """Engine-neutral sampling parameters (each engine maps them onto its own API)."""
+
+    n: int
+    """G: completions per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature (ignored when greedy)."""
+    top_p: float = 1.0
+    """Nucleus mass (ignored when greedy)."""
+    max_new_tokens: int = 16
+    """Maximum completion length in tokens."""
+    seed: int = 0
+    """Sampling seed: the same seed, weights and prompts give the same completions."""
+    greedy: bool = False
+    """Argmax decoding (eval); logprobs are then those of the unwarped distribution."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"sampling n (group size G) must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0 (or greedy=True), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GroupOutput:
+    """The G completions of one prompt, as an engine returns them (unscored)."""
+
+    prompt: Prompt
+    """The prompt that was sampled."""
+    prompt_token_ids: tuple[int, ...]
+    """Token ids of `prompt.text` as the engine tokenized it. (P,)"""
+    completions: tuple[Completion, ...]
+    """G completions. (G,)"""
+    policy_version: int
+    """Weight version of the engine when the group was sampled."""
+
+
+class Engine(ABC):
+    """Interface of an inference engine (transformers, vLLM, the fake vLLM through the vLLM adapter)."""
+
+    context: int
+    """Positions the model can attend to (prompt + completion must fit)."""
+    completed_prompts: int = 0
+    """Prompts of the current (or last) generate() call whose groups are complete: a progress
+    counter that shows groups leave before the batch ends."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
+        """Sample `params.n` completions per prompt; yield each prompt's group as soon as it completes.
+
+        Raises ValueError before sampling anything if a prompt is empty or too long for the context.
+        """
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load a full set of new weights and stamp `version`; a bad set raises and changes nothing."""
+
+    @property
+    @abstractmethod
+    def version(self) -> int:
+        """Policy version of the weights in use."""
+
+    @abstractmethod
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The engine's weights by checkpoint (Hugging Face) name, for equality checks."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self):
+        """The Hugging Face tokenizer the engine encodes prompts and decodes completions with."""
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, context: int) -> list[list[int]]:
+    """Tokenize every prompt, refusing (before any sampling) empty ones and ones that cannot fit
+    `context` positions together with `max_new_tokens` new tokens."""
+    limit = context - max_new_tokens
+    if limit < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                         f"engine's context of {context} positions")
+    out = []
+    for p in prompts:
+        if not p.text:
+            raise ValueError(f"prompt {p.uid!r} is empty")
+        ids = tokenizer(p.text)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {p.uid!r} encodes to zero tokens")
+        if len(ids) > limit:
+            raise ValueError(f"prompt {p.uid!r} has {len(ids)} tokens, longer than the engine's limit of "
+                             f"{limit} (context {context} - max_new_tokens {max_new_tokens})")
+        out.append(ids)
+    return out
+
+
+def check_weight_set(named_tensors: Iterable[tuple[str, torch.Tensor]], expected: Mapping[str, tuple[int, ...]],
+                     optional: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Validate a complete weight set against the engine's names and shapes; return it as a dict.
+
+    Every name of `expected` must be present, names of `optional` (e.g. a tied `lm_head.weight`)
+    may be, nothing else may, and every shape must match. Checked in full before any weight is
+    touched so that a bad or partial set never leaves the engine with mixed weights.
+    """
+    optional = optional or {}
+    got: dict[str, torch.Tensor] = {}
+    for name, tensor in named_tensors:
+        if name in got:
+            raise ValueError(f"weight {name!r} appears twice in the update")
+        got[name] = tensor
+    unknown = sorted(set(got) - set(expected) - set(optional))
+    missing = sorted(set(expected) - set(got))
+    if unknown:
+        raise ValueError(f"weight update has unknown names {unknown[:5]} (of {len(unknown)}); no weight was changed")
+    if missing:
+        raise ValueError(f"weight update is missing {missing[:5]} (of {len(missing)}); no weight was changed")
+    for name, tensor in got.items():
+        want = tuple(expected.get(name, optional.get(name, ())))
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the engine expects {want}; "
+                             "no weight was changed")
+        if not tensor.is_floating_point():
+            raise ValueError(f"weight {name!r} has non-float dtype {tensor.dtype}; no weight was changed")
+    return got

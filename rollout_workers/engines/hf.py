@@ -1,0 +1,147 @@
+"""Hugging Face transformers engine: `model.generate` with sampling, for CPU and small GPUs.
+
+Preemptive sampling (DASH, arXiv 2505.17218 Sec. 4) wants one engine call for a whole step's
+prompts; `generate` then runs them in chunks that fit a token budget (prompts x G x (prompt +
+max_new) <= gen_batch_tokens), and each chunk's groups are yielded as soon as the chunk ends.
+
+The logprobs are taken from the *processed* scores that `generate` sampled from (after the
+temperature and top-p warpers), so they are exactly the sampling distribution's logprobs,
+which is what the PPO importance ratio's denominator must be.
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rollout_workers.engines.base import (Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
+                                          encode_prompts)
+from rollout_workers.types import Completion, Prompt
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine(Engine):
+    """A transformers causal LM that samples groups of completions."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
+                 gen_batch_tokens: int = 65536, seed: int = 0) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"HFEngine dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if gen_batch_tokens < 1:
+            raise ValueError(f"HFEngine gen_batch_tokens must be >= 1, got {gen_batch_tokens}")
+        self._device = torch.device(device)
+        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self._device)
+        self._model.eval()
+        self._gen_batch_tokens = gen_batch_tokens
+        self._seed = seed
+        self._version = 0
+        self.context = int(self._model.config.max_position_embeddings)
+        eos = self._model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self._tokenizer.eos_token_id is not None:
+            eos.append(self._tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError(f"model at {model_path} defines no EOS token; completions could never stop")
+        self._eos_ids = tuple(sorted(set(eos)))
+        # Tied embeddings: `lm_head.weight` is the same tensor as the input embedding; accept it
+        # in an update (optional) but do not require it.
+        params = dict(self._model.named_parameters())
+        self._expected = {n: tuple(p.shape) for n, p in params.items()}
+        self._optional = {n: tuple(t.shape) for n, t in self._model.state_dict().items() if n not in params}
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The underlying transformers model (the fake vLLM's workers load weights into it)."""
+        return self._model
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self._model.named_parameters():
+            yield name, p.detach()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        new = check_weight_set(named_tensors, self._expected, self._optional)
+        state = self._model.state_dict()
+        with torch.no_grad():
+            for name, tensor in new.items():
+                # copy_ casts to the engine's dtype/device (learner fp32 -> engine bf16, say).
+                state[name].copy_(tensor)
+        self._version = int(version)
+
+    def chunks(self, prompt_lens: Sequence[int], n: int, max_new_tokens: int) -> list[range]:
+        """Split prompt indices (in order) into generate() chunks within the token budget; a chunk
+        holds at least one prompt, and its cost counts the left-padding to its longest prompt."""
+        out: list[range] = []
+        start, longest = 0, 0
+        for i, plen in enumerate(prompt_lens):
+            longest_with = max(longest, plen)
+            if i > start and (i - start + 1) * n * (longest_with + max_new_tokens) > self._gen_batch_tokens:
+                out.append(range(start, i))
+                start, longest_with = i, plen
+            longest = longest_with
+        if start < len(prompt_lens):
+            out.append(range(start, len(prompt_lens)))
+        return out
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
+        encoded = encode_prompts(self._tokenizer, prompts, params.max_new_tokens, self.context)
+        version = self._version
+        self.completed_prompts = 0
+        for c, idx in enumerate(self.chunks([len(e) for e in encoded], params.n, params.max_new_tokens)):
+            rows = self.sample_token_ids([encoded[i] for i in idx], params, seed=params.seed + 1_000_003 * c)
+            self.completed_prompts += len(idx)
+            for j, i in enumerate(idx):
+                group = tuple(rows[j * params.n:(j + 1) * params.n])
+                yield GroupOutput(prompts[i], tuple(encoded[i]), group, version)
+
+    @torch.no_grad()
+    def sample_token_ids(self, encoded: list[list[int]], params: SamplingParamsSpec, seed: int) -> list[Completion]:
+        """One generate() call on already tokenized prompts: B x G completions, prompt-major."""
+        batch = self._tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self._device)
+        width = batch["input_ids"].shape[1]
+        if params.greedy:
+            # Argmax gives G identical completions: decode once, copy G times (generate refuses
+            # num_return_sequences > 1 without sampling).
+            sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
+        else:
+            # top_k=0 switches off the generation_config default (50): only temperature and top_p warp.
+            sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
+                            num_return_sequences=params.n)
+        devices = [self._device] if self._device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._seed * 7919 + seed)
+            out = self._model.generate(
+                **batch, max_new_tokens=params.max_new_tokens,
+                output_scores=True, return_dict_in_generate=True, eos_token_id=list(self._eos_ids),
+                pad_token_id=self._tokenizer.pad_token_id, **sampling)
+        new_tokens = out.sequences[:, width:]  # (B*G, T)
+        scores = torch.stack(out.scores, dim=1).float()  # (B*G, T, V) processed (warped) logits
+        logprobs_sampler = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)  # (B*G, T)
+        is_eos = torch.isin(new_tokens, torch.tensor(self._eos_ids, device=new_tokens.device))  # (B*G, T)
+        completions = []
+        for r in range(new_tokens.shape[0]):
+            hits = is_eos[r].nonzero()
+            length = int(hits[0]) + 1 if len(hits) else new_tokens.shape[1]
+            ids = tuple(int(t) for t in new_tokens[r, :length])
+            completions.append(Completion(
+                token_ids=ids, logprobs_sampler=tuple(float(x) for x in logprobs_sampler[r, :length]),
+                finish_reason="stop" if len(hits) else "length",
+                text=self._tokenizer.decode(ids, skip_special_tokens=True)))
+        if params.greedy:
+            completions = [c for c in completions for _ in range(params.n)]
+        return completions

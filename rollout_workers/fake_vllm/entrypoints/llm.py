@@ -1,0 +1,223 @@
+"""Mirrors vllm/entrypoints/llm.py (0.33) `LLM`, with the RL weight-sync methods of
+vllm/entrypoints/rl/offline.py `RLOfflineMixin` and the `llm_engine` it drives
+(vllm/v1/engine/llm_engine.py `LLMEngine`). Backed by `HFEngine`: real tokens, real logprobs."""
+from __future__ import annotations
+
+import secrets
+from typing import Any, Iterable
+
+import torch
+from torch.multiprocessing.reductions import rebuild_tensor
+
+from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.hf import HFEngine
+from rollout_workers.fake_vllm.config import WeightTransferConfig
+from rollout_workers.fake_vllm.distributed.weight_transfer.base import (WeightTransferInitRequest,
+                                                                        WeightTransferUpdateRequest)
+from rollout_workers.fake_vllm.logprobs import Logprob
+from rollout_workers.fake_vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
+from rollout_workers.fake_vllm.sampling_params import RequestOutputKind, SamplingParams
+
+FAKE_DEVICE_KEY = "cpu"
+"""The fake's stand-in for the GPU UUID that keys a real IPC handle (ipc_engine.py:230)."""
+
+
+# Mirrors vllm/v1/engine/llm_engine.py `class LLMEngine`: add_request (line 229), step (319),
+# has_unfinished_requests (203), abort_request (224). The real engine schedules continuously;
+# this one runs, per step(), one HFEngine.generate() call over the oldest queued requests that
+# share sampling params and fit the token budget, and returns them finished (FINAL_ONLY).
+class LLMEngine:
+    def __init__(self, hf: HFEngine, model_name: str) -> None:
+        self._hf = hf
+        self._model_name = model_name
+        self._queue: list[tuple[str, list[int], SamplingParams]] = []
+        self.sleeping = False
+        self.weight_version = "0"
+
+    def add_request(self, request_id: str, prompt: dict, params: SamplingParams, **kwargs: Any) -> str:
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        ids = list(prompt["prompt_token_ids"])
+        if not ids:
+            raise ValueError("The decoder prompt cannot be empty")
+        if len(ids) + (params.max_tokens or 0) > self._hf.context:
+            raise ValueError(f"The decoder prompt (length {len(ids)}) plus max_tokens is longer than the "
+                             f"maximum model length of {self._hf.context}.")
+        self._queue.append((request_id, ids, params))
+        # Like the real engine, the returned id is the internal one (a random suffix, input_processor.py:371).
+        return f"{request_id}-{secrets.token_hex(4)}"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._queue)
+
+    def abort_request(self, request_ids: list[str], internal: bool = False) -> None:
+        drop = set(request_ids)
+        self._queue = [q for q in self._queue if q[0] not in drop]
+
+    def step(self) -> list[RequestOutput]:
+        if self.sleeping:
+            raise RuntimeError("engine is sleeping: call wake_up() before stepping")
+        if not self._queue:
+            return []
+        first = self._queue[0][2]
+        same = [q for q in self._queue if _key(q[2]) == _key(first)]
+        take = self._hf.chunks([len(q[1]) for q in same], first.n, first.max_tokens or 16)[0]
+        batch = [same[i] for i in take]
+        greedy = first.temperature == 0.0
+        spec = SamplingParamsSpec(n=first.n, temperature=1.0 if greedy else first.temperature, top_p=first.top_p,
+                                  max_new_tokens=first.max_tokens or 16, seed=first.seed or 0, greedy=greedy)
+        rows = self._hf.sample_token_ids([q[1] for q in batch], spec, seed=first.seed or 0)
+        done = {q[0] for q in batch}
+        self._queue = [q for q in self._queue if q[0] not in done]
+        tok = self._hf.tokenizer
+        outputs = []
+        for j, (rid, ids, sp) in enumerate(batch):
+            comps = []
+            for k, c in enumerate(rows[j * sp.n:(j + 1) * sp.n]):
+                lps = None if sp.logprobs is None else [
+                    {t: Logprob(logprob=lp, rank=None, decoded_token=tok.decode([t]))}
+                    for t, lp in zip(c.token_ids, c.logprobs_sampler)]
+                comps.append(CompletionOutput(
+                    index=k, text=tok.decode(c.token_ids, skip_special_tokens=sp.skip_special_tokens),
+                    token_ids=list(c.token_ids), cumulative_logprob=sum(c.logprobs_sampler), logprobs=lps,
+                    finish_reason=c.finish_reason, stop_reason=None,
+                    weight_versions=[WeightVersionSpan(self.weight_version, 0, len(c.token_ids))]))
+            outputs.append(RequestOutput(rid, None, ids, None, comps, finished=True))
+        return outputs
+
+
+def _key(sp: SamplingParams) -> tuple:
+    return (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.logprobs, sp.seed is None)
+
+
+# Mirrors vllm/distributed/weight_transfer/ipc_engine.py `IPCWeightTransferEngine` and the update
+# info checks of `IPCWeightTransferUpdateInfo` (ipc_engine.py:63). A real handle maps a GPU UUID to
+# `rebuild_cuda_tensor` args; on CPU the fake accepts {FAKE_DEVICE_KEY: reduce_tensor(cpu_tensor)[1]}.
+class _FakeIPCTransferEngine:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self._staged: dict[str, torch.Tensor] | None = None
+        self.packed = False
+
+    def init_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        unknown = set(init_info) - {"packed"}
+        if unknown:
+            raise ValueError(f"Invalid init_info for IPCWeightTransferEngine: unexpected keys {sorted(unknown)}")
+        if init_info.get("packed", False):
+            raise ValueError("the fake IPC engine implements packed=False only")
+
+    def start_weight_update(self) -> None:
+        self._staged = {}
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        if self._staged is None:
+            raise RuntimeError("update_weights called before start_weight_update")
+        names, dtypes, shapes = update_info["names"], update_info["dtype_names"], update_info["shapes"]
+        handles = update_info.get("ipc_handles")
+        if handles is None:
+            raise ValueError("Either `ipc_handles` or `ipc_handles_pickled` must be provided")
+        for field, value in (("dtype_names", dtypes), ("shapes", shapes), ("ipc_handles", handles)):
+            if len(value) != len(names):
+                raise ValueError(f"`{field}` should be of the same size as `names`: got {len(value)} and {len(names)}")
+        for name, dtype_name, shape, handle in zip(names, dtypes, shapes, handles):
+            if FAKE_DEVICE_KEY not in handle:
+                raise ValueError(f"IPC handle not found for GPU UUID {FAKE_DEVICE_KEY}. "
+                                 f"Available UUIDs: {list(handle.keys())}")
+            tensor = rebuild_tensor(*handle[FAKE_DEVICE_KEY])
+            if list(tensor.shape) != list(shape) or str(tensor.dtype).split(".")[-1] != dtype_name:
+                raise ValueError(f"IPC tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, "
+                                 f"update_info says {dtype_name}{shape}")
+            self._staged[name] = tensor.clone()
+
+    def finish_weight_update(self) -> None:
+        if self._staged is None:
+            raise RuntimeError("finish_weight_update called before start_weight_update")
+        _load_weights(self._model, self._staged.items())
+        self._staged = None
+
+
+def _load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """What a vLLM model's `load_weights` does for an unfused checkpoint: copy each named tensor
+    into the parameter of that name (partial sets allowed, unknown names raise)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in weights:
+            if name not in state:
+                raise KeyError(f"no parameter named {name!r} in the model")
+            state[name].copy_(tensor)
+
+
+# Mirrors vllm/entrypoints/llm.py:62 `class LLM` (constructor at line 177; the kwargs below reach
+# EngineArgs through **kwargs there: enable_prefix_caching, enable_sleep_mode,
+# weight_transfer_config, logprobs_mode), get_tokenizer (385), apply_model (604), sleep (839), wake_up (872), and
+# RLOfflineMixin (entrypoints/rl/offline.py): init_weight_transfer_engine, start_weight_update,
+# update_weights, finish_weight_update, get_weight_version.
+class LLM:
+    def __init__(self, model: str, *, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
+                 gpu_memory_utilization: float = 0.92, enable_prefix_caching: bool | None = None,
+                 enable_sleep_mode: bool = False, weight_transfer_config: WeightTransferConfig | None = None,
+                 logprobs_mode: str = "raw_logprobs", max_num_batched_tokens: int | None = None,
+                 **kwargs: Any) -> None:
+        if logprobs_mode != "processed_logprobs":
+            # HFEngine computes logprobs from the warped scores only; refusing other modes keeps
+            # the fake from silently returning something the real engine would not.
+            raise ValueError(f"the fake LLM implements logprobs_mode='processed_logprobs' only, got {logprobs_mode!r}")
+        if tensor_parallel_size != 1:
+            raise ValueError("the fake LLM runs on one CPU process: tensor_parallel_size must be 1")
+        hf = HFEngine(model, dtype="float32" if dtype == "auto" else dtype, device="cpu",
+                      gen_batch_tokens=max_num_batched_tokens or 65536, seed=seed)
+        self._hf = hf
+        self.llm_engine = LLMEngine(hf, model)
+        self._enable_sleep_mode = enable_sleep_mode
+        self._weight_transfer_config = weight_transfer_config
+        self._transfer: _FakeIPCTransferEngine | None = None
+        if weight_transfer_config is not None:
+            if weight_transfer_config.backend != "ipc":
+                raise ValueError(f"Invalid weight transfer backend: {weight_transfer_config.backend}. "
+                                 "Available engines (fake): ['ipc']")
+            self._transfer = _FakeIPCTransferEngine(hf.model)
+
+    def apply_model(self, func):
+        # Real: runs `func` on the model in every worker, returns one result per worker (llm.py:604).
+        return [func(self._hf.model)]
+
+    def get_tokenizer(self):
+        return self._hf.tokenizer
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        if not self._enable_sleep_mode:
+            raise ValueError("Sleep mode is not enabled: construct LLM(..., enable_sleep_mode=True)")
+        if mode == "abort":
+            self.llm_engine.abort_request([q[0] for q in self.llm_engine._queue])
+        self.llm_engine.sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        self.llm_engine.sleeping = False
+        return True
+
+    def _check_weight_transfer_engine(self) -> _FakeIPCTransferEngine:
+        if self._transfer is None:
+            raise RuntimeError("Weight transfer not configured. Please set weight_transfer_config to enable "
+                               "weight transfer.")
+        return self._transfer
+
+    def init_weight_transfer_engine(self, request: WeightTransferInitRequest | dict) -> None:
+        init_info = request["init_info"] if isinstance(request, dict) else request.init_info
+        self._check_weight_transfer_engine().init_transfer_engine(init_info)
+
+    def start_weight_update(self) -> None:
+        self._check_weight_transfer_engine().start_weight_update()
+
+    def update_weights(self, request: WeightTransferUpdateRequest | dict) -> None:
+        update_info = request["update_info"] if isinstance(request, dict) else request.update_info
+        # A list is indexed by global worker rank (gpu_worker.py:1615); the fake has one worker, rank 0.
+        self._check_weight_transfer_engine().update_weights(
+            update_info[0] if isinstance(update_info, list) else update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._check_weight_transfer_engine().finish_weight_update()
+        if weight_version is not None:
+            self.llm_engine.weight_version = weight_version
+
+    def get_weight_version(self) -> str:
+        return self.llm_engine.weight_version

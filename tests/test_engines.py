@@ -1,0 +1,114 @@
+"""HF engine: shapes, logprobs vs a teacher-forced pass, determinism, greedy, chunking, bad input.
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.hf import HFEngine
+from rollout_workers.types import Prompt
+
+PROMPTS = [Prompt(f"t-{i}", f"Q: {i} + {2 * i + 1} = ?\nA:" + " x" * (i % 3), str(3 * i + 1)) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> HFEngine:
+    # A small budget forces several generate() chunks for 5 prompts x G=3.
+    return HFEngine(str(tiny_model_dir), gen_batch_tokens=150, seed=0)
+
+
+def _teacher_forced_logprobs(engine: HFEngine, prompt_ids, token_ids, temperature: float) -> torch.Tensor:
+    ids = torch.tensor([list(prompt_ids) + list(token_ids)])
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits[0].float()  # (P+T, V)
+    logits = logits[len(prompt_ids) - 1:-1] / temperature  # (T, V): position t predicts token t
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]  # (T,)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_teacher_forced_pass(engine, temperature):
+    params = SamplingParamsSpec(n=3, temperature=temperature, top_p=1.0, max_new_tokens=12, seed=3)
+    groups = list(engine.generate(PROMPTS, params))
+    assert [g.prompt.uid for g in groups] == [p.uid for p in PROMPTS]
+    for g in groups:
+        assert len(g.completions) == 3 and g.policy_version == 0
+        assert list(g.prompt_token_ids) == engine.tokenizer(g.prompt.text)["input_ids"]
+        for c in g.completions:
+            assert 1 <= len(c.token_ids) <= 12 and len(c.logprobs_sampler) == len(c.token_ids)
+            eos_at = [i for i, t in enumerate(c.token_ids) if t == engine.tokenizer.eos_token_id]
+            if c.finish_reason == "stop":
+                assert eos_at == [len(c.token_ids) - 1]  # EOS kept, nothing after it
+            else:
+                assert c.finish_reason == "length" and not eos_at and len(c.token_ids) == 12
+            assert engine.tokenizer.pad_token_id not in c.token_ids
+            want = _teacher_forced_logprobs(engine, g.prompt_token_ids, c.token_ids, temperature)
+            torch.testing.assert_close(torch.tensor(c.logprobs_sampler), want, atol=1e-4, rtol=0)
+
+
+def test_seed_determinism_and_variety(engine):
+    params = SamplingParamsSpec(n=4, max_new_tokens=8, seed=11)
+    a = [[c.token_ids for c in g.completions] for g in engine.generate(PROMPTS[:2], params)]
+    b = [[c.token_ids for c in g.completions] for g in engine.generate(PROMPTS[:2], params)]
+    c = [[c.token_ids for c in g.completions] for g in engine.generate(PROMPTS[:2], SamplingParamsSpec(n=4, max_new_tokens=8, seed=12))]
+    assert a == b
+    assert a != c
+    assert len(set(a[0])) > 1  # the G samples of one prompt differ (random-init model, T=1)
+
+
+def test_greedy_is_argmax_and_identical_across_group(engine):
+    groups = list(engine.generate(PROMPTS[:2], SamplingParamsSpec(n=2, max_new_tokens=6, greedy=True)))
+    for g in groups:
+        a, b = g.completions
+        assert a.token_ids == b.token_ids
+        ids = torch.tensor([list(g.prompt_token_ids) + list(a.token_ids)])
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids).logits[0]
+        argmax = logits[len(g.prompt_token_ids) - 1:-1].argmax(-1).tolist()
+        assert list(a.token_ids) == argmax
+
+
+def test_groups_are_yielded_per_chunk_before_the_batch_ends(engine):
+    params = SamplingParamsSpec(n=3, max_new_tokens=8, seed=0)
+    lens = [len(engine.tokenizer(p.text)["input_ids"]) for p in PROMPTS]
+    chunks = engine.chunks(lens, 3, 8)
+    assert len(chunks) >= 2 and all(len(c) * 3 * (max(lens[i] for i in c) + 8) <= 150 or len(c) == 1 for c in chunks)
+    gen = engine.generate(PROMPTS, params)
+    first = next(gen)  # only the first chunk has run: the generator is lazy per chunk
+    assert first.prompt.uid == PROMPTS[0].uid
+    rest = list(gen)
+    assert len(rest) == len(PROMPTS) - 1
+
+
+def test_update_weights_all_or_nothing(engine, tiny_model_dir):
+    before = {n: t.clone() for n, t in engine.named_weights()}
+    new = [(n, torch.full_like(t, 0.01)) for n, t in before.items()]
+    bad_shape = new[:-1] + [(new[-1][0], torch.zeros(3))]
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights(bad_shape, version=5)
+    with pytest.raises(ValueError, match="missing"):
+        engine.update_weights(new[:-1], version=5)
+    with pytest.raises(ValueError, match="unknown"):
+        engine.update_weights(new + [("not.a.weight", torch.zeros(1))], version=5)
+    assert engine.version == 0
+    for n, t in engine.named_weights():
+        assert torch.equal(t, before[n])
+    other = HFEngine(str(tiny_model_dir))
+    other.update_weights(new, version=5)
+    assert other.version == 5
+    assert all(torch.equal(t, torch.full_like(t, 0.01)) for _, t in other.named_weights())
+    groups = list(other.generate(PROMPTS[:1], SamplingParamsSpec(n=1, max_new_tokens=2)))
+    assert groups[0].policy_version == 5
+
+
+def test_bad_input_is_refused_clearly(engine):
+    params = SamplingParamsSpec(n=2, max_new_tokens=8)
+    with pytest.raises(ValueError, match="'empty-1' is empty"):
+        list(engine.generate([PROMPTS[0], Prompt("empty-1", "", "0")], params))
+    too_long = Prompt("long-1", "1 " * 400, "0")
+    with pytest.raises(ValueError, match="'long-1' has .* tokens, longer than the engine's limit of 248"):
+        list(engine.generate([too_long], params))
+    with pytest.raises(ValueError, match="group size G"):
+        SamplingParamsSpec(n=0)

@@ -1,0 +1,122 @@
+"""Rollout workers (real Ray actors) and the driver-side dispatcher: streaming, exactly-once
+delivery, a killed worker's prompts re-dispatched, errors and timeouts that never hang.
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_worker.py
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import ray
+import torch
+
+from rollout_workers.config import RolloutConfig
+from rollout_workers.dispatch import Dispatcher
+from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.rewards import score_math
+from rollout_workers.types import Prompt
+from rollout_workers.worker import RolloutRequest, make_rollout_workers
+
+PARAMS = SamplingParamsSpec(n=2, max_new_tokens=6, seed=0)
+
+
+def _cfg(**kw) -> RolloutConfig:
+    # gen_batch_tokens=60 with G=2 and 6 new tokens: about 2 prompts per generate() chunk.
+    base = dict(num_workers=1, group_size=2, max_new_tokens=6, gen_batch_tokens=60, cpus_per_worker=0.5,
+                reward_processes=1, max_prompt_tokens=40)
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+def _prompts(n: int, tag: str) -> list[Prompt]:
+    return [Prompt(f"{tag}-{i}", f"Q: {i} + {i} = ?\nA:", str(2 * i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def workers(ray_local, tiny_model_dir):
+    """One transformers worker and one vLLM-adapter worker (over the fake vLLM, on CPU)."""
+    hf = make_rollout_workers(_cfg(), str(tiny_model_dir), name_prefix="hf")
+    fake = make_rollout_workers(_cfg(engine="vllm"), str(tiny_model_dir), name_prefix="vllm",
+                                vllm_module="rollout_workers.fake_vllm", num_gpus_per_worker=0)
+    yield hf + fake
+    for w in hf + fake:
+        ray.kill(w)
+
+
+def test_every_prompt_once_streamed_and_scored(workers):
+    prompts = _prompts(10, "a") + [Prompt("a-empty", "", "0"), Prompt("a-long", "9 " * 60, "0")]
+    disp = Dispatcher(workers, timeout_s=120)
+    groups = list(disp.run(prompts, batch_id=7, params=PARAMS))
+    assert Counter(g.prompt.uid for g in groups) == Counter(p.uid for p in prompts[:10])
+    assert sorted(disp.skipped) == ["a-empty", "a-long"]
+    assert {g.worker for g in groups} == {"hf-0", "vllm-0"}
+    for g in groups:
+        assert g.batch_id == 7 and g.policy_version == 0 and g.advantages is None
+        assert len(g.completions) == 2 and len(g.rewards) == 2
+        assert list(g.rewards) == [score_math(c.text, g.prompt.gold) for c in g.completions]
+    stats = ray.get([w.stats.remote() for w in workers], timeout=60)
+    assert sum(s.prompts for s in stats) == 10 and sum(s.completions for s in stats) == 20
+    assert sum(s.skipped_prompts for s in stats) == 2
+    for s in stats:
+        done_when_first_left, batch = s.first_yield_progress
+        # The first group left the worker while most of its batch was still unsampled.
+        assert batch >= 4 and done_when_first_left < batch
+        assert s.batches_in_flight == 0
+
+
+def test_update_weights_through_the_actor(workers, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    named = [(n, t + 0.01) for n, t in state.items()]
+    assert ray.get([w.update_weights.remote(named, 4) for w in workers], timeout=60) == [4, 4]
+    assert ray.get([w.version.remote() for w in workers], timeout=60) == [4, 4]
+    groups = list(Dispatcher(workers, timeout_s=120).run(_prompts(4, "u"), batch_id=8, params=PARAMS))
+    assert sorted(g.prompt.uid for g in groups) == [f"u-{i}" for i in range(4)]
+    assert {g.policy_version for g in groups} == {4}
+    with pytest.raises(ray.exceptions.RayTaskError, match="missing"):
+        ray.get(workers[0].update_weights.remote(named[1:], 5), timeout=60)
+    assert ray.get(workers[0].version.remote(), timeout=60) == 4
+
+
+def test_frozen_worker_times_out_with_its_name(workers):
+    disp = Dispatcher(workers[:1], timeout_s=0.001)
+    with pytest.raises(TimeoutError, match=r"hf-0 \(12 prompts pending\)"):
+        list(disp.run(_prompts(12, "t"), batch_id=9, params=PARAMS))
+
+
+def test_killed_worker_prompts_are_redispatched(ray_local, tiny_model_dir):
+    # One prompt per generate() chunk, so the victim is still busy when it is killed.
+    ws = make_rollout_workers(_cfg(num_workers=2, gen_batch_tokens=20), str(tiny_model_dir), name_prefix="k")
+    disp = Dispatcher(ws, timeout_s=120)
+    prompts = _prompts(24, "k")
+    run = disp.run(prompts, batch_id=1, params=PARAMS)
+    got = [next(run)]
+    victim = 0 if got[0].worker == "k-0" else 1
+    ray.kill(ws[victim])
+    got += list(run)
+    assert Counter(g.prompt.uid for g in got) == Counter(p.uid for p in prompts)
+    assert disp.deaths == 1 and disp.alive == [victim != 0, victim != 1]
+    survivor = f"k-{1 - victim}"
+    assert sum(g.worker == survivor for g in got) > 12  # it took over some of the victim's share
+    ray.kill(ws[1 - victim])
+
+
+def test_engine_error_surfaces_with_worker_name(ray_local, tiny_model_dir):
+    ws = make_rollout_workers(_cfg(), str(tiny_model_dir), name_prefix="nan")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    ray.get(ws[0].update_weights.remote([(n, torch.full_like(t, float("nan"))) for n, t in state.items()], 1), timeout=60)
+    with pytest.raises(RuntimeError, match="rollout worker nan-0 failed: .*(probability|nan|inf)"):
+        list(Dispatcher(ws, timeout_s=120).run(_prompts(3, "n"), batch_id=2, params=PARAMS))
+    ray.kill(ws[0])
+
+
+def test_request_and_dispatcher_validation(workers):
+    with pytest.raises(ValueError, match="duplicate prompt uids"):
+        list(Dispatcher(workers, timeout_s=60).run(_prompts(2, "d") * 2, batch_id=3, params=PARAMS))
+    with pytest.raises(ValueError, match="worker_factory"):
+        Dispatcher(workers, on_worker_death="restart")
+    assert RolloutRequest(tuple(_prompts(1, "r")), 0, PARAMS).params.n == 2
