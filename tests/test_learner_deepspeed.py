@@ -120,21 +120,26 @@ def test_filtered_samples_cost_no_forward_pass(engines):
     assert stats.samples_in == 24 and stats.samples_kept == 16 and stats.refill_needed == 2 and stats.steps == 1
 
 
-def pg_loss(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) -> float:
-    """-sum_i A_i sum_t logp_t / tokens: the policy-gradient loss with FIXED advantages (the PPO
-    surrogate itself is constant at rho = 1, so its value cannot show learning)."""
+def logprobs_under(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) -> dict[int, torch.Tensor]:
+    """Sample.uid -> (C,) completion logprobs under `weights`, plain torch, one sample at a time."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.load_state_dict(weights, strict=False)
-    total, tokens = 0.0, 0
+    out = {}
     with torch.no_grad():
         for s in samples:
             p, c = len(s.prompt_token_ids), len(s.completion_token_ids)
             logits = model(torch.tensor([s.prompt_token_ids + s.completion_token_ids])).logits[0]
-            logprobs = torch.log_softmax(logits[p - 1:p - 1 + c], -1).gather(1, torch.tensor(s.completion_token_ids)[:, None])
-            total, tokens = total - s.advantage * float(logprobs.sum()), tokens + c
-    return total / tokens
+            out[s.uid] = torch.log_softmax(logits[p - 1:p - 1 + c], -1).gather(1, torch.tensor(s.completion_token_ids)[:, None])[:, 0]
+    return out
+
+
+def pg_loss(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) -> float:
+    """-sum_i A_i sum_t logp_t / tokens: the policy-gradient loss with FIXED advantages (the PPO
+    surrogate itself is constant at rho = 1, so its value cannot show learning)."""
+    logprobs = logprobs_under(model_dir, weights, samples)
+    return -sum(s.advantage * float(logprobs[s.uid].sum()) for s in samples) / sum(len(s.completion_token_ids) for s in samples)
 
 
 def test_multi_step_epochs_recompute_and_loss_goes_down(engines, tiny_model_dir):
@@ -143,12 +148,19 @@ def test_multi_step_epochs_recompute_and_loss_goes_down(engines, tiny_model_dir)
     groups = make_groups(4, seed=3)  # 2 steps per epoch x 2 epochs
     kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter).samples
     batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
-    losses = [pg_loss(tiny_model_dir, engine.full_weights(), kept)]
+    weights_before = engine.full_weights()
+    losses = [pg_loss(tiny_model_dir, weights_before, kept)]
     for _ in range(3):
         batcher.begin_batch(4)
         for g in groups:  # one at a time: streaming
             batcher.add_groups([g])
         stats = batcher.end_batch()
+        # every sample's old logprobs (step-1 samples: no-grad pass; step-0 samples: their own
+        # backprop pass) were taken with the weights from BEFORE the batch's first optimizer step
+        expected = logprobs_under(tiny_model_dir, weights_before, kept)
+        assert batcher.logprobs_old.keys() == expected.keys()
+        assert all(torch.allclose(batcher.logprobs_old[u], expected[u], atol=2e-5) for u in expected)
+        weights_before = engine.full_weights()
         assert stats.steps == 4 and stats.skipped_nonfinite == 0
         # steps after the first are off-policy: old logprobs (pre-update no-grad pass) differ from current
         assert stats.ratio_mean != 1.0 and stats.seconds_old_logprobs > 0
