@@ -111,13 +111,25 @@ def test_filtered_samples_cost_no_forward_pass(engines):
     calls_before = engine.forward_calls
     batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
     batcher.begin_batch(6)
-    batcher.add_groups(groups)
+    batcher.add_groups(groups[:4])
+    # streaming: full micro-batches were already backpropagated while groups 5 and 6 are still to come
+    assert engine.forward_calls > calls_before and engine.optimizer_steps == 0
+    batcher.add_groups(groups[4:])
     stats = batcher.end_batch()
     assert engine.forward_uids == {s.uid for s in kept.samples}
     # each forward is a packed micro-batch of <= 64 tokens: at least ceil(kept tokens / 64) calls, no more than one per kept sample
     calls = engine.forward_calls - calls_before
     assert -(-stats.tokens // 64) <= calls < len(kept.samples)
     assert stats.samples_in == 24 and stats.samples_kept == 16 and stats.refill_needed == 2 and stats.steps == 1
+    assert engine.optimizer_steps == 1
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    from learner.ds_engine import LrSchedule
+
+    cosine = LrSchedule("cosine", warmup_steps=2, total_steps=6)
+    assert [round(cosine(s), 6) for s in range(7)] == [round(x, 6) for x in (1 / 3, 2 / 3, 1.0, 0.853553, 0.5, 0.146447, 0.0)]
+    assert [LrSchedule("constant", 1, 6)(s) for s in range(3)] == [0.5, 1.0, 1.0]
 
 
 def logprobs_under(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) -> dict[int, torch.Tensor]:
