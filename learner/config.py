@@ -29,7 +29,7 @@ class LearnerConfig:
     old_logprobs: str = "recompute"
     """Where logprobs_old comes from for off-policy steps: "recompute" (exact no-grad pass) or "sampler" (engine logprobs)."""
     tis_cap: float = 0.0
-    """Truncated importance sampling cap on exp(logp_old - logp_sampler) in "sampler" mode (0 = off)."""
+    """Truncated importance sampling (Yao et al. 2025): weight each token by min(exp(logp_old - logp_sampler), tis_cap), logp_old = the learner's pre-update logprobs; needs old_logprobs="recompute" (0 = off)."""
     prompts_per_step: int = 16
     """Optimizer batch, in prompts (groups) before filtering."""
     epochs_per_batch: int = 1
@@ -83,6 +83,9 @@ class LearnerConfig:
                     "max_bad_steps", "total_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"learner.{key} must be >= 1, got {getattr(self, key)}")
+        if self.tis_cap > 0 and self.old_logprobs != "recompute":
+            raise ValueError("learner.tis_cap > 0 needs learner.old_logprobs='recompute' (in 'sampler' mode the "
+                             "ratio is already taken against the sampler, so the TIS weight would be 1)")
         if not self.lr > 0:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
         if not self.cpus_per_rank > 0:

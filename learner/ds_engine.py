@@ -170,11 +170,12 @@ class RankEngine:
             loss = logits.float().sum() * 0.0
             self.engine.backward(loss, scale_wrt_gas=False)
             return MicroResult(0.0, 0, 0, 0.0, 0.0, time.perf_counter() - t0, {})
-        logprobs_old = mb.logprobs_old if mb.logprobs_old is not None else logprobs.detach()  # (K,)
         if self.cfg.old_logprobs == "sampler":
-            logprobs_old = mb.logprobs_sampler
+            logprobs_old = mb.logprobs_sampler  # (K,) the engine's distribution is the behaviour policy
+        else:  # recomputed pre-update logprobs, or (first pass before any step) the detached current ones
+            logprobs_old = mb.logprobs_old if mb.logprobs_old is not None else logprobs.detach()  # (K,)
         is_weights = None
-        if self.cfg.tis_cap > 0:
+        if self.cfg.tis_cap > 0:  # config guarantees recompute mode: corrects sampler/learner mismatch
             is_weights = truncated_is_weights(logprobs_old, mb.logprobs_sampler, self.cfg.tis_cap)
         logprobs_ref = None
         if self.ref_model is not None:

@@ -111,30 +111,47 @@ def test_filtered_samples_cost_no_forward_pass(engines):
     calls_before = engine.forward_calls
     batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
     batcher.begin_batch(6)
-    batcher.add_groups(groups)
+    batcher.add_groups(groups[:4])
+    # streaming: full micro-batches were already backpropagated while groups 5 and 6 are still to come
+    assert engine.forward_calls > calls_before and engine.optimizer_steps == 0
+    batcher.add_groups(groups[4:])
     stats = batcher.end_batch()
     assert engine.forward_uids == {s.uid for s in kept.samples}
     # each forward is a packed micro-batch of <= 64 tokens: at least ceil(kept tokens / 64) calls, no more than one per kept sample
     calls = engine.forward_calls - calls_before
     assert -(-stats.tokens // 64) <= calls < len(kept.samples)
     assert stats.samples_in == 24 and stats.samples_kept == 16 and stats.refill_needed == 2 and stats.steps == 1
+    assert engine.optimizer_steps == 1
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    from learner.ds_engine import LrSchedule
+
+    cosine = LrSchedule("cosine", warmup_steps=2, total_steps=6)
+    assert [round(cosine(s), 6) for s in range(7)] == [round(x, 6) for x in (1 / 3, 2 / 3, 1.0, 0.853553, 0.5, 0.146447, 0.0)]
+    assert [LrSchedule("constant", 1, 6)(s) for s in range(3)] == [0.5, 1.0, 1.0]
+
+
+def logprobs_under(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) -> dict[int, torch.Tensor]:
+    """Sample.uid -> (C,) completion logprobs under `weights`, plain torch, one sample at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict(weights, strict=False)
+    out = {}
+    with torch.no_grad():
+        for s in samples:
+            p, c = len(s.prompt_token_ids), len(s.completion_token_ids)
+            logits = model(torch.tensor([s.prompt_token_ids + s.completion_token_ids])).logits[0]
+            out[s.uid] = torch.log_softmax(logits[p - 1:p - 1 + c], -1).gather(1, torch.tensor(s.completion_token_ids)[:, None])[:, 0]
+    return out
 
 
 def pg_loss(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) -> float:
     """-sum_i A_i sum_t logp_t / tokens: the policy-gradient loss with FIXED advantages (the PPO
     surrogate itself is constant at rho = 1, so its value cannot show learning)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.load_state_dict(weights, strict=False)
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for s in samples:
-            p, c = len(s.prompt_token_ids), len(s.completion_token_ids)
-            logits = model(torch.tensor([s.prompt_token_ids + s.completion_token_ids])).logits[0]
-            logprobs = torch.log_softmax(logits[p - 1:p - 1 + c], -1).gather(1, torch.tensor(s.completion_token_ids)[:, None])
-            total, tokens = total - s.advantage * float(logprobs.sum()), tokens + c
-    return total / tokens
+    logprobs = logprobs_under(model_dir, weights, samples)
+    return -sum(s.advantage * float(logprobs[s.uid].sum()) for s in samples) / sum(len(s.completion_token_ids) for s in samples)
 
 
 def test_multi_step_epochs_recompute_and_loss_goes_down(engines, tiny_model_dir):
@@ -143,12 +160,19 @@ def test_multi_step_epochs_recompute_and_loss_goes_down(engines, tiny_model_dir)
     groups = make_groups(4, seed=3)  # 2 steps per epoch x 2 epochs
     kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter).samples
     batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
-    losses = [pg_loss(tiny_model_dir, engine.full_weights(), kept)]
+    weights_before = engine.full_weights()
+    losses = [pg_loss(tiny_model_dir, weights_before, kept)]
     for _ in range(3):
         batcher.begin_batch(4)
         for g in groups:  # one at a time: streaming
             batcher.add_groups([g])
         stats = batcher.end_batch()
+        # every sample's old logprobs (step-1 samples: no-grad pass; step-0 samples: their own
+        # backprop pass) were taken with the weights from BEFORE the batch's first optimizer step
+        expected = logprobs_under(tiny_model_dir, weights_before, kept)
+        assert batcher.logprobs_old.keys() == expected.keys()
+        assert all(torch.allclose(batcher.logprobs_old[u], expected[u], atol=2e-5) for u in expected)
+        weights_before = engine.full_weights()
         assert stats.steps == 4 and stats.skipped_nonfinite == 0
         # steps after the first are off-policy: old logprobs (pre-update no-grad pass) differ from current
         assert stats.ratio_mean != 1.0 and stats.seconds_old_logprobs > 0
@@ -225,10 +249,10 @@ def test_two_ranks_exact_resume_export(ray_local, tiny_model_dir, tmp_path, stag
     cfg = LearnerConfig(zero_stage=stage, num_ranks=2, prompts_per_step=6, micro_batch_tokens=40, lr=1e-3)
     group = LearnerGroup(cfg, str(tiny_model_dir), MAX_NEW, timeout_s=120)
     try:
-        groups = make_groups(6, seed=8)
+        groups = make_groups(6, seed=8)[::-1]  # uids follow arrival order
         kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter)
         ref = reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)
-        assert max_rel_error(group.probe_gradients(groups[::-1]), ref) <= 1e-5
+        assert max_rel_error(group.probe_gradients(groups), ref) <= 1e-5
         assert group.forward_uids() == {s.uid for s in kept.samples}
         assert group.has_reference_model() == [False, False]
         if stage == 2:
