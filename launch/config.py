@@ -38,15 +38,17 @@ class ModelConfig:
 
     path: str = ""
     """Hugging Face model directory (or hub id on a networked cluster); empty = build the embedded tiny model."""
-    tiny_hidden_size: int = 64
+    tiny_hidden_size: int = 128
     """Embedded tiny model: hidden size (Qwen2-style architecture built from a config)."""
-    tiny_layers: int = 2
+    tiny_layers: int = 4
     """Embedded tiny model: transformer layers."""
     tiny_heads: int = 4
     """Embedded tiny model: attention heads."""
-    sft_steps: int = 300
-    """Supervised warm-up steps on the training prompts before RL (0 = none); also the SFT baseline."""
-    sft_lr: float = 3e-3
+    sft_steps: int = 1500
+    """Most supervised warm-up steps on the training prompts before RL (0 = none)."""
+    sft_stop_accuracy: float = 0.3
+    """End the warm-up once greedy accuracy on 64 training problems reaches this (0 = run all sft_steps)."""
+    sft_lr: float = 2e-3
     """Learning rate of the supervised warm-up."""
     sft_batch_size: int = 64
     """Examples per supervised warm-up step."""
@@ -57,6 +59,8 @@ class ModelConfig:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.sft_steps < 0:
             raise ValueError(f"model.sft_steps must be >= 0, got {self.sft_steps}")
+        if not 0 <= self.sft_stop_accuracy <= 1:
+            raise ValueError(f"model.sft_stop_accuracy must be in [0, 1], got {self.sft_stop_accuracy}")
         if self.tiny_hidden_size % self.tiny_heads:
             raise ValueError(f"model.tiny_hidden_size ({self.tiny_hidden_size}) must be divisible by model.tiny_heads ({self.tiny_heads})")
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -17,6 +17,28 @@ class SFTStats(NamedTuple):
     final_loss: float
     seconds: float
     examples: int
+    probe_accuracy: float
+    """Last probe result (nan when no probe ran)."""
+
+
+def greedy_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 golds: Sequence[str], max_new_tokens: int) -> float:
+    """Fraction of prompts whose greedy completion's final answer equals the gold string exactly:
+    a cheap in-process check for the warm-up (the real eval uses math-verify in the workers)."""
+    from rollout_workers.rewards import extract_final_answer
+
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.padding_side = side
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(extract_final_answer(t) == g for t, g in zip(texts, golds)) / max(1, len(golds))
 
 
 def sft_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str]
@@ -40,16 +62,19 @@ def sft_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targ
 
 def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
               targets: Sequence[str], steps: int, lr: float, batch_size: int, seed: int,
-              deadline_s: float | None = None) -> SFTStats:
-    """AdamW on next-token loss of the targets. Batches cycle through a seeded permutation.
-    `deadline_s` stops early at a wall-clock budget (the SFT-at-equal-time baseline)."""
+              deadline_s: float | None = None, probe: Callable[[], float] | None = None,
+              probe_every: int = 25, stop_at: float = 0.0) -> SFTStats:
+    """AdamW (constant lr after a 20-step warmup) on the next-token loss of the targets. Batches
+    cycle through a seeded permutation. Stops early at `deadline_s` wall seconds (the
+    SFT-at-equal-time baseline) or once `probe()` >= `stop_at` (checked every `probe_every` steps):
+    tiny models learn carries abruptly, so a step count alone gives an unreliable start point."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(prompts), generator=gen).tolist()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(steps, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     model.train()
     start = time.perf_counter()
-    loss_value, step, cursor = float("nan"), 0, 0
+    loss_value, step, cursor, accuracy = float("nan"), 0, 0, float("nan")
     for step in range(1, steps + 1):
         idx = [order[(cursor + i) % len(order)] for i in range(batch_size)]
         cursor += batch_size
@@ -63,5 +88,9 @@ def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
         loss_value = loss.item()
         if deadline_s is not None and time.perf_counter() - start > deadline_s:
             break
+        if probe is not None and stop_at > 0 and step % probe_every == 0:
+            accuracy = probe()
+            if accuracy >= stop_at:
+                break
     model.eval()
-    return SFTStats(step, loss_value, time.perf_counter() - start, step * batch_size)
+    return SFTStats(step, loss_value, time.perf_counter() - start, step * batch_size, accuracy)

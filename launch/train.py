@@ -31,7 +31,7 @@ from launch import checkpoints
 from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, make_placement
-from launch.sft import sft_train
+from launch.sft import greedy_probe, sft_train
 from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
@@ -196,11 +196,18 @@ def prepare_model(cfg: Config, run_dir: Path, train_prompts: list[Prompt]) -> tu
                                 cfg.model.tiny_heads, seed=cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
+    probe_set = train_prompts[-64:]  # training problems: the held-out set stays unseen until eval
+    probe = lambda: greedy_probe(model, tokenizer, [p.text for p in probe_set], [p.gold for p in probe_set],
+                                 cfg.rollout.max_new_tokens)
     stats = sft_train(model, tokenizer, [p.text for p in train_prompts], [sft_target(p) for p in train_prompts],
-                      cfg.model.sft_steps, cfg.model.sft_lr, cfg.model.sft_batch_size, cfg.train.seed)
+                      cfg.model.sft_steps, cfg.model.sft_lr, cfg.model.sft_batch_size, cfg.train.seed,
+                      probe=probe, stop_at=cfg.model.sft_stop_accuracy)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    info = {"sft_steps": stats.steps, "sft_final_loss": stats.final_loss, "sft_seconds": stats.seconds}
+    info = {"sft_steps": stats.steps, "sft_final_loss": stats.final_loss, "sft_seconds": stats.seconds,
+            "sft_probe_accuracy": stats.probe_accuracy}
+    print(f"SFT warm-up: {stats.steps} steps in {stats.seconds:.0f}s, loss {stats.final_loss:.3f}, "
+          f"probe accuracy {stats.probe_accuracy:.2f}", flush=True)
     (run_dir / "sft.json").write_text(json.dumps(info))
     return out, info
 
