@@ -168,7 +168,6 @@ def run_peer(name: str, plan: Plan, model_dir: Path, cfg, budget_s: float, n_eva
 def run_bench(plan: Plan, bench_dir: Path, only: Sequence[str], extra: list[str], budget_cap_s: float | None,
               quick: bool) -> dict:
     from launch.config import load_config
-    from launch.train import prepare_model
     from rollout_workers.prompts import load_prompts
 
     start_dir = bench_dir / "start"
@@ -177,16 +176,24 @@ def run_bench(plan: Plan, bench_dir: Path, only: Sequence[str], extra: list[str]
     if cfg.model.path:
         model_dir, sft_info = Path(cfg.model.path), {}
     else:
+        from launch.train import prepare_model
+
         t0 = time.perf_counter()
         model_dir, sft_info = prepare_model(cfg, start_dir, load_prompts(cfg.data, "train").prompts)
         sft_info = {**sft_info, "wall_seconds": time.perf_counter() - t0}
     print(f"shared start: {model_dir} {sft_info}", flush=True)
 
     results: dict[str, dict] = {}
-    for name in OURS:
-        if name in only:
-            print(f"\n=== {name}", flush=True)
-            results[name] = run_ours(name, plan, model_dir, bench_dir, extra)
+    if any(name in only for name in OURS):
+        import ray
+
+        started_ray = not ray.is_initialized()
+        for name in OURS:
+            if name in only:
+                print(f"\n=== {name}", flush=True)
+                results[name] = run_ours(name, plan, model_dir, bench_dir, extra)
+        if started_ray and ray.is_initialized():
+            ray.shutdown()  # the peers run in this process; free the cluster's memory first
     n_evals = max(1, plan.prompts // plan.eval_every_prompts)
     budget = max((r["train_seconds"] for r in results.values()), default=budget_cap_s or 60.0)
     if budget_cap_s:
