@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from launch.bench_dash import QUICK, summarize
+from launch.bench_dash import FULL, OURS, QUICK, contender_overrides, shared_overrides, summarize, table, write_plot
 from launch.bench_peers import (PHASES, at_target, compare_curves, ratio, seconds_to_target, sft_curve,
                                 trl_grpo_curve)
 from rollout_workers.prompts import synthetic_problems
@@ -58,6 +58,41 @@ def test_summarize_ratios_and_overhead():
     assert out["contenders"]["trl_grpo"]["seconds_to_target"] is None
     assert out["contenders"]["dash"]["orchestration_overhead"] == pytest.approx(0.15, abs=1e-12)
     assert out["quick"] is True
+
+
+@pytest.mark.parametrize("plan", [QUICK, FULL])
+def test_our_contenders_get_equal_prompts_and_valid_configs(plan):
+    from launch.config import load_config
+
+    seen = {}
+    for name in OURS:
+        cfg = load_config(None, shared_overrides(plan) + contender_overrides(name, plan))
+        per_iteration = cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
+        seen[name] = (cfg.train.iterations * per_iteration, cfg.eval.every * per_iteration, cfg.learner.filter,
+                      cfg.train.mode, cfg.rollout.prompts_per_generation)
+        assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.learner.lr, cfg.eval.size) == (
+            plan.group_size, plan.max_new_tokens, plan.lr, plan.eval_size)
+    assert {v[:2] for v in seen.values()} == {(plan.prompts, plan.eval_every_prompts)}
+    assert seen["dash"][2:] == (True, "dash", plan.prompts_per_generation)
+    assert seen["standard_grpo"][2:4] == (False, "standard_grpo")
+    assert seen["dash_no_filter"][2:] == (False, "dash", plan.prompts_per_generation)
+    assert seen["dash_no_preemptive"][2:] == (True, "dash", plan.prompts_per_step)
+
+
+def test_table_and_plot(tmp_path):
+    phases = {"generate": 6.0, "score": 1.0, "learn": 2.0, "sync": 0.5, "other": 1.5, "total": 10.0}
+    peer = {"generate": 3.0, "score": 1.0, "learn": 6.0, "sync": 0.0, "other": None, "total": 10.0}
+    results = {"standard_grpo": {"curve": STANDARD, "phases": phases, "train_seconds": 30.0},
+               "dash": {"curve": DASH, "phases": phases, "train_seconds": 8.0},
+               "trl_grpo": {"curve": TRL, "phases": peer, "train_seconds": 20.0},
+               "sft": {"curve": SFT, "phases": peer, "train_seconds": 10.0}}
+    out = summarize(results, plan=QUICK, quick=True, model_dir="m", sft_info={})
+    text = table(out)
+    assert "| dash | 0.700 | 4.0 | 128 | 8.0 | 6.0 | 1.0 | 2.0 | 0.5 | 1.5 | 15.0% |" in text
+    assert "| trl_grpo | 0.580 | - | - | 20.0 | 3.0 | 1.0 | 6.0 | 0.0 | - | - |" in text
+    assert "dash/standard_grpo seconds to target 0.20" in text
+    png = write_plot(out, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _check_curve(points: list[dict]) -> None:
