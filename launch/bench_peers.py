@@ -1,0 +1,275 @@
+"""The bench's non-DASH contenders, each an accuracy curve from the same SFT-warmed start:
+
+- `trl_grpo_curve`: the peer, Hugging Face TRL's `GRPOTrainer` (trl 1.16), with its own
+  transformers generation on CPU, the same model, tokenizer, reward (score_math), G, lengths,
+  learning rate and prompts per optimizer step as our runs;
+- `sft_curve`: continued supervised fine-tuning (launch.sft) for the same wall time, the paper's
+  finding 1 (on-policy RL beats SFT on the same data).
+
+Both pause their clock while evaluating, as `launch.train` does, so `train_seconds` excludes
+evaluation; both evaluate with `greedy_accuracy` (prompt text -> greedy decode up to
+max_new_tokens -> score_math(text, gold) >= 1, scored in a RewardPool with a timeout), the same
+decode and reward as our driver's `evaluate`.
+
+Used by `python -m launch.bench dash`; test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_bench_peers.py`
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rollout_workers.prompts import sft_target
+from rollout_workers.rewards import RewardPool
+from rollout_workers.types import Prompt
+
+
+PHASES = ("generate", "score", "learn", "sync", "other")
+
+
+class PeerCurve(NamedTuple):
+    """A peer contender's accuracy curve and where its training seconds went."""
+
+    points: list[dict]
+    """Curve points {"train_seconds", "samples_generated", "accuracy"}, in time order (first = start)."""
+    phases: dict[str, float | None]
+    """Seconds per phase (PHASES keys plus "total"); None where the peer's loop does not separate it."""
+
+
+def curve_point(train_seconds: float, samples_generated: int, accuracy: float) -> dict:
+    """One point of an accuracy curve, in the shape `launch.train` writes its `evals`."""
+    return {"train_seconds": train_seconds, "samples_generated": samples_generated, "accuracy": accuracy}
+
+
+@torch.no_grad()
+def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                    max_new_tokens: int, pool: RewardPool, batch_size: int = 64) -> float:
+    """Greedy pass@1: the fraction of prompts whose greedy completion scores >= 1."""
+    was_training = model.training
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({*([eos] if isinstance(eos, int) else list(eos or [])), tokenizer.eos_token_id} - {None})
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+    texts = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer([p.text for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True)
+            width = batch["input_ids"].shape[1]
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)  # (B, T) new tokens only
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    rewards = pool.score(texts, [p.gold for p in prompts]).rewards
+    return sum(r >= 1.0 for r in rewards) / max(1, len(prompts))
+
+
+class _GenerateTimer:
+    """Wraps `model.generate` (as an instance attribute) and sums its wall seconds while enabled:
+    the generation share of a TRL step, which TRL itself only reports to external trackers."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.seconds = 0.0
+        self.enabled = True
+        self._inner: Callable = model.generate
+        model.generate = self
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            if self.enabled:
+                self.seconds += time.perf_counter() - t0
+
+
+class _Clock:
+    """Training wall seconds with evaluation paused (the curve's x axis)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.paused = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def pause_for(self, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.paused += time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- TRL GRPOTrainer
+
+
+def trl_grpo_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompts: Sequence[Prompt], group_size: int,
+                   max_new_tokens: int, lr: float, prompts_per_step: int, time_budget_s: float, eval_every_s: float,
+                   seed: int, eval_max_new_tokens: int | None = None, temperature: float = 1.0) -> PeerCurve:
+    """TRL GRPOTrainer from `model_dir` for `time_budget_s` training seconds; greedy accuracy at the
+    start, every `eval_every_s` training seconds and at the end. `samples_generated` counts the
+    completions TRL scored (each generation batch passes through the reward function once).
+
+    Matched to our learner's defaults: no KL (beta 0, finding 3), PPO clip 0.2, group-std
+    advantages, "dapo" loss = our token_mean over the optimizer batch, constant lr, grad clip 1,
+    sampling at `temperature` with top_p 1 and no top-k."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    if time_budget_s <= 0 or eval_every_s <= 0:
+        raise ValueError(f"time_budget_s and eval_every_s must be > 0, got {time_budget_s}, {eval_every_s}")
+    eval_tokens = eval_max_new_tokens or max_new_tokens
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = Dataset.from_list([{"prompt": p.text, "gold": p.gold} for p in train_prompts])
+    points: list[dict] = []
+    scoring = {"samples": 0, "seconds": 0.0}
+    generate_timer = _GenerateTimer(model)
+    clock = _Clock()
+
+    with RewardPool() as pool, tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
+        def reward_math(completions: list[str], gold: list[str], **_kwargs) -> list[float]:
+            # TRL passes dataset columns as keyword lists aligned with `completions`.
+            t0 = time.perf_counter()
+            rewards = pool.score(completions, gold).rewards
+            scoring["seconds"] += time.perf_counter() - t0
+            scoring["samples"] += len(completions)
+            return rewards
+
+        def evaluate() -> float:
+            generate_timer.enabled = False
+            try:
+                return clock.pause_for(lambda: greedy_accuracy(model, tokenizer, eval_prompts, eval_tokens, pool))
+            finally:
+                generate_timer.enabled = True
+
+        class BudgetAndEval(TrainerCallback):
+            """Evaluates on the training clock's schedule and stops at the budget."""
+
+            def __init__(self) -> None:
+                self.next_eval = eval_every_s
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.start, clock.paused = time.perf_counter(), 0.0
+                points.append(curve_point(0.0, 0, evaluate()))
+
+            def on_step_end(self, args, state, control, **kwargs):
+                now = clock.seconds()
+                if now >= time_budget_s:
+                    control.should_training_stop = True
+                if now >= self.next_eval or control.should_training_stop:
+                    points.append(curve_point(now, scoring["samples"], evaluate()))
+                    while self.next_eval <= now:
+                        self.next_eval += eval_every_s
+                return control
+
+        config = GRPOConfig(
+            output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+            learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            # per_device_train_batch_size counts completions: one optimizer step = prompts_per_step groups of G.
+            per_device_train_batch_size=prompts_per_step * group_size, gradient_accumulation_steps=1,
+            num_generations=group_size, max_completion_length=max_new_tokens, temperature=temperature,
+            top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+            max_steps=10**9, save_strategy="no", report_to="none", logging_steps=10**9,
+            disable_tqdm=True, seed=seed, data_seed=seed, dataloader_num_workers=0, log_completions=False)
+        trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[reward_math],
+                              args=config, train_dataset=dataset, callbacks=[BudgetAndEval()])
+        trainer.train()
+    total = points[-1]["train_seconds"]
+    # TRL's step = generate -> score -> logprob forward + backward + optimizer in one process; the
+    # remainder after generation and scoring is its learn phase, bookkeeping included (no sync:
+    # the sampler is the trained model itself).
+    phases = {"generate": generate_timer.seconds, "score": scoring["seconds"],
+              "learn": total - generate_timer.seconds - scoring["seconds"], "sync": 0.0, "other": None, "total": total}
+    return PeerCurve(points, phases)
+
+
+# ----------------------------------------------------------------------------- SFT at equal time
+
+
+def sft_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompts: Sequence[Prompt], time_budget_s: float,
+              eval_every_s: float, lr: float, batch_size: int, seed: int, max_new_tokens: int = 16) -> PeerCurve:
+    """Continued SFT (launch.sft.sft_train) from `model_dir` for `time_budget_s` training seconds,
+    in segments of `eval_every_s` with a greedy evaluation between segments. `samples_generated`
+    stays 0 (SFT samples nothing); its x axis is seconds.
+    Each segment restarts sft_train's optimizer and warm-up (sft_train has no resume), at another
+    seed so that the segments see different batches."""
+    from launch.sft import sft_train
+
+    if time_budget_s <= 0 or eval_every_s <= 0:
+        raise ValueError(f"time_budget_s and eval_every_s must be > 0, got {time_budget_s}, {eval_every_s}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts, targets = [p.text for p in train_prompts], [sft_target(p) for p in train_prompts]
+    points: list[dict] = []
+    with RewardPool() as pool:
+        points.append(curve_point(0.0, 0, greedy_accuracy(model, tokenizer, eval_prompts, max_new_tokens, pool)))
+        spent, segment = 0.0, 0
+        while spent < time_budget_s:
+            # steps is only an upper bound; the deadline ends the segment.
+            stats = sft_train(model, tokenizer, texts, targets, steps=10**6, lr=lr, batch_size=batch_size,
+                              seed=seed + segment, deadline_s=min(eval_every_s, time_budget_s - spent))
+            spent += stats.seconds
+            segment += 1
+            points.append(curve_point(spent, 0, greedy_accuracy(model, tokenizer, eval_prompts, max_new_tokens, pool)))
+    return PeerCurve(points, {"generate": 0.0, "score": 0.0, "learn": spent, "sync": 0.0, "other": 0.0, "total": spent})
+
+
+# ----------------------------------------------------------------------------- curve arithmetic
+
+
+def at_target(curve: Sequence[dict], target: float, key: str) -> float | int | None:
+    """`point[key]` of the first point (in curve order = time order) whose accuracy reaches
+    `target`; None if none does."""
+    for point in curve:
+        if point["accuracy"] >= target:
+            return point[key]
+    return None
+
+
+def seconds_to_target(curve: Sequence[dict], target: float) -> float | None:
+    """Training seconds at which the curve first reaches `target` (None if never)."""
+    return at_target(curve, target, "train_seconds")
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when either is missing or the denominator is 0 (undefined)."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+class Comparison(NamedTuple):
+    """Seconds (and samples) to the baseline's best accuracy, for every contender."""
+
+    target_accuracy: float
+    """The best accuracy the baseline reaches on its curve (start point included)."""
+    seconds_to_target: dict[str, float | None]
+    """Contender -> training seconds at its first point >= target (None if never reached)."""
+    samples_to_target: dict[str, int | None]
+    """Contender -> samples generated by then (None if never reached)."""
+    final_accuracy: dict[str, float]
+    """Contender -> accuracy at its last point."""
+
+
+def compare_curves(curves: dict[str, Sequence[dict]], baseline: str = "standard_grpo") -> Comparison:
+    """Target = the baseline's best accuracy within its budget; then each contender's first
+    crossing of it, in training seconds and in samples generated."""
+    if baseline not in curves or not curves[baseline]:
+        raise ValueError(f"the baseline {baseline!r} has no curve (contenders: {sorted(curves)})")
+    empty = [name for name, c in curves.items() if not c]
+    if empty:
+        raise ValueError(f"contenders with an empty curve: {empty}")
+    target = max(p["accuracy"] for p in curves[baseline])
+    return Comparison(target,
+                      {n: seconds_to_target(c, target) for n, c in curves.items()},
+                      {n: at_target(c, target, "samples_generated") for n, c in curves.items()},
+                      {n: c[-1]["accuracy"] for n, c in curves.items()})
