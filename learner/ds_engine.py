@@ -29,7 +29,7 @@ import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
