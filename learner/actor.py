@@ -209,6 +209,8 @@ class LearnerGroup:
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed state (model, optimizer, scheduler, per-rank RNG) + LearnerState at `path`,
         atomically: written under `path`.tmp, then renamed (a crash leaves the old checkpoint)."""
+        if self._batcher.batch_open:
+            raise RuntimeError("save_checkpoint during an open batch: call end_batch (or abort_batch) first")
         tmp, final = Path(f"{path}.tmp"), Path(path)
         shutil.rmtree(tmp, ignore_errors=True)
         state = LearnerState(self.optimizer_steps, self.policy_version, self._batcher.batches_done)
@@ -224,6 +226,8 @@ class LearnerGroup:
 
     def load_checkpoint(self, path: str) -> LearnerState:
         """Restore a `save_checkpoint` directory on every rank; returns the saved LearnerState."""
+        if self._batcher.batch_open:
+            raise RuntimeError("load_checkpoint during an open batch: call end_batch (or abort_batch) first")
         if not (Path(path) / "learner_state.json").exists():
             raise FileNotFoundError(f"{path} is not a learner checkpoint (no learner_state.json)")
         self._pool.wait([a.load_checkpoint.remote(path) for a in self._actors])

@@ -125,6 +125,11 @@ class StreamingBatcher:
         self.batches_done = 0
 
     # ---- public ---------------------------------------------------------------------------
+    @property
+    def batch_open(self) -> bool:
+        """True between begin_batch and end_batch/abort_batch."""
+        return self._active
+
     def begin_batch(self, num_groups: int) -> None:
         """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step)."""
         if self._active:

@@ -29,7 +29,7 @@ import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -210,24 +210,25 @@ class RankEngine:
         return bool(flag.item() > 0)
 
     def step(self, normaliser: float) -> StepResult:
-        """Normalise the accumulated gradient (module docstring) and take one optimizer step, or, when
-        any rank saw a non-finite loss since the last step, drop the gradient on every rank and count
-        it. Raises RuntimeError after `max_bad_steps` skipped steps in a row. Collective."""
+        """Normalise the accumulated gradient (module docstring) and take one optimizer step, or skip it
+        (gradient dropped on every rank, counted) when any rank saw a non-finite loss since the last
+        step, or the global gradient norm is non-finite (checked at ZeRO 0, and by DeepSpeed itself
+        at fp32 ZeRO 1/2; ZeRO 3 and bf16 rely on the loss check). Raises RuntimeError after
+        `max_bad_steps` skipped steps in a row. Collective."""
         lr = float(self.engine.get_lr()[0])
         if self._any_rank_bad():
             self.discard_gradients()
-            self.skipped_steps += 1
-            self.consecutive_bad_steps += 1
-            if self.consecutive_bad_steps >= self.cfg.max_bad_steps:
-                raise RuntimeError(f"learner rank {self.rank}: {self.consecutive_bad_steps} optimizer steps in a row "
-                                   f"had a non-finite loss (max_bad_steps={self.cfg.max_bad_steps}); aborting")
-            return StepResult(float("nan"), lr, True)
+            return self._count_skip(lr)
         factor = self.world_size / normaliser
         if self.cfg.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             for g in grads:
                 g.mul_(factor)
+            # grads are all-reduced already, so every rank sees the same norm and takes the same branch
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            if not math.isfinite(grad_norm):
+                self.discard_gradients()
+                return self._count_skip(lr)
             self.engine.step()
         else:
             self.engine.optimizer.loss_scale = 1.0 / factor
@@ -235,10 +236,20 @@ class RankEngine:
                 self.engine.step()
             finally:
                 self.engine.optimizer.loss_scale = 1.0
+            if getattr(self.engine.optimizer, "overflow", False):  # DeepSpeed found a NaN/inf gradient and skipped
+                return self._count_skip(lr)
             grad_norm = float(self.engine.get_global_grad_norm())
         self.optimizer_steps += 1
         self.consecutive_bad_steps = 0
         return StepResult(grad_norm, lr, False)
+
+    def _count_skip(self, lr: float) -> StepResult:
+        self.skipped_steps += 1
+        self.consecutive_bad_steps += 1
+        if self.consecutive_bad_steps >= self.cfg.max_bad_steps:
+            raise RuntimeError(f"learner rank {self.rank}: {self.consecutive_bad_steps} optimizer steps in a row "
+                               f"had a non-finite loss or gradient (max_bad_steps={self.cfg.max_bad_steps}); aborting")
+        return StepResult(float("nan"), lr, True)
 
     def discard_gradients(self) -> None:
         """Drop the accumulated gradient without stepping (a skipped step). DeepSpeed has no public

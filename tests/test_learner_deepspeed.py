@@ -180,8 +180,9 @@ def test_multi_step_epochs_recompute_and_loss_goes_down(engines, tiny_model_dir)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
 
 
-def test_nonfinite_step_skipped_then_exact_then_abort(engines, tiny_model_dir):
-    engine = engines(2, old_logprobs="sampler", prompts_per_step=3, max_bad_steps=2)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nonfinite_step_skipped_then_exact_then_abort(engines, tiny_model_dir, stage):
+    engine = engines(stage, old_logprobs="sampler", prompts_per_step=3, max_bad_steps=2)
     cfg = engine.cfg
     batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
     good = make_groups(3, seed=4)
@@ -197,7 +198,7 @@ def test_nonfinite_step_skipped_then_exact_then_abort(engines, tiny_model_dir):
     probe = batcher.probe_gradients(good)
     kept = select_samples(good, cfg.advantage, cfg.filter_threshold, cfg.filter)
     assert max_rel_error(probe, reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)) <= 1e-5
-    with pytest.raises(RuntimeError, match="2 optimizer steps in a row had a non-finite loss"):
+    with pytest.raises(RuntimeError, match="2 optimizer steps in a row had a non-finite loss or gradient"):
         batcher.begin_batch(3)
         batcher.add_groups(bad)  # the in-process pool steps at once; a Ray pool raises in end_batch
         batcher.end_batch()
