@@ -73,8 +73,6 @@ class TrainConfig:
     """RL iterations (sample -> score -> filter -> learn -> sync -> log)."""
     mode: str = "dash"
     """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter)."""
-    overlap: bool = False
-    """Sample iteration t+1 while learning on t (one step off-policy; staleness is logged)."""
     placement: str = "auto"
     """"auto", "cpu", "colocated" (engines and learner share GPUs) or "disaggregated" (separate GPUs)."""
     num_gpus: int = 0
@@ -137,7 +135,7 @@ class RunConfig:
     wandb: bool = False
     """Also log to Weights & Biases (must be installed)."""
     progress: bool = True
-    """Show a progress bar in the console."""
+    """Show a progress bar (tqdm, on stderr) above the per-iteration console lines."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 [[ -x .venv/bin/python ]] && PY=.venv/bin/python
 RAY="$(dirname "$PY")/ray"
+export PATH="$(dirname "$PY"):$PATH"   # the job's `python` is the one ray runs on
 command -v "$RAY" >/dev/null 2>&1 || RAY=ray
 
 CONFIG_ARGS=()

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import ray
 import torch
+from tqdm import tqdm
 
 from launch import checkpoints
 from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
@@ -229,7 +230,10 @@ def connect_ray(cfg: Config) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(os.cpu_count() or 1, needed_cpus(cfg)),
                  runtime_env={"env_vars": {k: v for k, v in env.items() if v}})
     else:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in env.items() if v}})
+        # Under `ray job submit` the job's runtime env already reaches every actor, and Ray refuses
+        # to merge a ray.init env that sets the same keys: add only what the job did not set.
+        extra = {k: v for k, v in env.items() if v and k not in os.environ}
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": extra} if extra else None)
 
 
 def needed_cpus(cfg: Config) -> int:
@@ -303,6 +307,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if not evals:
             evals.append(evaluate(run, run.train_seconds))
             print(f"eval before RL: accuracy {evals[0]['accuracy']:.3f} on {len(run.eval_prompts)} held-out problems", flush=True)
+        bar = tqdm(total=cfg.train.iterations, initial=run.iteration, desc="DASH iterations", unit="it",
+                   disable=not cfg.run.progress, dynamic_ncols=True)
         while run.iteration < cfg.train.iterations and not stop:
             run.iteration += 1
             t0 = time.perf_counter()
@@ -317,9 +323,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 evals.append(evaluate(run, run.train_seconds))
                 record["eval_accuracy"] = evals[-1]["accuracy"]
             run.logger.log(record)
-            print(console_line(record), flush=True)
+            bar.update(1)
+            tqdm.write(console_line(record))
             if cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0:
                 checkpoints.save(run, {"evals": evals})
+        bar.close()
         if stop:
             path = checkpoints.save(run, {"evals": evals, "stopped_by": stop[0]})
             print(f"{stop[0]}: checkpoint {path}; continue with --resume {run_dir}", flush=True)

@@ -30,8 +30,8 @@ def test_wrong_type_names_key_and_type():
         load_config(None, ["learner.lr=fast"])
     with pytest.raises(ConfigError, match=r"rollout\.group_size expects int, got 2\.5"):
         load_config(None, ["rollout.group_size=2.5"])
-    with pytest.raises(ConfigError, match=r"train\.overlap expects bool"):
-        load_config(None, ["train.overlap=3"])
+    with pytest.raises(ConfigError, match=r"run\.progress expects bool"):
+        load_config(None, ["run.progress=3"])
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def ray_processes_of(session_hint: str) -> list[str]:
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_leaves_no_ray_processes(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    ray_tmp = tmp_path / "ray"  # this run's own Ray session dir: its processes carry it in their args
+    # This run's own Ray temp dir (short: socket paths must fit 107 bytes); its processes carry it in their args.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rf", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
