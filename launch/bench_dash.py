@@ -19,9 +19,9 @@ optimizer step:
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench_peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
 
-Task: 2-digit addition (not the embedded default's 3 digits). Measured here, the default tiny
-model (149k params) after its 300-step SFT warm-up answers ~0% of 3-digit sums, which gives RL no
-reward signal at all, and ~10% of 2-digit sums; `--set data.synthetic_digits=3` restores 3 digits.
+Task: the embedded default's 3-digit addition; the shared start is its SFT warm-up, which stops
+once greedy accuracy on training problems reaches model.sft_stop_accuracy (tiny models learn
+carries abruptly, so a fixed step count gives an unreliable start).
 
 Budget. `launch.train` has no wall-clock cap, so our four contenders get the same number of
 training *prompts* (`--prompts`), hence the same number of optimizer steps: an iteration takes
@@ -83,7 +83,7 @@ class Plan(NamedTuple):
 
 
 FULL = Plan(prompts=1024, eval_every_prompts=64, group_size=8, prompts_per_step=16, prompts_per_generation=64,
-            max_new_tokens=16, lr=1e-4, eval_size=256, digits=2, train_size=6000)
+            max_new_tokens=16, lr=1e-4, eval_size=256, digits=3, train_size=20000)
 QUICK = FULL._replace(prompts=256)
 
 
