@@ -4,7 +4,7 @@
     python -m launch.bench engine  --json runs/bench/engine.json
     python -m launch.bench sync    --json runs/bench/sync.json
     python -m launch.bench dash [--quick] --json runs/bench/dash.json
-    python -m launch.bench all [--quick]     # all of the above + the README table (runs/bench/table.md)
+    python -m launch.bench all [--quick] [--skip dash]   # all of the above + the README table (runs/bench/table.md)
 """
 from __future__ import annotations
 
@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path("runs/bench")
     out.mkdir(parents=True, exist_ok=True)
     quick = ["--quick"] if "--quick" in rest else []
+    skip = {rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--skip"}
     results = {}
     for name, module in BENCHES.items():
+        if name in skip:
+            continue
         results[name] = importlib.import_module(module).main(["--json", str(out / f"{name}.json")] + (quick if name == "dash" else []))
     table = render_table(results, machine(), time.strftime("%Y-%m-%d"))
     (out / "table.md").write_text(table)

@@ -379,7 +379,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="DASH RL training (Ray + DeepSpeed + vLLM/transformers). Overrides are section.key=value.",
         epilog="presets: " + ", ".join(list_presets()) + "\n\nconfig reference:" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file or preset name")
+    parser.add_argument("--config", default="tiny-cpu", help="YAML file or preset name (default: tiny-cpu, the embedded default)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest complete checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.filter_threshold=0.1")
     return parser.parse_args(argv)
