@@ -48,7 +48,7 @@ class ModelConfig:
     """Most supervised warm-up steps on the training prompts before RL (0 = none)."""
     sft_stop_accuracy: float = 0.3
     """End the warm-up once greedy accuracy on 64 training problems reaches this (0 = run all sft_steps)."""
-    sft_lr: float = 2e-3
+    sft_lr: float = 1e-3
     """Learning rate of the supervised warm-up."""
     sft_batch_size: int = 64
     """Examples per supervised warm-up step."""
