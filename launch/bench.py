@@ -69,8 +69,10 @@ def render_table(r: dict, machine_name: str, date: str) -> str:
     ]
     for model, curve in e["models"].items():
         pts = ", ".join(f"{b}: {t:.0f}" for b, t in zip(curve["batch_sizes"], curve["tokens_per_second"]))
-        rows.append((f"transformers engine, {model} (batch: tok/s)", pts, "python -m launch.bench engine"))
-    for model, x in s["models"].items():
+        rows.append((f"transformers engine, {model} ({curve['params'] / 1e6:.1f}M params; batch: tok/s)", pts,
+                     "python -m launch.bench engine"))
+    for x in s["models"]:
+        model = x["model"]
         rows.append((f"gloo weight sync, {model}", f"{x['bytes'] / 1e6:.1f} MB in {x['seconds'] * 1e3:.1f} ms vs memcpy "
                      f"{x['memcpy_seconds'] * 1e3:.1f} ms ({x['seconds'] / x['memcpy_seconds']:.1f}x); max abs diff {x['max_abs_diff']}",
                      "python -m launch.bench sync"))
