@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from learner.actor import LearnerRank
+from rollout_workers.engines.base import TORCH_DTYPES
 from rollout_workers.worker import RolloutWorker
 from weight_sync.endpoint import SyncEndpoint, SyncStats
 from weight_sync.sync import WeightReceiver, WeightSender
@@ -41,7 +42,7 @@ class SyncedRolloutWorker(RolloutWorker):
     _receiver: WeightReceiver | None = None
 
     def init_weight_receiver(self, endpoint: SyncEndpoint) -> None:
-        self._receiver = WeightReceiver(endpoint, self.name(), out_dtype=_DTYPES[self._cfg.dtype])
+        self._receiver = WeightReceiver(endpoint, self.name(), out_dtype=TORCH_DTYPES[self._cfg.dtype])
 
     def receive_weights(self, version: int) -> int:
         """Receive every bucket of `version`, then load them in one go; returns the version now served.
@@ -67,5 +68,3 @@ class SyncedRolloutWorker(RolloutWorker):
         """The engine's current weights (for equality checks after a sync)."""
         return [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()]
 
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -244,6 +244,9 @@ def validate(cfg: Config) -> None:
                 f"need {needed:g} GPUs but train.num_gpus is {cfg.train.num_gpus}")
     elif r.engine == "vllm":
         raise ConfigError("rollout.engine=vllm needs GPUs: set train.num_gpus (vLLM cannot run on CPU)")
+    elif cfg.train.placement in ("colocated", "disaggregated"):
+        raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
+                          "or use train.placement=cpu/auto")
     if cfg.sync.transport in ("nccl", "ipc") and r.engine != "vllm":
         raise ConfigError(f"sync.transport={cfg.sync.transport} is vLLM's native path; use rollout.engine=vllm or sync.transport=gloo")
     if cfg.sync.transport == "ipc" and cfg.train.placement != "colocated":

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -237,8 +237,6 @@ def connect_ray(cfg: Config) -> None:
 
 
 def needed_cpus(cfg: Config) -> int:
-    import math
-
     return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
 
 
@@ -254,7 +252,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     learner_cfg = cfg.learner if cfg.train.mode == "dash" else replace(cfg.learner, filter=False)
     learner = LearnerGroup(learner_cfg, str(model_path), cfg.rollout.max_new_tokens, timeout,
                            placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset,
-                           rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction * (cfg.train.num_gpus > 0))
+                           rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction)
 
     def new_workers(indices: list[int] | None = None) -> list:
         return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],

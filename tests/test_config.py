@@ -39,6 +39,7 @@ def test_wrong_type_names_key_and_type():
     (["learner.filter_threshold=-0.1"], r"learner\.filter_threshold must be >= 0"),
     (["train.num_gpus=4", "rollout.num_workers=3", "rollout.tensor_parallel_size=2"], r"need 6 GPUs but train\.num_gpus is 4"),
     (["rollout.engine=vllm"], r"rollout\.engine=vllm needs GPUs"),
+    (["train.placement=colocated"], r"train\.placement=colocated places actors on GPUs"),
     (["rollout.prompts_per_generation=24", "learner.prompts_per_step=16"], r"must be a multiple of learner\.prompts_per_step"),
     (["model.path=/nonexistent/model"], r"model\.path '/nonexistent/model' does not exist"),
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),

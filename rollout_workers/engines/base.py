@@ -16,6 +16,9 @@ import torch
 
 from rollout_workers.types import Completion, Prompt
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Engine dtype names (rollout.dtype) -> torch dtypes."""
+
 
 @dataclass(frozen=True)
 class SamplingParamsSpec:

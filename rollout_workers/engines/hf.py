@@ -20,11 +20,10 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
-from rollout_workers.engines.base import (Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
+from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
 from rollout_workers.types import Completion, Prompt
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine(Engine):
@@ -32,8 +31,8 @@ class HFEngine(Engine):
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
                  gen_batch_tokens: int = 65536, seed: int = 0) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"HFEngine dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"HFEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if gen_batch_tokens < 1:
             raise ValueError(f"HFEngine gen_batch_tokens must be >= 1, got {gen_batch_tokens}")
         self._device = torch.device(device)
@@ -41,7 +40,7 @@ class HFEngine(Engine):
         self._tokenizer.padding_side = "left"
         if self._tokenizer.pad_token_id is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self._device)
+        self._model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[dtype]).to(self._device)
         self._model.eval()
         self._gen_batch_tokens = gen_batch_tokens
         self._seed = seed

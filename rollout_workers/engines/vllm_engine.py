@@ -35,11 +35,10 @@ from packaging.version import Version
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from rollout_workers.engines.base import (Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
+from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
 from rollout_workers.types import Completion, Prompt
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SUPPORTED_VLLM = (Version("0.33.0"), Version("0.34"))
 """Supported vLLM versions: >= first, < second (the weight-transfer API and output fields used here)."""
@@ -89,8 +88,8 @@ class VLLMEngine(Engine):
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True,
                  enable_sleep_mode: bool = False, weight_transfer_backend: str = "ipc",
                  vllm_module: ModuleType | str | None = None, llm_kwargs: dict[str, Any] | None = None) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"VLLMEngine dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"VLLMEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if weight_transfer_backend not in ("ipc", "nccl"):
             raise ValueError(f"VLLMEngine weight_transfer_backend must be 'ipc' or 'nccl', got {weight_transfer_backend!r}")
         self._vllm = load_vllm(vllm_module)
@@ -110,7 +109,7 @@ class VLLMEngine(Engine):
         self._tokenizer = self.llm.get_tokenizer()
         self.context = int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
         self._expected, self._optional = checkpoint_shapes(model_path)
-        self._dtype = _DTYPES[dtype]
+        self._dtype = TORCH_DTYPES[dtype]
         self._version = 0
         self._sleeping = False
 
