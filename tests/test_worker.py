@@ -5,7 +5,9 @@ delivery, a killed worker's prompts re-dispatched, errors and timeouts that neve
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from typing import Iterator
 
 import pytest
 import ray
@@ -15,7 +17,7 @@ from rollout_workers.config import RolloutConfig
 from rollout_workers.dispatch import Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.rewards import score_math
-from rollout_workers.types import Prompt
+from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import RolloutRequest, make_rollout_workers, sampling_spec
 
 PARAMS = SamplingParamsSpec(n=2, max_new_tokens=6, seed=0)
@@ -80,10 +82,27 @@ def test_update_weights_through_the_actor(workers, tiny_model_dir):
     assert ray.get(workers[0].version.remote(), timeout=60) == 4
 
 
-def test_frozen_worker_times_out_with_its_name(workers):
-    disp = Dispatcher(workers[:1], timeout_s=0.001)
-    with pytest.raises(TimeoutError, match=r"hf-0 \(12 prompts pending\)"):
+@ray.remote(max_concurrency=2)
+class _FrozenWorker:
+    """Same surface as RolloutWorker, but generate() never yields: a hung engine."""
+
+    def __init__(self) -> None:
+        self.never = threading.Event()
+
+    def name(self) -> str:
+        return "frozen-0"
+
+    def generate(self, request: RolloutRequest) -> Iterator[ScoredGroup]:
+        self.never.wait()
+        yield from ()
+
+
+def test_frozen_worker_times_out_with_its_name(ray_local):
+    frozen = _FrozenWorker.remote()
+    disp = Dispatcher([frozen], timeout_s=2.0)
+    with pytest.raises(TimeoutError, match=r"frozen-0 \(12 prompts pending\)"):
         list(disp.run(_prompts(12, "t"), batch_id=9, params=PARAMS))
+    ray.kill(frozen)
 
 
 def test_killed_worker_prompts_are_redispatched(ray_local, tiny_model_dir):
