@@ -19,9 +19,10 @@ optimizer step:
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench_peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
 
-Task: the embedded default's 3-digit addition; the shared start is its SFT warm-up, which stops
-once greedy accuracy on training problems reaches model.sft_stop_accuracy (tiny models learn
-carries abruptly, so a fixed step count gives an unreliable start).
+Task: the embedded default's 2-digit addition (the tiny-cpu preset, whose settings every contender
+starts from); the shared start is its SFT warm-up, which stops once greedy accuracy on training
+problems reaches model.sft_stop_accuracy (tiny models learn carries abruptly, so a fixed step
+count gives an unreliable start).
 
 Budget. `launch.train` has no wall-clock cap, so our four contenders get the same number of
 training *prompts* (`--prompts`), hence the same number of optimizer steps: an iteration takes
@@ -52,6 +53,8 @@ from typing import NamedTuple, Sequence
 
 from launch.bench_peers import PHASES, PeerCurve, compare_curves, ratio
 
+PRESET = "tiny-cpu"
+"""Every contender starts from the embedded default's config (then the plan's shared overrides)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
@@ -82,9 +85,9 @@ class Plan(NamedTuple):
     """Distinct synthetic training problems."""
 
 
-FULL = Plan(prompts=1024, eval_every_prompts=64, group_size=8, prompts_per_step=16, prompts_per_generation=64,
-            max_new_tokens=16, lr=1e-4, eval_size=256, digits=3, train_size=20000)
-QUICK = FULL._replace(prompts=256)
+FULL = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
+            max_new_tokens=16, lr=1e-4, eval_size=500, digits=2, train_size=6000)
+QUICK = FULL._replace(prompts=512)
 
 
 def shared_overrides(plan: Plan) -> list[str]:
@@ -140,7 +143,7 @@ def run_ours(name: str, plan: Plan, model_dir: Path, bench_dir: Path, extra: lis
         raise FileExistsError(f"{run_dir} exists: give a fresh --dir (a bench run never resumes or mixes runs)")
     overrides = shared_overrides(plan) + extra + contender_overrides(name, plan) + [
         f"model.path={model_dir}", f"run.dir={run_dir}", f"run.name=bench-{name}"]
-    cfg = load_config(None, overrides)
+    cfg = load_config(PRESET, overrides)
     prepare_run_dir(cfg)
     random.seed(cfg.train.seed)  # as `python -m launch.train` does: every contender starts from the same RNG
     torch.manual_seed(cfg.train.seed)
@@ -181,7 +184,7 @@ def run_bench(plan: Plan, bench_dir: Path, only: Sequence[str], extra: list[str]
 
     start_dir = bench_dir / "start"
     start_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None, shared_overrides(plan) + extra + [f"run.dir={start_dir}"])
+    cfg = load_config(PRESET, shared_overrides(plan) + extra + [f"run.dir={start_dir}"])
     if cfg.model.path:
         model_dir, sft_info = Path(cfg.model.path), {}
     else:

@@ -43,7 +43,10 @@ def save(run: "Run", extra: dict) -> Path:
     run.learner.save_checkpoint(str(tmp / "learner"))
     run.learner.export_hf(str(tmp / "hf"))
     state = {
-        "iteration": run.iteration, "version": run.version, "cursor": run.cursor.state(),
+        # A batch prefetched but not yet learned (train.overlap, interrupted) is not in the
+        # checkpoint: the cursor is saved from before it, so --resume samples it again.
+        "iteration": run.iteration, "version": run.version,
+        "cursor": run.prefetched.cursor_before if run.prefetched else run.cursor.state(),
         "samples_generated": run.samples_generated, "samples_kept": run.samples_kept,
         "train_seconds": run.train_seconds, "python_rng": random.getstate(), **extra,
     }

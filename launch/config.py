@@ -73,6 +73,8 @@ class TrainConfig:
     """RL iterations (sample -> score -> filter -> learn -> sync -> log)."""
     mode: str = "dash"
     """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter)."""
+    overlap: bool = False
+    """Sample batch t+1 with the current weights while the learner trains on batch t (one policy version off-policy; staleness is logged). The pipeline drains before each checkpoint, so --resume stays exact."""
     placement: str = "auto"
     """"auto", "cpu", "colocated" (engines and learner share GPUs) or "disaggregated" (separate GPUs)."""
     num_gpus: int = 0

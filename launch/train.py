@@ -22,7 +22,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator, NamedTuple, Sequence
 
 import ray
 import torch
@@ -50,6 +51,15 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: checkpoint, shut the actors down, exit."""
 
 
+class Prefetched(NamedTuple):
+    """A batch whose sampling started during the previous iteration (train.overlap)."""
+
+    num_prompts: int
+    cursor_before: dict
+    """Data cursor before this batch was drawn: a checkpoint taken while it is pending rewinds to it."""
+    groups: Future  # -> list[ScoredGroup]
+
+
 @dataclass
 class Run:
     """Everything one training run holds. Built by `setup`, torn down by `shutdown`."""
@@ -63,6 +73,9 @@ class Run:
     cursor: PromptCursor
     eval_prompts: list[Prompt]
     logger: MetricsLogger
+    prefetcher: ThreadPoolExecutor
+    prefetched: Prefetched | None = None
+    """Batch t+1, sampling in the background (train.overlap); None when the pipeline is drained."""
     version: int = 0
     iteration: int = 0
     samples_generated: int = 0
@@ -72,25 +85,35 @@ class Run:
 
 # ----------------------------------------------------------------------------- one iteration
 
-def train_iteration(run: Run) -> dict:
-    """sample -> score -> filter -> learn -> sync -> log, each phase timed."""
+def train_iteration(run: Run, prefetch_next: bool) -> dict:
+    """sample -> score -> filter -> learn -> sync -> log, each phase timed. With `prefetch_next`
+    (train.overlap) the engines sample batch t+1 with the current weights while the learner
+    trains on batch t; batch t+1 is then one policy version stale, which the record logs."""
     cfg, timer = run.cfg, PhaseTimer()
-    prompts = run.cursor.next_batch(cfg.rollout.prompts_per_generation if cfg.train.mode == "dash"
-                                    else cfg.learner.prompts_per_step)
-    groups: list[ScoredGroup] = []
-    version_sampling = run.version  # the version the engines serve for this batch
     score_before = score_seconds(run)
-    run.learner.begin_batch(len(prompts))
-    # sample + score (in the workers) -> filter + learn (in the learner), streamed group by group.
-    # DASH samples the whole preemptive batch in one engine call; standard GRPO one micro-batch
-    # of prompts per call (the baseline of the paper's Sec. 3.1).
+    version_learn = run.learner.policy_version
     with timer.phase("generate"):
-        for call in sampling_calls(cfg, prompts):
-            for group in run.dispatcher.run(call, batch_id=run.iteration, params=sampling_params(cfg, run.iteration)):
+        if run.prefetched is None:
+            # sample + score (workers) -> filter + learn (learner), streamed group by group, so the
+            # backprop of early groups overlaps the sampling of later ones.
+            num_prompts, groups = batch_prompts(cfg), []
+            prompts = run.cursor.next_batch(num_prompts)
+            run.learner.begin_batch(len(prompts))
+            for group in sample(run, prompts, run.iteration):
                 groups.append(group)
                 run.learner.add_groups([group])
+        else:  # sampled during the previous iteration's learn phase; only the rest of the wait is on the clock
+            num_prompts, groups = run.prefetched.num_prompts, run.prefetched.groups.result(cfg.train.actor_timeout_s)
+            run.prefetched = None
+            run.learner.begin_batch(num_prompts)
+            run.learner.add_groups(groups)
+    if prefetch_next:
+        run.prefetched = start_prefetch(run, num_prompts)
     with timer.phase("learn"):
         stats = run.learner.end_batch()
+    with timer.phase("generate"):  # the engines must be idle before their weights change
+        if run.prefetched is not None:
+            run.prefetched.groups.result(cfg.train.actor_timeout_s)
     with timer.phase("sync"):
         if run.sync.workers != run.dispatcher.workers:  # a worker was restarted: rebuild the side group
             run.sync.set_workers(run.dispatcher.workers, run.dispatcher.names)
@@ -98,10 +121,35 @@ def train_iteration(run: Run) -> dict:
             run.version = run.learner.policy_version
             run.sync.sync(run.version)
     timer.seconds["score"] = score_seconds(run) - score_before
-    record = iteration_record(run, groups, stats, timer.finish(), version_sampling)
+    record = iteration_record(run, groups, stats, timer.finish(), version_learn)
     run.samples_generated += record["samples_generated"]
     run.samples_kept += stats.samples_kept
     return record
+
+
+def sample(run: Run, prompts: list[Prompt], iteration: int) -> Iterator[ScoredGroup]:
+    """Scored groups of one sampled batch as they arrive. DASH samples the whole preemptive batch
+    in one engine call; standard GRPO one micro-batch of prompts per call (the paper's Sec. 3.1 baseline)."""
+    for call in sampling_calls(run.cfg, prompts):
+        yield from run.dispatcher.run(call, batch_id=iteration, params=sampling_params(run.cfg, iteration))
+
+
+def start_prefetch(run: Run, num_prompts: int) -> Prefetched:
+    """Start sampling the next batch in a driver thread (the engines run in their actors; the
+    thread only waits on them). The cursor position before it is kept so that a checkpoint taken
+    while it is pending rewinds to it and --resume samples that batch again."""
+    cursor_before = run.cursor.state()
+    prompts = run.cursor.next_batch(num_prompts)
+    return Prefetched(num_prompts, cursor_before, run.prefetcher.submit(sample_all, run, prompts, run.iteration + 1))
+
+
+def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> list[ScoredGroup]:
+    return list(sample(run, prompts, iteration))
+
+
+def batch_prompts(cfg: Config) -> int:
+    """Prompts sampled per iteration: the preemptive batch (DASH) or one optimizer batch (standard GRPO)."""
+    return cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
 
 
 def score_seconds(run: Run) -> float:
@@ -131,11 +179,11 @@ def sampling_params(cfg: Config, iteration: int) -> SamplingParamsSpec:
 
 
 def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float],
-                     version_sampling: int) -> dict:
+                     version_learn: int) -> dict:
     rewards = [x for g in groups for x in g.rewards]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     tokens = sum(lengths)
-    staleness = [version_sampling - g.policy_version for g in groups]  # 0 when on-policy
+    staleness = [version_learn - g.policy_version for g in groups]  # 0 when on-policy, 1 with train.overlap
     return {
         "iteration": run.iteration,
         "policy_version": run.version,
@@ -272,7 +320,8 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype, timeout)
     cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
     logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
-    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger)
+    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger,
+              ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch"))
     return run, {**data_info, **sft_info}
 
 
@@ -310,8 +359,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         while run.iteration < cfg.train.iterations and not stop:
             run.iteration += 1
             t0 = time.perf_counter()
+            # Overlap, but drain the pipeline before a checkpoint (and at the end), so a checkpoint
+            # never holds a half-consumed batch and --resume replays exactly.
+            prefetch_next = (cfg.train.overlap and run.iteration < cfg.train.iterations and not stop
+                             and not (cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0))
             try:
-                record = train_iteration(run)
+                record = train_iteration(run, prefetch_next)
             except SyncError:
                 run.version = run.learner.policy_version  # the learner's step is done; engines get it on resume
                 checkpoints.save(run, {"evals": evals, "stopped_by": "weight sync failure"})
@@ -351,6 +404,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 def shutdown(run: Run) -> None:
     """Stop everything this run started (reward pools, actors, placement group); bounded waits."""
+    run.prefetcher.shutdown(wait=False, cancel_futures=True)
     run.logger.close()
     run.sync.close()
     run.learner.shutdown()

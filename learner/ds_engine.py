@@ -96,6 +96,34 @@ class LrSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+STALE_BUILD_LOCK_S = 600.0
+"""A JIT build lock older than this is left by a killed process (the shm op compiles in ~1 min on 2 cores)."""
+
+
+def clear_stale_build_lock(older_than_s: float) -> list[Path]:
+    """Remove the JIT build lock of DeepSpeed's CPU shm comm op if it is older than `older_than_s`.
+
+    torch's cpp_extension build holds `<TORCH_EXTENSIONS_DIR>/deepspeed_shm_comm/lock` while it
+    compiles. A process killed mid-build never removes it, and every later learner then waits on
+    it without end. A fresh lock (a build in progress on this node) is left alone.
+    Returns the locks removed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    locks = [Path(root) / "deepspeed_shm_comm" / "lock"] if root else \
+        list(Path(get_default_build_root()).glob("*/deepspeed_shm_comm/lock"))
+    removed = []
+    for lock in locks:
+        try:
+            if time.time() - lock.stat().st_mtime > older_than_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed a stale DeepSpeed JIT build lock {lock} (left by a killed run)", flush=True)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 class RankEngine:
     """DeepSpeed engine + DASH loss on one rank. `self.engine` is the DeepSpeedEngine and
     `self.engine.module` the transformers model (weight sync reads it from here).
@@ -111,6 +139,7 @@ class RankEngine:
             raise ValueError("learner.bf16 needs learner.zero_stage >= 1 (the exact gradient normalisation goes "
                              "through the ZeRO optimizer's loss scale; ZeRO 0 is fp32 only)")
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        clear_stale_build_lock(STALE_BUILD_LOCK_S)
         import deepspeed
         import torch.distributed as dist
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from launch.bench_dash import FULL, OURS, QUICK, contender_overrides, shared_overrides, summarize, table, write_plot
+from launch.bench_dash import FULL, OURS, PRESET, QUICK, contender_overrides, shared_overrides, summarize, table, write_plot
 from launch.bench_peers import (PHASES, at_target, compare_curves, ratio, seconds_to_target, sft_curve,
                                 trl_grpo_curve)
 from rollout_workers.prompts import synthetic_problems
@@ -66,7 +66,7 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(plan):
 
     seen = {}
     for name in OURS:
-        cfg = load_config(None, shared_overrides(plan) + contender_overrides(name, plan))
+        cfg = load_config(PRESET, shared_overrides(plan) + contender_overrides(name, plan))
         per_iteration = cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
         seen[name] = (cfg.train.iterations * per_iteration, cfg.eval.every * per_iteration, cfg.learner.filter,
                       cfg.train.mode, cfg.rollout.prompts_per_generation)

@@ -13,10 +13,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import ray
+from ray.exceptions import RayTaskError
 
 from launch import checkpoints
-from rollout_workers.config import DataConfig
-from rollout_workers.prompts import PromptCursor, load_prompts
+from launch.config import load_config
+from learner.actor import LearnerGroup
+from learner.config import LearnerConfig
+from rollout_workers.prompts import PromptCursor, load_prompts, synthetic_problems
+from test_integration import fake_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,13 +35,15 @@ def ray_processes_of(session_hint: str) -> list[str]:
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_leaves_no_ray_processes(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    # This run's own Ray temp dir (short: socket paths must fit 107 bytes); its processes carry it in their args.
+    # train.overlap: when the signal lands, the next batch is already drawn and sampling; the
+    # checkpoint must rewind the cursor to before it. This run's own Ray temp dir (short: socket paths must fit 107 bytes); its processes carry it in their args.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rf", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.train", f"model.path={tiny_model_dir}", "train.iterations=50", "eval.size=8",
-         "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=2", f"run.dir={run_dir}"],
+         "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=2", "train.overlap=true",
+         f"run.dir={run_dir}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # bounded: the subprocess itself has every wait under a timeout
@@ -54,9 +61,31 @@ def test_sigterm_checkpoints_and_leaves_no_ray_processes(tiny_model_dir, tmp_pat
     # The checkpoint is at an iteration boundary and the metrics stream agrees with it.
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["iteration"] == state["iteration"] >= 2
-    # The data cursor stands exactly after the prompts of the completed iterations: none half-consumed.
-    cursor = PromptCursor(load_prompts(DataConfig(), "train").prompts, seed=0)
+    # The data cursor stands exactly after the prompts of the completed iterations: none half-consumed,
+    # and the prefetched batch that was never learned is not skipped on resume.
+    cursor = PromptCursor(load_prompts(load_config("tiny-cpu").data, "train").prompts, seed=0)
     for _ in range(state["iteration"]):
         cursor.next_batch(8)
     assert state["cursor"] == cursor.state()
     assert ray_processes_of(str(ray_tmp)) == []
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_frozen_learner_rank_raises_instead_of_hanging(ray_local, tiny_model_dir):
+    """Rank 1 is frozen (SIGSTOP) in the middle of a step: rank 0's gradient all-reduce and the
+    driver's wait both have timeouts, so the step raises instead of hanging."""
+    cfg = LearnerConfig(num_ranks=2, prompts_per_step=2, micro_batch_tokens=256, cpus_per_rank=0.5, lr=1e-3)
+    learner = LearnerGroup(cfg, str(tiny_model_dir), max_new_tokens=8, timeout_s=20.0)
+    frozen = ray.get(learner.rank_actors[1].__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
+    try:
+        os.kill(frozen, signal.SIGSTOP)
+        learner.begin_batch(2)
+        groups = fake_groups(synthetic_problems(["add"], 2, 2, seed=1, split="train")[:2],
+                             [[11, 12, 13], [14, 15], [16, 17, 18, 19]], [(1.0, 0.0), (0.0, 1.0)])
+        with pytest.raises((TimeoutError, RayTaskError), match="did not answer within 20|[Tt]imed? ?out"):
+            learner.add_groups(groups)
+            learner.end_batch()
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        learner.shutdown()

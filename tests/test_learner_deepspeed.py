@@ -7,14 +7,17 @@ reference model only with KL, resume bit-identical, HF export.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import socket
+import time
 
 import pytest
 import torch
 
 from learner.config import LearnerConfig
 from learner.driver import LocalRankPool, StreamingBatcher
+from learner.ds_engine import clear_stale_build_lock
 from learner.filtering import Sample, select_samples
 from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights
 from rollout_workers.types import Completion, Prompt, ScoredGroup
@@ -280,3 +283,17 @@ def test_two_ranks_exact_resume_export(ray_local, tiny_model_dir, tmp_path, stag
         assert all(torch.equal(p, w_resumed[n]) for n, p in exported.named_parameters())
     finally:
         group.shutdown()
+
+
+def test_stale_jit_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert clear_stale_build_lock(600.0) == []  # a build in progress: left alone
+    assert lock.exists()
+    old = time.time() - 601.0
+    os.utime(lock, (old, old))  # a killed run's lock, 10 minutes old
+    assert clear_stale_build_lock(600.0) == [lock]
+    assert not lock.exists()
+    assert clear_stale_build_lock(600.0) == []
