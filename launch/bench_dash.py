@@ -86,7 +86,7 @@ class Plan(NamedTuple):
 
 
 FULL = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
-            max_new_tokens=16, lr=1e-4, eval_size=500, digits=2, train_size=6000)
+            max_new_tokens=16, lr=1e-4, eval_size=400, digits=2, train_size=6000)
 QUICK = FULL._replace(prompts=512)
 
 

@@ -90,7 +90,8 @@ def synthetic_problems(tasks: Sequence[str], digits: int, n: int, seed: int, spl
     prompts: list[Prompt] = []
     seen: set[str] = set()
     attempts = 0
-    max_attempts = 50 * n + 1000
+    # Only 1 in SYNTHETIC_EVAL_BUCKETS draws lands in the eval split: give it as many tries per problem.
+    max_attempts = 50 * n * (SYNTHETIC_EVAL_BUCKETS if split == "eval" else 1) + 1000
     while len(prompts) < n:
         attempts += 1
         if attempts > max_attempts:

@@ -35,3 +35,9 @@ def misbehave(completion: str, gold: str) -> float:
     if completion in special:
         return special[completion]
     return exact(completion, gold)
+
+
+def odd_length(completion: str, gold: str) -> float:
+    """1.0 for an odd-length completion: mixed rewards within a group even from an untrained model,
+    so every batch takes an optimizer step (tests/test_e2e.py's overlap runs)."""
+    return float(len(completion) % 2)

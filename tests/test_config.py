@@ -61,7 +61,7 @@ def test_yaml_presets_load_and_roundtrip(tmp_path):
     assert load_config(str(tmp_path / "config.yaml")) == cfg
     tiny = load_config("tiny-cpu")
     assert tiny.rollout.temperature == 0.7 and tiny.train.iterations == 30 and tiny.model.path == ""
-    assert (tiny.data.synthetic_digits, tiny.data.eval_size, tiny.eval.size) == (2, 500, 500)
+    assert (tiny.data.synthetic_digits, tiny.data.eval_size, tiny.eval.size) == (2, 400, 400)
 
 
 def test_yaml_unknown_key_is_named(tmp_path):

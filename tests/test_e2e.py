@@ -80,35 +80,34 @@ def test_resume_continues_as_if_never_stopped(full_run, tiny_model_dir, tmp_path
         assert (resumed[name] == uninterrupted[name]).all(), name
 
 
+# Mixed rewards from the untrained model, so every batch takes a step and the version advances.
+OVERLAP = [*COMMON, "train.overlap=true", "train.checkpoint_every=2", "rollout.reward_fn=tests.reward_fns:odd_length"]
+
+
 @pytest.fixture(scope="module")
 def overlap_run(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("overlap") / "run"
-    args = [f"model.path={tiny_model_dir}", f"train.iterations={ITERS}", f"run.dir={run_dir}", *COMMON,
-            "train.overlap=true", "train.checkpoint_every=2"]
+    args = [f"model.path={tiny_model_dir}", f"train.iterations={ITERS}", f"run.dir={run_dir}", *OVERLAP]
     assert main(args) == 0
     return run_dir
 
 
 @pytest.mark.slow
-def test_overlap_samples_ahead_one_version_and_drains_at_checkpoints(overlap_run, full_run):
-    recs, sync_recs = records(overlap_run), records(full_run)
+def test_overlap_samples_ahead_one_version_and_drains_at_checkpoints(overlap_run):
+    recs = records(overlap_run)
+    assert [r["policy_version"] for r in recs] == [1, 2, 3, 4]  # every batch took a step
     # Iteration 1 samples fresh; 2 was sampled during 1's learn phase (one version stale); 2 is a
     # checkpoint, so the pipeline drains and 3 samples fresh; 4 was prefetched during 3.
     assert [r["staleness_max"] for r in recs] == [0, 1, 0, 1]
     assert [r["staleness_mean"] for r in recs] == [0, 1, 0, 1]
     assert [r["samples_generated"] for r in recs] == [PROMPTS * G] * ITERS
-    # Same prompts, seed and weights for the first batch: the same record as the synchronous run.
-    assert untimed(recs[0]) == untimed(sync_recs[0])
-    # The prefetched batch was sampled by the old weights: it differs from the synchronous run's.
-    assert untimed(recs[1]) != untimed(sync_recs[1])
     assert json.loads((overlap_run / "summary.json").read_text())["samples_generated"] == ITERS * PROMPTS * G
 
 
 @pytest.mark.slow
 def test_overlap_resume_is_exact(overlap_run, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    common = [*COMMON, "train.overlap=true", "train.checkpoint_every=2"]
-    assert main([f"model.path={tiny_model_dir}", "train.iterations=2", f"run.dir={run_dir}", *common]) == 0
+    assert main([f"model.path={tiny_model_dir}", "train.iterations=2", f"run.dir={run_dir}", *OVERLAP]) == 0
     assert main(["--resume", str(run_dir), f"train.iterations={ITERS}"]) == 0
     assert [untimed(r) for r in records(run_dir)] == [untimed(r) for r in records(overlap_run)]
     final = f"checkpoints/iter_{ITERS:06d}/hf/model.safetensors"
