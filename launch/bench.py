@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.bench_dash import fmt
+
 BENCHES = {"learner": "launch.bench_learner", "engine": "launch.bench_engine", "sync": "launch.bench_sync",
            "dash": "launch.bench_dash"}
 
@@ -78,11 +80,12 @@ def render_table(r: dict, machine_name: str, date: str) -> str:
                      "python -m launch.bench sync"))
     if "dash" in r:
         d = r["dash"]
+        cmd = "python -m launch.bench dash" + (" --quick" if d.get("quick") else "")
         for name, c in d["contenders"].items():
-            rows.append((f"{name}: seconds to target {d['target_accuracy']:.3f}", f"{c['seconds_to_target']} s; final accuracy {c['final_accuracy']:.3f}",
-                         "python -m launch.bench dash" + (" --quick" if d.get("quick") else "")))
-        rows.append(("ratio dash / standard_grpo (seconds to target)", f"{d['ratio_dash_vs_standard_grpo']}", "python -m launch.bench dash"))
-        rows.append(("ratio dash / trl GRPOTrainer", f"{d['ratio_dash_vs_trl']}", "python -m launch.bench dash"))
+            rows.append((f"{name}: seconds to target {fmt(d['target_accuracy'], '.3f')}",
+                         f"{fmt(c['seconds_to_target'])} s; final accuracy {c['final_accuracy']:.3f}", cmd))
+        rows.append(("ratio dash / standard_grpo (seconds to target)", fmt(d["ratio_dash_vs_standard_grpo"], ".2f"), cmd))
+        rows.append(("ratio dash / trl GRPOTrainer", fmt(d["ratio_dash_vs_trl"], ".2f"), cmd))
     head = f"Measured on {machine_name}, {date}.\n\n| what | measured | command |\n|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | `{c}` |" for a, b, c in rows) + "\n"
 

@@ -124,3 +124,22 @@ def test_sft_curve_smoke(tiny_model_dir):
     _check_curve(result.points)
     assert len(result.points) >= 2 and all(p["samples_generated"] == 0 for p in result.points)
     assert result.phases["learn"] == result.phases["total"] == result.points[-1]["train_seconds"]
+
+
+def test_readme_table_renders_missing_targets_as_dashes():
+    from launch.bench import render_table
+
+    results = {
+        "learner": {"tokens_per_second": 3200.0, "bare_torch_tokens_per_second": 3300.0, "grad_rel_error": 1e-6,
+                    "filtered_forward_calls": 0},
+        "engine": {"models": {"tiny": {"batch_sizes": [1, 4], "tokens_per_second": [800.0, 2300.0], "params": 150000}}},
+        "sync": {"models": [{"model": "5M", "bytes": 17.1e6, "seconds": 0.0089, "memcpy_seconds": 0.0014, "max_abs_diff": 0.0}]},
+        "dash": {"quick": True, "target_accuracy": None, "ratio_dash_vs_standard_grpo": None, "ratio_dash_vs_trl": 0.5,
+                 "contenders": {"dash": {"seconds_to_target": None, "final_accuracy": 0.5}}},
+    }
+    text = render_table(results, "2 cores", "2026-11-26")
+    assert "| learner backprop, 5M model | 3200 tok/s vs bare torch 3300 tok/s (0.97x)" in text
+    assert "| tiny engine" not in text and "1: 800, 4: 2300" in text
+    assert "| dash: seconds to target - | - s; final accuracy 0.500 | `python -m launch.bench dash --quick` |" in text
+    assert "| ratio dash / standard_grpo (seconds to target) | - |" in text
+    assert "| ratio dash / trl GRPOTrainer | 0.50 |" in text
