@@ -60,6 +60,13 @@ class Prefetched(NamedTuple):
     groups: Future  # -> list[ScoredGroup]
 
 
+class IterationResult(NamedTuple):
+    record: dict
+    """The metrics.jsonl record of the iteration."""
+    sync_error: SyncError | None
+    """Set when the engines could not be brought to the new weights (the run then stops)."""
+
+
 @dataclass
 class Run:
     """Everything one training run holds. Built by `setup`, torn down by `shutdown`."""
@@ -85,12 +92,11 @@ class Run:
 
 # ----------------------------------------------------------------------------- one iteration
 
-def train_iteration(run: Run, prefetch_next: bool) -> dict:
+def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
     """sample -> score -> filter -> learn -> sync -> log, each phase timed. With `prefetch_next`
     (train.overlap) the engines sample batch t+1 with the current weights while the learner
     trains on batch t; batch t+1 is then one policy version stale, which the record logs."""
     cfg, timer = run.cfg, PhaseTimer()
-    score_before = score_seconds(run)
     version_learn = run.learner.policy_version
     with timer.phase("generate"):
         if run.prefetched is None:
@@ -115,16 +121,27 @@ def train_iteration(run: Run, prefetch_next: bool) -> dict:
         if run.prefetched is not None:
             run.prefetched.groups.result(cfg.train.actor_timeout_s)
     with timer.phase("sync"):
-        if run.sync.workers != run.dispatcher.workers:  # a worker was restarted: rebuild the side group
-            run.sync.set_workers(run.dispatcher.workers, run.dispatcher.names)
-        if run.learner.policy_version != run.version:  # no optimizer step (all filtered) = nothing to send
-            run.version = run.learner.policy_version
-            run.sync.sync(run.version)
-    timer.seconds["score"] = score_seconds(run) - score_before
+        sync_error = sync_engines(run)
+    timer.seconds["score"] = sum(g.score_seconds for g in groups)  # inside "generate", in the workers
     record = iteration_record(run, groups, stats, timer.finish(), version_learn)
     run.samples_generated += record["samples_generated"]
     run.samples_kept += stats.samples_kept
-    return record
+    return IterationResult(record, sync_error)
+
+
+def sync_engines(run: Run) -> SyncError | None:
+    """Bring the engines to the learner's weights. A failed sync is returned, not raised: the
+    learner's step is done, so the iteration is logged and checkpointed before the run stops."""
+    if run.sync.workers != run.dispatcher.workers:  # a worker was restarted: rebuild the side group
+        run.sync.set_workers(run.dispatcher.workers, run.dispatcher.names)
+    if run.learner.policy_version == run.version:  # no optimizer step (all filtered) = nothing to send
+        return None
+    run.version = run.learner.policy_version
+    try:
+        run.sync.sync(run.version)
+    except SyncError as e:
+        return e
+    return None
 
 
 def sample(run: Run, prompts: list[Prompt], iteration: int) -> Iterator[ScoredGroup]:
@@ -150,12 +167,6 @@ def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> list[ScoredGr
 def batch_prompts(cfg: Config) -> int:
     """Prompts sampled per iteration: the preemptive batch (DASH) or one optimizer batch (standard GRPO)."""
     return cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
-
-
-def score_seconds(run: Run) -> float:
-    """Seconds the workers spent scoring so far (scoring runs inside the generate stream)."""
-    stats = ray.get([w.stats.remote() for w in run.dispatcher.workers], timeout=run.cfg.train.actor_timeout_s)
-    return sum(s.score_seconds for s in stats)
 
 
 def sampling_calls(cfg: Config, prompts: list[Prompt]) -> list[list[Prompt]]:
@@ -363,13 +374,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             # never holds a half-consumed batch and --resume replays exactly.
             prefetch_next = (cfg.train.overlap and run.iteration < cfg.train.iterations and not stop
                              and not (cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0))
-            try:
-                record = train_iteration(run, prefetch_next)
-            except SyncError:
-                run.version = run.learner.policy_version  # the learner's step is done; engines get it on resume
-                checkpoints.save(run, {"evals": evals, "stopped_by": "weight sync failure"})
-                raise
+            record, sync_error = train_iteration(run, prefetch_next)
             run.train_seconds += time.perf_counter() - t0
+            if sync_error is not None:  # stop with a resumable checkpoint; --resume re-syncs fresh engines
+                run.logger.log(record)
+                path = checkpoints.save(run, {"evals": evals, "stopped_by": "weight sync failure"})
+                print(f"{sync_error}\ncheckpoint {path}; continue with --resume {run_dir}", file=sys.stderr, flush=True)
+                raise sync_error
             if cfg.eval.every and run.iteration % cfg.eval.every == 0 and run.iteration < cfg.train.iterations:
                 evals.append(evaluate(run, run.train_seconds))
                 record["eval_accuracy"] = evals[-1]["accuracy"]

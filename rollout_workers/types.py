@@ -54,3 +54,5 @@ class ScoredGroup:
     """Optional precomputed per-completion advantages (G,); None lets the learner compute them."""
     worker: str = ""
     """Name of the rollout worker that produced it (diagnostics only)."""
+    score_seconds: float = 0.0
+    """Wall seconds the worker spent scoring these G completions (the driver's "score" phase)."""

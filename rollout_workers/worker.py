@@ -139,7 +139,8 @@ class RolloutWorker:
                     t0 = time.perf_counter()
                     scored = self._rewards.score([c.text for c in group.completions],
                                                  [group.prompt.gold] * len(group.completions))
-                    self._score_seconds += time.perf_counter() - t0
+                    score_seconds = time.perf_counter() - t0
+                    self._score_seconds += score_seconds
                     self._counts["prompts"] += 1
                     self._counts["completions"] += len(group.completions)
                     self._counts["reward_timeouts"] += scored.timeouts
@@ -147,7 +148,7 @@ class RolloutWorker:
                     yield ScoredGroup(prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
                                       completions=group.completions, rewards=tuple(scored.rewards),
                                       policy_version=group.policy_version, batch_id=request.batch_id,
-                                      worker=self._name)
+                                      worker=self._name, score_seconds=score_seconds)
         finally:
             self._counts["batches_in_flight"] -= 1
 

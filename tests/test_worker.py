@@ -60,6 +60,9 @@ def test_every_prompt_once_streamed_and_scored(workers):
     stats = ray.get([w.stats.remote() for w in workers], timeout=60)
     assert sum(s.prompts for s in stats) == 10 and sum(s.completions for s in stats) == 20
     assert sum(s.skipped_prompts for s in stats) == 2
+    # Each group carries its own scoring time (the driver's "score" phase); they add up to the workers' totals.
+    assert all(g.score_seconds > 0 for g in groups)
+    assert sum(g.score_seconds for g in groups) == pytest.approx(sum(s.score_seconds for s in stats), rel=1e-9)
     for s in stats:
         done_when_first_left, batch = s.first_yield_progress
         # The first group left the worker while most of its batch was still unsampled.
