@@ -51,7 +51,7 @@ class LearnerRank:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int, timeout_s: float) -> None:
-        torch.set_num_threads(max(1, int(self.cfg.cpus_per_rank)))
+        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_rank)))
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.rank_engine = RankEngine(self.cfg, self.model_path, self.rank, self.world_size, master_addr,
                                       master_port, timeout_s)

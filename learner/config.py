@@ -56,6 +56,8 @@ class LearnerConfig:
     """Data-parallel DeepSpeed ranks (one Ray actor each)."""
     cpus_per_rank: float = 1.0
     """CPUs reserved per learner rank actor."""
+    torch_threads: int = 0
+    """Intra-op torch threads per rank (0 = int(cpus_per_rank)). More threads than the reservation pay off when the backprop tail runs while the engines idle (synchronous mode on a small CPU machine)."""
     gpus_per_rank: float = 0.0
     """GPUs per learner rank actor (0 on CPU machines)."""
     max_bad_steps: int = 3
@@ -88,5 +90,7 @@ class LearnerConfig:
                              "ratio is already taken against the sampler, so the TIS weight would be 1)")
         if not self.lr > 0:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
+        if self.torch_threads < 0:
+            raise ValueError(f"learner.torch_threads must be >= 0, got {self.torch_threads}")
         if not self.cpus_per_rank > 0:
             raise ValueError(f"learner.cpus_per_rank must be > 0, got {self.cpus_per_rank}")
