@@ -43,6 +43,7 @@ def test_wrong_type_names_key_and_type():
     (["rollout.prompts_per_generation=24", "learner.prompts_per_step=16"], r"must be a multiple of learner\.prompts_per_step"),
     (["model.path=/nonexistent/model"], r"model\.path '/nonexistent/model' does not exist"),
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),
+    (["learner.torch_threads=-1"], r"learner\.torch_threads must be >= 0"),
 ])
 def test_impossible_combinations_say_why(overrides, message):
     with pytest.raises(ConfigError, match=message):
