@@ -8,7 +8,8 @@
 One iteration (`train_iteration`) reads top to bottom: sample -> score -> filter -> learn -> sync
 -> log. Sampling and scoring happen in the rollout workers and stream scored groups back; the
 learner filters and backprops each group as it arrives, so in DASH mode "learn" overlaps
-"generate" and only the tail of the backprop is on the clock after the last group.
+"generate" and only the tail of the backprop is on the clock after the last group. With
+train.overlap=true the next batch is also sampled while this one is learned (one version stale).
 """
 from __future__ import annotations
 
