@@ -21,9 +21,9 @@ import random
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, NamedTuple, Sequence
 
 import ray
