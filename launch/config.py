@@ -234,6 +234,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.prompts_per_generation ({r.prompts_per_generation}) must be a multiple of "
             f"learner.prompts_per_step ({l.prompts_per_step}): one generation feeds whole optimizer steps")
+    if l.refill and cfg.train.overlap:
+        raise ConfigError("learner.refill=true with train.overlap=true is not supported: a prefetched batch is "
+                          "sampled before the learner knows which of its groups the filter drops")
+    if l.refill and (cfg.train.mode == "standard_grpo" or not l.filter):
+        raise ConfigError("learner.refill=true needs the gradient filter (learner.filter=true, train.mode=dash): "
+                          "without it no group is dropped and there is nothing to refill")
     if cfg.train.num_gpus:
         engine_gpus = r.num_workers * r.tensor_parallel_size
         learner_gpus = l.num_ranks * l.gpus_per_rank

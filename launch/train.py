@@ -103,14 +103,23 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
         if run.prefetched is None:
             # sample + score (workers) -> filter + learn (learner), streamed group by group, so the
             # backprop of early groups overlaps the sampling of later ones.
-            num_prompts, groups = batch_prompts(cfg), []
+            num_prompts, groups, refill_prompts = batch_prompts(cfg), [], 0
             prompts = run.cursor.next_batch(num_prompts)
             run.learner.begin_batch(len(prompts))
             for group in sample(run, prompts, run.iteration):
                 groups.append(group)
                 run.learner.add_groups([group])
+            # DAPO-style refill (learner.refill): a group the filter dropped whole left its slot
+            # empty; sample that many more prompts, at most learner.refill_rounds times.
+            for refill in range(1, cfg.learner.refill_rounds + 1):
+                if run.learner.groups_wanted == 0:
+                    break
+                refill_prompts += run.learner.groups_wanted
+                for group in sample(run, run.cursor.next_batch(run.learner.groups_wanted), run.iteration, refill):
+                    groups.append(group)
+                    run.learner.add_groups([group])
         else:  # sampled during the previous iteration's learn phase; only the rest of the wait is on the clock
-            num_prompts, groups = run.prefetched.num_prompts, run.prefetched.groups.result(cfg.train.actor_timeout_s)
+            num_prompts, groups, refill_prompts = run.prefetched.num_prompts, run.prefetched.groups.result(cfg.train.actor_timeout_s), 0
             run.prefetched = None
             run.learner.begin_batch(num_prompts)
             run.learner.add_groups(groups)
@@ -124,7 +133,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
     with timer.phase("sync"):
         sync_error = sync_engines(run)
     timer.seconds["score"] = sum(g.score_seconds for g in groups)  # inside "generate", in the workers
-    record = iteration_record(run, groups, stats, timer.finish(), version_learn)
+    record = iteration_record(run, groups, stats, timer.finish(), version_learn, refill_prompts)
     run.samples_generated += record["samples_generated"]
     run.samples_kept += stats.samples_kept
     return IterationResult(record, sync_error)
@@ -145,11 +154,13 @@ def sync_engines(run: Run) -> SyncError | None:
     return None
 
 
-def sample(run: Run, prompts: list[Prompt], iteration: int) -> Iterator[ScoredGroup]:
+def sample(run: Run, prompts: list[Prompt], iteration: int, refill: int = 0) -> Iterator[ScoredGroup]:
     """Scored groups of one sampled batch as they arrive. DASH samples the whole preemptive batch
-    in one engine call; standard GRPO one micro-batch of prompts per call (the paper's Sec. 3.1 baseline)."""
+    in one engine call; standard GRPO one micro-batch of prompts per call (the paper's Sec. 3.1 baseline).
+    `refill` > 0: the k-th refill call of the iteration (its own sampling seed)."""
+    params = sampling_params(run.cfg, iteration, refill)
     for call in sampling_calls(run.cfg, prompts):
-        yield from run.dispatcher.run(call, batch_id=iteration, params=sampling_params(run.cfg, iteration))
+        yield from run.dispatcher.run(call, batch_id=iteration, params=params)
 
 
 def start_prefetch(run: Run, num_prompts: int) -> Prefetched:
@@ -184,14 +195,14 @@ def standard_grpo_prompts_per_call(cfg: Config) -> int:
     return max(1, cfg.learner.micro_batch_tokens // (cfg.rollout.group_size * longest))
 
 
-def sampling_params(cfg: Config, iteration: int) -> SamplingParamsSpec:
+def sampling_params(cfg: Config, iteration: int, refill: int = 0) -> SamplingParamsSpec:
     r = cfg.rollout
     return SamplingParamsSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
-                              max_new_tokens=r.max_new_tokens, seed=r.seed * 1_000_003 + iteration)
+                              max_new_tokens=r.max_new_tokens, seed=r.seed * 1_000_003 + iteration + 7_919_993 * refill)
 
 
 def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float],
-                     version_learn: int) -> dict:
+                     version_learn: int, refill_prompts: int) -> dict:
     rewards = [x for g in groups for x in g.rewards]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     tokens = sum(lengths)
@@ -207,6 +218,7 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
         "tokens_generated": tokens,
         "samples_generated": len(rewards),
         "samples_kept": stats.samples_kept,
+        "refill_prompts": refill_prompts,
         "tokens_per_second": tokens / max(1e-9, times["time/total"]),
         "staleness_mean": sum(staleness) / max(1, len(staleness)),
         "staleness_max": max(staleness, default=0),

@@ -176,6 +176,11 @@ class LearnerGroup:
         """Filter, pack and dispatch backprop as micro-batches fill; does not wait for backprop."""
         self._batcher.add_groups(groups)
 
+    @property
+    def groups_wanted(self) -> int:
+        """With learner.refill: empty slots of the open batch (see `StreamingBatcher.groups_wanted`)."""
+        return self._batcher.groups_wanted
+
     def end_batch(self) -> LearnStats:
         """Run the rest of the batch's steps and wait for every rank."""
         stats = self._batcher.end_batch()

@@ -15,7 +15,9 @@ class LearnerConfig:
     filter: bool = True
     """Apply gradient filtering at all (standard GRPO turns it off)."""
     refill: bool = False
-    """DAPO-style refill: ask for more prompts until an optimizer batch holds prompts_per_step kept groups."""
+    """DAPO-style refill: a group the filter drops whole takes no slot of an optimizer batch, and the driver samples more prompts until every batch holds prompts_per_step kept groups."""
+    refill_rounds: int = 4
+    """With refill: at most this many extra sampling calls per sampled batch; the steps then run on the kept groups they have."""
     clip_eps_low: float = 0.2
     """PPO clip: lower bound of the ratio is 1 - clip_eps_low."""
     clip_eps_high: float = 0.2
@@ -71,6 +73,8 @@ class LearnerConfig:
                 raise ValueError(f"learner.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
 
         one_of("advantage", ("grpo", "drgrpo", "rloo"))
+        if self.refill_rounds < 1:
+            raise ValueError(f"learner.refill_rounds must be >= 1, got {self.refill_rounds}")
         one_of("loss_agg", ("token_mean", "seq_mean", "constant"))
         one_of("old_logprobs", ("recompute", "sampler"))
         one_of("lr_schedule", ("constant", "cosine"))

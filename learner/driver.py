@@ -130,6 +130,12 @@ class StreamingBatcher:
         """True between begin_batch and end_batch/abort_batch."""
         return self._active
 
+    @property
+    def groups_wanted(self) -> int:
+        """Slots of the open batch still empty: with refill, the groups the filter dropped whole
+        that the driver should replace by sampling that many more prompts (0 without refill)."""
+        return self.num_groups - self.slots if self._active and self.cfg.refill else 0
+
     def begin_batch(self, num_groups: int) -> None:
         """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step)."""
         if self._active:
@@ -139,6 +145,8 @@ class StreamingBatcher:
                              f"{self.cfg.prompts_per_step} groups, got {num_groups}")
         self._active, self._probe = True, False
         self.num_groups, self.received = num_groups, 0
+        self.slots = 0  # groups that occupy a step's slot: all of them, or only kept ones with refill
+        self.samples_received = 0
         self.steps_per_epoch = num_groups // self.cfg.prompts_per_step
         self.needs_old = self.cfg.old_logprobs == "recompute" and self.steps_per_epoch * self.cfg.epochs_per_batch > 1
         self.group_size: Optional[int] = None
@@ -163,7 +171,7 @@ class StreamingBatcher:
         if not self._active:
             raise RuntimeError("add_groups before begin_batch")
         for g in groups:
-            if self.received >= self.num_groups:
+            if self.slots >= self.num_groups:
                 raise ValueError(f"got more groups than the {self.num_groups} announced by begin_batch "
                                  f"(duplicate or late group {g.prompt.uid!r}, batch_id {g.batch_id})")
             if self.group_size is None:
@@ -173,12 +181,16 @@ class StreamingBatcher:
                                  f"group_size={self.group_size} (the batch's first group)")
             res = select_samples([g], self.cfg.advantage, self.cfg.filter_threshold, self.cfg.filter,
                                  first_uid=self.received * self.group_size)
-            s = self.received // self.cfg.prompts_per_step
             self.received += 1
-            self.step_samples[s].extend(res.samples)
-            self.step_samples_in[s] += res.samples_in
+            self.samples_received += res.samples_in
             self.drop_reasons.update(res.drop_reasons)
             self.groups_dropped += not res.samples
+            if self.cfg.refill and not res.samples:
+                continue  # DAPO refill: a group dropped whole leaves its slot for a refilled one
+            s = self.slots // self.cfg.prompts_per_step
+            self.slots += 1
+            self.step_samples[s].extend(res.samples)
+            self.step_samples_in[s] += res.samples_in
             if self.needs_old:
                 (self.pool_samples if s == 0 else self.old_pool).extend(res.samples)
             elif s == self.current:
@@ -189,10 +201,16 @@ class StreamingBatcher:
         """Run what is left (later steps, epochs), wait for every rank, return the batch's stats."""
         if not self._active:
             raise RuntimeError("end_batch before begin_batch")
-        if self.received < self.num_groups:
+        if self.slots < self.num_groups and not self.cfg.refill:
             raise ValueError(f"end_batch after {self.received} of the {self.num_groups} groups announced")
         try:
+            # With refill the driver may stop short (learner.refill_rounds): the steps whose slots
+            # are not all filled run on the kept groups they have.
             if self.needs_old:
+                if not self.step0_flushed:
+                    if self.step_samples[0]:
+                        self._flush_grad(self.pool_samples, None, return_logprobs=self.cfg.epochs_per_batch > 1)
+                    self.pool_samples, self.step0_flushed = [], True
                 self._flush_old(force=True)
                 for results in self._wait_all(self.old_handles):
                     for r in results:
@@ -206,6 +224,13 @@ class StreamingBatcher:
                     if self.step_samples[s]:
                         self._flush_grad(self.step_samples[s], self.logprobs_old)
                     self._fire_step(s)
+            else:
+                while self.current < self.steps_per_epoch:
+                    if self.step_samples[self.current]:
+                        self._flush_grad(self.pool_samples, None)
+                    self._fire_step(self.current)
+                    self.current += 1
+                    self.pool_samples = list(self.step_samples[self.current]) if self.current < self.steps_per_epoch else []
             old = self.logprobs_old if self.needs_old else None
             for _ in range(1, self.cfg.epochs_per_batch):
                 for s in range(self.steps_per_epoch):
@@ -233,9 +258,10 @@ class StreamingBatcher:
         """Diagnostics (exactness tests): run the whole filter/pack/backprop path of ONE optimizer
         step over `groups` (len == prompts_per_step, epochs_per_batch == 1) and return the full
         normalised gradient the optimizer would get, by parameter name; then drop it (no step)."""
-        if len(groups) != self.cfg.prompts_per_step or self.cfg.epochs_per_batch != 1:
-            raise ValueError("probe_gradients needs exactly prompts_per_step groups and epochs_per_batch == 1")
-        self.begin_batch(len(groups))
+        if (len(groups) != self.cfg.prompts_per_step and not self.cfg.refill) or self.cfg.epochs_per_batch != 1:
+            raise ValueError("probe_gradients needs exactly prompts_per_step groups (with refill: kept groups) "
+                             "and epochs_per_batch == 1")
+        self.begin_batch(self.cfg.prompts_per_step)
         self._probe = True
         self.add_groups(groups)
         self.end_batch()
@@ -252,13 +278,13 @@ class StreamingBatcher:
         while self._full_enough(self.pool_samples):
             self.pool_samples = self._fire_full_round(self.pool_samples, budget)
         if self.needs_old:
-            if not self.step0_flushed and self.received >= self.cfg.prompts_per_step:
+            if not self.step0_flushed and self.slots >= self.cfg.prompts_per_step:
                 if self.step_samples[0]:
                     self._flush_grad(self.pool_samples, None, return_logprobs=self.cfg.epochs_per_batch > 1)
                 self.pool_samples, self.step0_flushed = [], True
             self._flush_old(force=False)
             return
-        while self.current < self.steps_per_epoch and self.received >= (self.current + 1) * self.cfg.prompts_per_step:
+        while self.current < self.steps_per_epoch and self.slots >= (self.current + 1) * self.cfg.prompts_per_step:
             if self.step_samples[self.current]:
                 self._flush_grad(self.pool_samples, None)
             self._fire_step(self.current)
@@ -332,7 +358,7 @@ class StreamingBatcher:
         return [self.pool.wait(h) for h in handle_lists]
 
     def _collect(self) -> LearnStats:
-        st = LearnStats(samples_in=sum(self.step_samples_in), samples_kept=sum(len(x) for x in self.step_samples),
+        st = LearnStats(samples_in=self.samples_received, samples_kept=sum(len(x) for x in self.step_samples),
                         drop_reasons=dict(self.drop_reasons), refill_needed=self.groups_dropped,
                         empty_steps=self.empty_steps)
         loss_per_step: dict[int, float] = {}

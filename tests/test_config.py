@@ -44,6 +44,9 @@ def test_wrong_type_names_key_and_type():
     (["model.path=/nonexistent/model"], r"model\.path '/nonexistent/model' does not exist"),
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),
     (["learner.torch_threads=-1"], r"learner\.torch_threads must be >= 0"),
+    (["learner.refill=true", "train.overlap=true"], r"learner\.refill=true with train\.overlap=true is not supported"),
+    (["learner.refill=true", "train.mode=standard_grpo"], r"learner\.refill=true needs the gradient filter"),
+    (["learner.refill_rounds=0"], r"learner\.refill_rounds must be >= 1"),
 ])
 def test_impossible_combinations_say_why(overrides, message):
     with pytest.raises(ConfigError, match=message):

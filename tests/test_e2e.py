@@ -114,3 +114,18 @@ def test_overlap_resume_is_exact(overlap_run, tiny_model_dir, tmp_path):
     resumed, uninterrupted = load_file(run_dir / final), load_file(overlap_run / final)
     for name in resumed:
         assert (resumed[name] == uninterrupted[name]).all(), name
+
+
+@pytest.mark.slow
+def test_refill_keeps_every_optimizer_batch_full(ray_local, tiny_model_dir, tmp_path):
+    """learner.refill: groups the filter drops whole are replaced by sampling more prompts, so each
+    iteration backprops exactly PROMPTS kept groups (G=4 binary rewards: a mixed group keeps all 4)."""
+    run_dir = tmp_path / "run"
+    assert main([f"model.path={tiny_model_dir}", "train.iterations=2", f"run.dir={run_dir}", *COMMON,
+                 "learner.refill=true", "rollout.reward_fn=tests.reward_fns:odd_length"]) == 0
+    recs = records(run_dir)
+    assert sum(r["refill_prompts"] for r in recs) > 0  # some groups were dropped whole and replaced
+    for r in recs:
+        assert r["samples_generated"] == (PROMPTS + r["refill_prompts"]) * G
+        assert r["samples_kept"] == PROMPTS * G and r["optimizer_steps"] == PROMPTS // 8
+        assert sum(r["drop_reasons"].values()) == r["refill_prompts"] * G

@@ -297,3 +297,46 @@ def test_stale_jit_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypa
     assert clear_stale_build_lock(600.0) == [lock]
     assert not lock.exists()
     assert clear_stale_build_lock(600.0) == []
+
+
+def test_refill_gradient_equals_a_batch_of_only_the_kept_groups(engines):
+    # make_groups drops every third group whole (0 and 3 here): with refill they take no slot, so
+    # the 4 slots of one optimizer batch are filled by groups 1, 2, 4 and 5.
+    groups = make_groups(6, seed=3)
+    engine = engines(0)
+    cfg = LearnerConfig(prompts_per_step=4, micro_batch_tokens=64, grad_clip=0.0)
+    kept_groups = [groups[i] for i in (1, 2, 4, 5)]
+    # Both probes run on the engine's current weights (earlier tests may have stepped it).
+    plain = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW).probe_gradients(kept_groups)
+    refilled = StreamingBatcher(dataclasses.replace(cfg, refill=True), LocalRankPool(engine), MAX_NEW).probe_gradients(groups)
+    assert min(float(g.norm()) for g in plain.values()) > 0
+    assert max_rel_error(refilled, plain) <= 1e-6
+
+
+def test_refill_asks_for_the_dropped_groups_and_steps_once_filled(engines):
+    groups = make_groups(9, seed=4)  # groups 0, 3 and 6 are dropped whole
+    engine = engines(0)
+    cfg = LearnerConfig(prompts_per_step=4, micro_batch_tokens=64, refill=True)
+    batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
+    steps_before = engine.optimizer_steps
+    batcher.begin_batch(4)
+    batcher.add_groups(groups[:4])
+    assert batcher.groups_wanted == 2 and engine.optimizer_steps == steps_before
+    batcher.add_groups(groups[4:6])  # the refill: one kept, one kept -> full
+    assert batcher.groups_wanted == 0
+    stats = batcher.end_batch()
+    assert stats.steps == 1 and engine.optimizer_steps == steps_before + 1
+    assert stats.samples_in == 6 * 4 and stats.samples_kept == 4 * 4 and stats.refill_needed == 2
+    # The driver may stop short (refill_rounds spent): the step runs on the kept groups it has.
+    batcher.begin_batch(4)
+    batcher.add_groups(groups[6:9])  # 6 dropped, 7 and 8 kept
+    assert batcher.groups_wanted == 2
+    stats = batcher.end_batch()
+    assert stats.steps == 1 and stats.samples_kept == 2 * 4 and engine.optimizer_steps == steps_before + 2
+    # Without refill the same short batch is an error, not a silent partial step.
+    plain = StreamingBatcher(dataclasses.replace(cfg, refill=False), LocalRankPool(engine), MAX_NEW)
+    plain.begin_batch(4)
+    plain.add_groups(groups[6:9])
+    assert plain.groups_wanted == 0
+    with pytest.raises(ValueError, match="end_batch after 3 of the 4 groups"):
+        plain.end_batch()
