@@ -112,10 +112,11 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             # DAPO-style refill (learner.refill): a group the filter dropped whole left its slot
             # empty; sample that many more prompts, at most learner.refill_rounds times.
             for refill in range(1, cfg.learner.refill_rounds + 1):
-                if run.learner.groups_wanted == 0:
+                wanted = run.learner.groups_wanted
+                if wanted == 0:
                     break
-                refill_prompts += run.learner.groups_wanted
-                for group in sample(run, run.cursor.next_batch(run.learner.groups_wanted), run.iteration, refill):
+                refill_prompts += wanted
+                for group in sample(run, run.cursor.next_batch(wanted), run.iteration, refill):
                     groups.append(group)
                     run.learner.add_groups([group])
         else:  # sampled during the previous iteration's learn phase; only the rest of the wait is on the clock
@@ -385,8 +386,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             # Overlap, but drain the pipeline before a checkpoint (and at the end), so a checkpoint
             # never holds a half-consumed batch and --resume replays exactly.
-            prefetch_next = (cfg.train.overlap and run.iteration < cfg.train.iterations and not stop
-                             and not (cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0))
+            checkpoint_due = bool(cfg.train.checkpoint_every) and run.iteration % cfg.train.checkpoint_every == 0
+            prefetch_next = cfg.train.overlap and run.iteration < cfg.train.iterations and not stop and not checkpoint_due
             record, sync_error = train_iteration(run, prefetch_next)
             run.train_seconds += time.perf_counter() - t0
             if sync_error is not None:  # stop with a resumable checkpoint; --resume re-syncs fresh engines
@@ -400,7 +401,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             run.logger.log(record)
             bar.update(1)
             tqdm.write(console_line(record))
-            if cfg.train.checkpoint_every and run.iteration % cfg.train.checkpoint_every == 0:
+            if checkpoint_due:
                 checkpoints.save(run, {"evals": evals})
         bar.close()
         if stop:

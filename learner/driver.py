@@ -208,9 +208,7 @@ class StreamingBatcher:
             # are not all filled run on the kept groups they have.
             if self.needs_old:
                 if not self.step0_flushed:
-                    if self.step_samples[0]:
-                        self._flush_grad(self.pool_samples, None, return_logprobs=self.cfg.epochs_per_batch > 1)
-                    self.pool_samples, self.step0_flushed = [], True
+                    self._flush_step0()
                 self._flush_old(force=True)
                 for results in self._wait_all(self.old_handles):
                     for r in results:
@@ -226,11 +224,7 @@ class StreamingBatcher:
                     self._fire_step(s)
             else:
                 while self.current < self.steps_per_epoch:
-                    if self.step_samples[self.current]:
-                        self._flush_grad(self.pool_samples, None)
-                    self._fire_step(self.current)
-                    self.current += 1
-                    self.pool_samples = list(self.step_samples[self.current]) if self.current < self.steps_per_epoch else []
+                    self._finish_current_step()
             old = self.logprobs_old if self.needs_old else None
             for _ in range(1, self.cfg.epochs_per_batch):
                 for s in range(self.steps_per_epoch):
@@ -279,19 +273,28 @@ class StreamingBatcher:
             self.pool_samples = self._fire_full_round(self.pool_samples, budget)
         if self.needs_old:
             if not self.step0_flushed and self.slots >= self.cfg.prompts_per_step:
-                if self.step_samples[0]:
-                    self._flush_grad(self.pool_samples, None, return_logprobs=self.cfg.epochs_per_batch > 1)
-                self.pool_samples, self.step0_flushed = [], True
+                self._flush_step0()
             self._flush_old(force=False)
             return
         while self.current < self.steps_per_epoch and self.slots >= (self.current + 1) * self.cfg.prompts_per_step:
-            if self.step_samples[self.current]:
-                self._flush_grad(self.pool_samples, None)
-            self._fire_step(self.current)
-            self.current += 1
-            self.pool_samples = list(self.step_samples[self.current]) if self.current < self.steps_per_epoch else []
+            self._finish_current_step()
             while self._full_enough(self.pool_samples):
                 self.pool_samples = self._fire_full_round(self.pool_samples, budget)
+
+    def _flush_step0(self) -> None:
+        """Backprop the rest of step 0 (its samples are in pool_samples); with several epochs its
+        detached logprobs come back as the old ones."""
+        if self.step_samples[0]:
+            self._flush_grad(self.pool_samples, None, return_logprobs=self.cfg.epochs_per_batch > 1)
+        self.pool_samples, self.step0_flushed = [], True
+
+    def _finish_current_step(self) -> None:
+        """Backprop what is left of the streaming step, take it, and start streaming the next one."""
+        if self.step_samples[self.current]:
+            self._flush_grad(self.pool_samples, None)
+        self._fire_step(self.current)
+        self.current += 1
+        self.pool_samples = list(self.step_samples[self.current]) if self.current < self.steps_per_epoch else []
 
     def _fire_full_round(self, samples: list[Sample], budget: int) -> list[Sample]:
         """Pack `samples`, send the W fullest micro-batches as one round, return the rest."""
