@@ -7,14 +7,13 @@ Used by `python -m launch.train`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from learner.actor import LearnerRank
 from rollout_workers.engines.base import TORCH_DTYPES
 from rollout_workers.worker import RolloutWorker
 from weight_sync.endpoint import SyncEndpoint, SyncStats
+from weight_sync.engine_control import ControlCall
 from weight_sync.sync import WeightReceiver, WeightSender
 
 
@@ -42,6 +41,8 @@ class SyncedRolloutWorker(RolloutWorker):
     _receiver: WeightReceiver | None = None
 
     def init_weight_receiver(self, endpoint: SyncEndpoint) -> None:
+        if self._receiver is not None:  # a new group (a worker was restarted): drop the old one
+            self._receiver.close()
         self._receiver = WeightReceiver(endpoint, self.name(), out_dtype=TORCH_DTYPES[self._cfg.dtype])
 
     def receive_weights(self, version: int) -> int:
@@ -50,19 +51,13 @@ class SyncedRolloutWorker(RolloutWorker):
         received = self._receiver.receive(version)
         return self.update_weights(received.named_tensors, received.version)
 
-    # vLLM's native weight transfer (sync.transport nccl/ipc): learner rank 0 drives these through
-    # weight_sync.vllm_transport; they forward to the engine's VLLMWeightSyncClient.
-    def vllm_init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._engine.sync_client().init_weight_transfer_engine(init_info)
-
-    def vllm_start_weight_update(self) -> None:
-        self._engine.sync_client().start_weight_update()
-
-    def vllm_update_weights(self, update_info: dict[str, Any]) -> None:
-        self._engine.sync_client().update_weights(update_info)
-
-    def vllm_finish_weight_update(self, version: str) -> None:
-        self._engine.sync_client().finish_weight_update(version)
+    def weight_control(self, call: ControlCall) -> None:
+        """One call of vLLM's weight-transfer handshake (sync.transport nccl/ipc), driven by learner
+        rank 0 through weight_sync.engine_control.ActorSyncClient and applied to this engine's
+        `EngineWeightControl` (typed: no method is named by a string). Under the engine lock, so
+        no generate() steps while a call changes the weights."""
+        with self._engine_lock:
+            call.apply(self._engine.sync_client())
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The engine's current weights (for equality checks after a sync)."""

@@ -80,7 +80,8 @@ def bench_model(label: str, hidden: int, layers: int, tokenizer, repeats: int, b
 
     model = build_tiny_model(tokenizer, hidden_size=hidden, layers=layers, heads=8)
     named = list(model.named_parameters())
-    endpoint = make_endpoint(SyncConfig(transport="gloo", bucket_mb=bucket_mb, timeout_s=120), ["engine-0"], "float32")
+    endpoint = make_endpoint(SyncConfig(transport="gloo", bucket_mb=bucket_mb, timeout_s=120), ["engine-0"], "float32",
+                             "127.0.0.1", free_port())
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

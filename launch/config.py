@@ -24,6 +24,7 @@ import yaml
 from learner.config import LearnerConfig
 from rollout_workers.config import DataConfig, RolloutConfig
 from weight_sync.config import SyncConfig
+from weight_sync.transports import get_transport
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -255,12 +256,39 @@ def validate(cfg: Config) -> None:
     elif cfg.train.placement in ("colocated", "disaggregated"):
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
-    if cfg.sync.transport in ("nccl", "ipc") and r.engine != "vllm":
-        raise ConfigError(f"sync.transport={cfg.sync.transport} is vLLM's native path; use rollout.engine=vllm or sync.transport=gloo")
-    if cfg.sync.transport == "ipc" and cfg.train.placement != "colocated":
-        raise ConfigError("sync.transport=ipc needs train.placement=colocated (learner and engine on one GPU)")
+    validate_transport(cfg)
     if cfg.model.path and not _is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path {cfg.model.path!r} does not exist")
+
+
+def resolved_placement(cfg: Config) -> str:
+    """train.placement with "auto" resolved: "cpu" without GPUs, else "disaggregated"."""
+    if cfg.train.placement != "auto":
+        return cfg.train.placement
+    return "cpu" if cfg.train.num_gpus == 0 else "disaggregated"
+
+
+def validate_transport(cfg: Config) -> None:
+    """Placement and transport rules, from the transport registry (weight_sync.transports)."""
+    r, l = cfg.rollout, cfg.learner
+    name = cfg.sync.transport
+    spec = get_transport(name)
+    placement = resolved_placement(cfg)
+    if spec.needs_vllm and r.engine != "vllm":
+        raise ConfigError(f"sync.transport={name} is vLLM's native path; use rollout.engine=vllm or sync.transport=gloo")
+    if placement not in spec.placements:
+        raise ConfigError(f"sync.transport={name} does not work with train.placement={cfg.train.placement} "
+                          f"({spec.placement_note}); it needs train.placement in {list(spec.placements)}")
+    if r.tensor_parallel_size > 1 and cfg.train.num_gpus:
+        # Not yet: a TP engine's bundles, GPU share, NCCL ranks and per-rank IPC handles are not
+        # planned (issue 17 item 5); refused rather than left to time out in the scheduler.
+        raise ConfigError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} is not supported yet: use 1 "
+                          "(one GPU per engine; more engines for more throughput)")
+    if name == "ipc" and l.num_ranks < r.num_workers * r.tensor_parallel_size:
+        raise ConfigError(
+            f"sync.transport=ipc needs a learner rank on every engine GPU: learner.num_ranks ({l.num_ranks}) < "
+            f"rollout.num_workers x rollout.tensor_parallel_size ({r.num_workers * r.tensor_parallel_size}); engines on "
+            "a GPU without a learner rank would fail every sync")
 
 
 def _is_hub_id(path: str) -> bool:

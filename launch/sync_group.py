@@ -33,14 +33,26 @@ class SyncGroup:
         self.set_workers(workers, worker_names)
 
     def set_workers(self, workers: Sequence, worker_names: Sequence[str]) -> None:
-        """(Re)build the side group for this set of workers, e.g. after a worker was restarted."""
+        """(Re)build the side group for this set of workers, e.g. after a worker was restarted.
+        The rendezvous is learner rank 0's node address and a port free there (asked of that
+        rank): the group's listener runs there, and the driver may be on another node."""
         self.workers, self.worker_names = list(workers), list(worker_names)
-        handles = tuple(self.workers) if self.cfg.transport in ("nccl", "ipc") else ()
-        self.endpoint = make_endpoint(self.cfg, self.worker_names, dtype=self.engine_dtype, engine_handles=handles)
+        host, port = ray.get(self.learner_ranks[0].rendezvous_address.remote(), timeout=self.actor_timeout_s)
+        self.endpoint = make_endpoint(self.cfg, self.worker_names, self.engine_dtype, host, port,
+                                      engine_handles=tuple(self.workers))
         refs = [r.init_weight_sender.remote(self.endpoint) for r in self.learner_ranks]
         if self.endpoint.receivers_participate:
             refs += [w.init_weight_receiver.remote(self.endpoint) for w in self.workers]
         ray.get(refs, timeout=self.actor_timeout_s)
+
+    def replace_worker(self, index: int, worker, version: int) -> None:
+        """Bring a fresh worker (replacing `workers[index]`) to `version` through the group itself,
+        before it samples: a new group with it, then one sync. Every transport works this way
+        (the nccl engines take weights only from the learner's broadcast, never from the driver)."""
+        workers = list(self.workers)
+        workers[index] = worker
+        self.set_workers(workers, self.worker_names)
+        self.sync(version)
 
     def sync(self, version: int) -> SyncStats:
         """Every engine serves `version` afterwards, or this raises SyncError naming the engines

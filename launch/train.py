@@ -33,7 +33,7 @@ from tqdm import tqdm
 from launch import checkpoints
 from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
-from launch.placement import Placement, make_placement
+from launch.placement import Placement, ds_accelerator, make_placement, preflight
 from launch.sft import greedy_probe, sft_train
 from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
@@ -46,6 +46,7 @@ from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
 from weight_sync.endpoint import SyncError
+from weight_sync.transports import get_transport
 
 
 class Interrupted(Exception):
@@ -291,8 +292,7 @@ def connect_ray(cfg: Config) -> None:
     """Join the cluster this job runs in (RAY_ADDRESS under `ray job submit`), or start a local one."""
     if ray.is_initialized():
         return
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if cfg.train.num_gpus == 0 else ""),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {"DS_ACCELERATOR": ds_accelerator(cfg), "TOKENIZERS_PARALLELISM": "false"}
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -331,13 +331,13 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
         return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],
                                     num_gpus_per_worker=placement.gpu_fraction * cfg.rollout.tensor_parallel_size,
                                     worker_cls=SyncedRolloutWorker, indices=indices,
-                                    weight_transfer_backend="nccl" if cfg.sync.transport == "nccl" else "ipc")
+                                    weight_transfer_backend=get_transport(cfg.sync.transport).vllm_backend)
 
     def restart_worker(index: int):
-        """A fresh worker for a dead one, brought to the learner's current weights before it samples."""
+        """A fresh worker for a dead one, brought to the learner's current weights through the
+        sync group (every transport, nccl included) before it samples."""
         (worker,) = new_workers([index])
-        weights = list(learner.full_weights().items())
-        ray.get(worker.update_weights.remote(weights, learner.policy_version), timeout=timeout)
+        sync.replace_worker(index, worker, learner.policy_version)
         return worker
 
     dispatcher = Dispatcher(new_workers(), timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
@@ -472,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(str(run_dir / "config.yaml"), args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+        preflight(cfg, joins_cluster=bool(cfg.train.ray_address or os.environ.get("RAY_ADDRESS")))
+        if not args.resume:
             run_dir = prepare_run_dir(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -30,6 +30,9 @@ from weight_sync.buckets import (
 from weight_sync.config import SyncConfig
 from weight_sync.endpoint import SyncError, free_port, make_endpoint
 
+# One machine: learner rank 0 listens on loopback (the multi-node case: tests/test_multinode_sync.py).
+LOCAL_HOST = "127.0.0.1"
+
 # ---------------------------------------------------------------- pure units
 
 
@@ -86,18 +89,18 @@ def test_plan_maps_names_drops_tied_alias_and_header_roundtrips():
 
 
 def test_make_endpoint_ranks_and_validation():
-    ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=2), ["e0", "e1", "e2"], "bfloat16")
+    ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=2), ["e0", "e1", "e2"], "bfloat16", LOCAL_HOST, free_port())
     assert (ep.world_size, ep.receiver_rank("e0"), ep.receiver_rank("e2")) == (4, 1, 3)
     assert ep.bucket_bytes == 2 * 2 ** 20 and ep.wire_dtype == torch.bfloat16 and ep.receivers_participate
     with pytest.raises(ValueError, match="unknown receiver"):
         ep.receiver_rank("e3")
     with pytest.raises(ValueError, match="unique"):
-        make_endpoint(SyncConfig(), ["e0", "e0"], "float32")
+        make_endpoint(SyncConfig(), ["e0", "e0"], "float32", LOCAL_HOST, free_port())
     with pytest.raises(ValueError, match="unsupported weight dtype"):
-        make_endpoint(SyncConfig(), ["e0"], "int8")
+        make_endpoint(SyncConfig(), ["e0"], "int8", LOCAL_HOST, free_port())
     with pytest.raises(ValueError, match="one actor handle per receiver"):
-        make_endpoint(SyncConfig(transport="nccl"), ["e0", "e1"], "bfloat16", engine_handles=("h0",))
-    assert not make_endpoint(SyncConfig(transport="ipc"), ["e0"], "bfloat16", engine_handles=("h0",)).receivers_participate
+        make_endpoint(SyncConfig(transport="nccl"), ["e0", "e1"], "bfloat16", LOCAL_HOST, free_port(), engine_handles=("h0",))
+    assert not make_endpoint(SyncConfig(transport="ipc"), ["e0"], "bfloat16", LOCAL_HOST, free_port(), engine_handles=("h0",)).receivers_participate
 
 
 # ---------------------------------------------------------------- actors
@@ -233,7 +236,7 @@ def test_gloo_zero3_two_ranks_bit_exact_versions_tied(ray_local, tiny_model_dir,
     port = free_port()
     learners = [Learner.remote(str(tiny_model_dir), r, 2, port, 3) for r in range(2)]
     # 16 KiB buckets: the tiny model travels in many buckets, each its own ZeRO-3 gather.
-    ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=1, timeout_s=60), ["fp32", "bf16"], "float32")
+    ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=1, timeout_s=60), ["fp32", "bf16"], "float32", LOCAL_HOST, free_port())
     ep = dataclasses.replace(ep, bucket_bytes=16 * 1024)
     ray.get([l.set_endpoint.remote(ep) for l in learners]
             + [e.set_endpoint.remote(ep, n) for e, n in zip(engines, ep.receiver_names)], timeout=120)
@@ -267,7 +270,7 @@ def zero0_learner(ray_local, tiny_model_dir):
 def test_ray_transport_zero0_bf16_wire(ray_local, zero0_learner, engines):
     """Object-store fallback, wire dtype bf16: the fp32 engine holds the bf16-rounded values."""
     ray = ray_local
-    ep = make_endpoint(SyncConfig(transport="ray", bucket_mb=1, timeout_s=60), ["fp32", "bf16"], "bfloat16")
+    ep = make_endpoint(SyncConfig(transport="ray", bucket_mb=1, timeout_s=60), ["fp32", "bf16"], "bfloat16", LOCAL_HOST, free_port())
     ray.get([zero0_learner.set_endpoint.remote(ep)]
             + [e.set_endpoint.remote(ep, n) for e, n in zip(engines, ep.receiver_names)], timeout=60)
     ray.get(zero0_learner.train_step.remote(5), timeout=60)
@@ -287,7 +290,7 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
     cfg = SyncConfig(transport="gloo", bucket_mb=1, timeout_s=4)
 
     # 1. Engine "b" never shows up: the learner's first sync fails in the rendezvous, naming it.
-    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ep = make_endpoint(cfg, ["a", "b"], "float32", LOCAL_HOST, free_port())
     ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a")], timeout=60)
     t0 = time.monotonic()
     send, recv = zero0_learner.sync_weights.remote(1), a.receive_weights.remote(1)
@@ -298,7 +301,7 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
     assert time.monotonic() - t0 < 30  # bounded by timeout_s, never a hang
 
     # 2. A good round: version 1 everywhere.
-    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ep = make_endpoint(cfg, ["a", "b"], "float32", LOCAL_HOST, free_port())
     ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
             timeout=60)
     _round(ray, [zero0_learner], [a, b], 1, timeout=60)
@@ -329,7 +332,7 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
 
     # 5. A fresh group, a good round, then "b" dies between rounds: the next sync fails naming
     #    "b"; "a" gets nothing and keeps the version it had.
-    ep = make_endpoint(cfg, ["a", "b"], "float32")
+    ep = make_endpoint(cfg, ["a", "b"], "float32", LOCAL_HOST, free_port())
     ray.get([zero0_learner.set_endpoint.remote(ep), a.set_endpoint.remote(ep, "a"), b.set_endpoint.remote(ep, "b")],
             timeout=60)
     _round(ray, [zero0_learner], [a, b], 4, timeout=60)

@@ -185,6 +185,24 @@ def max_bucket_nbytes(plan: SendPlan, wire_dtype: torch.dtype) -> int:
     return max(bucket_nbytes([plan.shapes[i] for i in idx], wire_dtype) for idx in plan.buckets)
 
 
+def packed_buffer_bytes(plan: SendPlan, wire_dtype: torch.dtype, bucket_bytes: int) -> int:
+    """Size of vLLM's packed transfer buffer (`packed_buffer_size_bytes`) for this plan: the bucket
+    size, or the largest single tensor when that is bigger. vLLM's IPC producer allocates exactly
+    this much and raises for any tensor larger than it (packed_tensor.py l.305-350 in vLLM 0.33.0),
+    while our plan lets an oversized tensor travel alone (e.g. Qwen2.5-0.5B's bf16 embedding,
+    ~260 MiB, against the default 64 MiB bucket). A pure function of names and full shapes, so
+    every learner rank computes the same size (ZeRO-3 ranks hold only a partition)."""
+    itemsize = torch.empty((), dtype=wire_dtype).element_size()
+    return max(bucket_bytes, max(itemsize * _numel(s) for s in plan.shapes))
+
+
+def params_off_device(plan: SendPlan, device_type: str) -> list[str]:
+    """Names of the plan's parameters that do not live on `device_type` (e.g. "cuda"): a GPU
+    transport must refuse these before any engine is told to receive (a learner that fell back to
+    CPU would otherwise leave the engines waiting inside a NCCL receive for ever)."""
+    return [name for name, p in zip(plan.names, plan.params) if p.device.type != device_type]
+
+
 def iter_packed_buckets(plan: SendPlan, wire_dtype: torch.dtype, staging: list[torch.Tensor] | None = None
                         ) -> Iterator[torch.Tensor]:
     """Gather (ZeRO-3), cast and pack one bucket at a time. Every learner rank must drive this

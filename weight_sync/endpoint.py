@@ -13,6 +13,7 @@ import torch
 
 from weight_sync.buckets import dtype_from_name
 from weight_sync.config import SyncConfig
+from weight_sync.transports import get_transport
 
 
 class SyncError(RuntimeError):
@@ -37,7 +38,7 @@ class SyncEndpoint:
     rank i + 1. Nothing here refers to engine or learner classes, only to names and addresses."""
 
     transport: str
-    """"gloo", "ray", "nccl" or "ipc" (see SyncConfig.transport)."""
+    """A registered transport name (weight_sync.transports.TRANSPORTS; see SyncConfig.transport)."""
     host: str
     """Address of learner rank 0 (TCPStore master for gloo/nccl)."""
     port: int
@@ -68,10 +69,10 @@ class SyncEndpoint:
 
     @property
     def receivers_participate(self) -> bool:
-        """gloo/ray: the driver calls every engine's `receive(version)` next to the learners'
-        `sync`. nccl/ipc: the learner drives the engines itself through vLLM's control plane,
-        so the driver calls only the learners."""
-        return self.transport in ("gloo", "ray")
+        """True: the driver calls every engine's `receive(version)` next to the learners' `sync`.
+        False: learner rank 0 drives the engines itself (vLLM's control plane), so the driver
+        calls only the learners."""
+        return get_transport(self.transport).receivers_participate
 
 
 class SyncStats(NamedTuple):
@@ -101,25 +102,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_endpoint(config: SyncConfig, receiver_names: list[str], dtype: str, host: str = "127.0.0.1",
-                  port: int | None = None, engine_handles: tuple[Any, ...] = ()) -> SyncEndpoint:
-    """Driver-side: the endpoint for one learner -> engines group. `host`/`port` must be reachable
-    and free on learner rank 0's node (single node: the defaults). For transport "ray" this starts
-    the mailbox actor that carries object refs from sender to receivers."""
+def make_endpoint(config: SyncConfig, receiver_names: list[str], dtype: str, host: str, port: int,
+                  engine_handles: tuple[Any, ...] = ()) -> SyncEndpoint:
+    """Driver-side: the endpoint for one learner -> engines group. `host`/`port` are learner rank
+    0's node address and a port free there, asked of that rank (`free_port` run on its node): the
+    driver may sit on another node, so neither can be chosen here. `engine_handles`: the engine
+    actors, for transports where learner rank 0 drives them; the registry turns them into what the
+    endpoint carries (for "ray" it starts the mailbox actor instead)."""
     if not receiver_names:
         raise ValueError("a weight sync needs at least one receiver")
     if len(set(receiver_names)) != len(receiver_names):
         raise ValueError(f"receiver names must be unique, got {receiver_names}")
     dtype_from_name(dtype)
-    if config.transport in ("nccl", "ipc") and len(engine_handles) != len(receiver_names):
-        raise ValueError(f"transport {config.transport!r} drives the engines itself: give one actor handle per "
-                         f"receiver name ({len(engine_handles)} handles for {len(receiver_names)} names)")
-    if config.transport == "ray":
-        from weight_sync.ray_transport import start_mailbox
-
-        engine_handles = (start_mailbox(),)
+    handles = get_transport(config.transport).handles(tuple(engine_handles), tuple(receiver_names))
     return SyncEndpoint(
-        transport=config.transport, host=host, port=free_port() if port is None else port,
+        transport=config.transport, host=host, port=port,
         receiver_names=tuple(receiver_names), dtype=dtype, bucket_bytes=config.bucket_mb * 2 ** 20,
-        timeout_s=config.timeout_s, engine_handles=tuple(engine_handles),
+        timeout_s=config.timeout_s, engine_handles=handles,
     )

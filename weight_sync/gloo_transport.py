@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from weight_sync.buckets import bucket_nbytes, decode_header, dtype_from_name, encode_header, unpack_bucket
+from weight_sync.buckets import (
+    SendPlan,
+    bucket_nbytes,
+    decode_header,
+    dtype_from_name,
+    encode_header,
+    iter_packed_buckets,
+    max_bucket_nbytes,
+    plan_header,
+    unpack_bucket,
+)
 from weight_sync.endpoint import SyncEndpoint, SyncError
 
 
@@ -82,7 +93,14 @@ class GlooSenderLink:
                 out.append(name)
         return out
 
-    def send(self, version: int, header: dict, buckets, deadline: float) -> int:
+    def send(self, version: int, plan: SendPlan, deadline: float) -> int:
+        """Broadcast the plan's header and packed buckets; the bytes sent (SenderLink.send)."""
+        wire = self.endpoint.wire_dtype
+        staging = self.staging(max_bucket_nbytes(plan, wire))
+        return self._broadcast(version, plan_header(plan, version, wire), iter_packed_buckets(plan, wire, staging),
+                               deadline)
+
+    def _broadcast(self, version: int, header: dict, buckets: Iterator[torch.Tensor], deadline: float) -> int:
         """Broadcast header and buckets (an iterator of packed uint8 tensors, which must be driven
         to the end so the ZeRO-3 gathers of the other learner ranks line up, even after a
         failure). Returns the bytes sent; raises SyncError after the iterator is exhausted."""
@@ -230,3 +248,6 @@ class GlooReceiverLink:
             raise SyncError(version, "ack", [self.name], "another engine rejected this round")
         return out, dict(header["aliases"]), received
 
+    def close(self) -> None:
+        self.pg = None
+        self.store = None

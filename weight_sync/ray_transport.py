@@ -1,5 +1,5 @@
 """Fallback transport through Ray's object store: learner rank 0 `ray.put`s each packed bucket
-and posts the refs with the JSON header to a small mailbox actor (made by `make_endpoint`);
+and posts the refs with the JSON header to a small mailbox actor (started by `make_endpoint`);
 each engine fetches the header and refs for the version it was asked for, gets the buckets and
 acknowledges. The sender holds the refs (it owns the objects) until every engine has acked.
 
@@ -8,12 +8,22 @@ acknowledges. The sender holds the refs (it owns the objects) until every engine
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from typing import Iterator
 
 import ray
 import torch
 
-from weight_sync.buckets import bucket_nbytes, dtype_from_name, unpack_bucket
+from weight_sync.buckets import (
+    SendPlan,
+    bucket_nbytes,
+    dtype_from_name,
+    encode_header,
+    iter_packed_buckets,
+    plan_header,
+    unpack_bucket,
+)
 from weight_sync.endpoint import SyncEndpoint, SyncError
 
 
@@ -72,7 +82,38 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
 
 
-def ray_send(endpoint: SyncEndpoint, version: int, header_bytes: bytes, buckets, deadline: float) -> int:
+class RaySenderLink:
+    """Learner rank 0's end (SenderLink): puts the buckets, posts them, waits for the acks."""
+
+    def __init__(self, endpoint: SyncEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def send(self, version: int, plan: SendPlan, deadline: float) -> int:
+        wire = self.endpoint.wire_dtype
+        header = bytes(encode_header(plan_header(plan, version, wire)).numpy().tobytes())
+        return ray_send(self.endpoint, version, header, iter_packed_buckets(plan, wire), deadline)
+
+    def close(self) -> None:
+        pass  # the mailbox actor belongs to the endpoint (its refs die with the driver's handle)
+
+
+class RayReceiverLink:
+    """One engine's end (ReceiverLink)."""
+
+    def __init__(self, endpoint: SyncEndpoint, name: str) -> None:
+        self.endpoint = endpoint
+        self.name = name
+
+    def receive(self, version: int, out_dtype: torch.dtype | None, deadline: float
+                ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str], int]:
+        return ray_receive(self.endpoint, self.name, version, out_dtype, deadline)
+
+    def close(self) -> None:
+        pass
+
+
+def ray_send(endpoint: SyncEndpoint, version: int, header_bytes: bytes, buckets: Iterator[torch.Tensor],
+             deadline: float) -> int:
     """Put every bucket, post, wait for every engine's ack. Returns the bytes put."""
     (mailbox,) = endpoint.engine_handles
     refs = []
@@ -95,8 +136,6 @@ def ray_send(endpoint: SyncEndpoint, version: int, header_bytes: bytes, buckets,
 def ray_receive(endpoint: SyncEndpoint, name: str, version: int, out_dtype: torch.dtype | None, deadline: float
                 ) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str], int]:
     """Fetch the header and buckets of `version` and ack; SyncError (nothing partial) otherwise."""
-    import json
-
     (mailbox,) = endpoint.engine_handles
     try:
         header_bytes, refs = ray.get(mailbox.fetch.remote(version, _left(deadline)), timeout=_left(deadline) + 1.0)
