@@ -23,17 +23,44 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+def ray_env() -> dict:
+    """The runtime env every test cluster gives its actors (the repo importable, CPU DeepSpeed)."""
+    return {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                         "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}}
+
+
+def start_local_ray() -> None:
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env=ray_env())
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (about 3 s to start)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "DS_ACCELERATOR": "cpu",
-                                           "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+        start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """For a module that needs its own Ray (declared GPUs, several nodes): stops the session's
+    local Ray if it runs, and starts it again afterwards, so later modules find it as they left it
+    (module-scoped actors of earlier modules are gone by then). Yields the runtime env for the
+    module's own `ray.init`."""
+    import ray
+
+    restore = ray.is_initialized()
+    if restore:
+        ray.shutdown()
+    yield ray_env()
+    ray.shutdown()
+    if restore:
+        start_local_ray()
 
 
 @pytest.fixture(scope="session")

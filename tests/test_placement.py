@@ -1,0 +1,165 @@
+"""Placement plans and the checks before them, on a CPU machine: Ray schedules declared GPUs
+(`ray.init(num_gpus=8)`) and sets CUDA_VISIBLE_DEVICES for actors, so the run's real placement
+code (make_placement, make_rollout_workers, LearnerGroup) places probe actors that only report
+what they were given. Also: transport/placement validation by name, the cluster-resource check,
+and a GPU preset on a CPU machine failing at once.
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_placement.py
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from launch.config import ConfigError, load_config
+from launch.placement import ds_accelerator, make_placement, missing_resources, plan_bundles
+from learner.actor import LearnerGroup
+from rollout_workers.worker import make_rollout_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_CLUSTER = 8
+
+
+def gpu_config(*overrides: str):
+    return load_config(None, ["train.num_gpus=4", "learner.gpus_per_rank=1", "rollout.num_workers=2",
+                              "learner.num_ranks=2", "rollout.cpus_per_worker=0.5", "learner.cpus_per_rank=0.5",
+                              "train.actor_timeout_s=60", *overrides])
+
+
+# ---------------------------------------------------------------- validation (pure)
+
+@pytest.mark.parametrize("overrides, message", [
+    # issue 17 item 4: NCCL cannot hold two members of one communicator on one GPU.
+    (["rollout.engine=vllm", "sync.transport=nccl", "train.placement=colocated"],
+     r"sync\.transport=nccl does not work with train\.placement=colocated \(NCCL refuses"),
+    # item 6: an engine GPU without a learner rank would get no IPC handle.
+    (["rollout.engine=vllm", "sync.transport=ipc", "train.placement=colocated", "learner.num_ranks=1"],
+     r"learner\.num_ranks \(1\) < rollout\.num_workers x rollout\.tensor_parallel_size \(2\)"),
+    # item 5: tensor parallelism is refused by name until its bundles/ranks/handles are planned.
+    (["train.num_gpus=8", "rollout.tensor_parallel_size=2"], r"rollout\.tensor_parallel_size=2 is not supported"),
+    (["sync.transport=ipc", "train.placement=disaggregated", "rollout.engine=vllm"],
+     r"sync\.transport=ipc does not work with train\.placement=disaggregated"),
+    (["sync.transport=nccl"], r"sync\.transport=nccl is vLLM's native path"),
+])
+def test_transport_and_placement_rules_refuse_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        gpu_config(*overrides)
+
+
+def test_accepted_gpu_transports():
+    gpu_config("rollout.engine=vllm", "sync.transport=nccl")  # auto -> disaggregated
+    gpu_config("rollout.engine=vllm", "sync.transport=ipc", "train.placement=colocated")
+
+
+def test_ds_accelerator_follows_the_config():
+    # issue 17 item 8: a GPU learner must never fall back to DeepSpeed's CPU accelerator.
+    assert ds_accelerator(gpu_config()) == "cuda"
+    assert ds_accelerator(gpu_config("learner.gpus_per_rank=0")) == "cpu"
+    assert ds_accelerator(load_config(None, [])) == "cpu"
+
+
+def test_missing_resources_totals_and_per_node():
+    bundles = [{"GPU": 1, "CPU": 1}] * 4
+    assert missing_resources(bundles, [{"GPU": 2, "CPU": 4}, {"GPU": 2, "CPU": 4}]) == []
+    assert missing_resources(bundles, [{"CPU": 16}]) == ["GPU: the placement needs 4, the cluster has 0"]
+    assert missing_resources(bundles, [{"GPU": 4, "CPU": 2}]) == ["CPU: the placement needs 4, the cluster has 2"]
+    # Totals suffice, but no node has a GPU and a CPU together: a bundle is never split.
+    per_node = missing_resources([{"GPU": 1, "CPU": 1}], [{"GPU": 1}, {"CPU": 1}])
+    assert len(per_node) == 1 and per_node[0].startswith("no single node holds the bundle {'GPU': 1, 'CPU': 1}")
+
+
+def test_gpu_preset_on_a_cpu_machine_fails_before_ray(tmp_path):
+    """Issue 18: `--config qwen2.5-0.5b-math` without GPUs exits non-zero naming what is missing,
+    before any Ray instance starts (it used to wait for resources that never come)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1"}
+    env.pop("DS_ACCELERATOR", None)
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", "qwen2.5-0.5b-math", f"run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "GPUs: train.num_gpus=8, this machine has 0" in proc.stderr
+    assert "model: model.path='Qwen/Qwen2.5-0.5B'" in proc.stderr  # offline and not cached here
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- real scheduling, declared GPUs
+
+def probe_cls() -> type:
+    """A class defined here, not at module level, so Ray pickles it by value (the tests directory
+    is not importable in the workers)."""
+
+    class Probe:
+        """Stands in for a rollout worker or learner rank: takes their constructor arguments and
+        reports the GPUs Ray gave it."""
+
+        def __init__(self, *args) -> None:
+            pass
+
+        def rendezvous_address(self) -> tuple[str, int]:
+            return "127.0.0.1", 0
+
+        def setup(self, *args) -> None:
+            pass
+
+        def given(self) -> tuple[list, str]:
+            return [str(g) for g in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+    return Probe
+
+
+@pytest.fixture(scope="module")
+def gpu_ray(own_ray):
+    ray.init(num_cpus=8, num_gpus=GPU_CLUSTER, include_dashboard=False, log_to_driver=False, runtime_env=own_ray)
+    yield
+
+
+def place(cfg):
+    """The run's placement path (launch.train.setup) with probes for actors."""
+    placement = make_placement(cfg)
+    probe = probe_cls()
+    workers = make_rollout_workers(cfg.rollout, "unused", placement.pg, first_bundle=placement.worker_bundles[0][0],
+                                   num_gpus_per_worker=placement.gpu_fraction * cfg.rollout.tensor_parallel_size,
+                                   worker_cls=probe)
+    learner = LearnerGroup(cfg.learner, "unused", cfg.rollout.max_new_tokens, 60, placement_group=placement.pg,
+                           bundle_offset=placement.learner_bundle_offset, rank_cls=probe,
+                           gpu_fraction=placement.gpu_fraction)
+    try:
+        return (ray.get([w.given.remote() for w in workers], timeout=60),
+                ray.get([r.given.remote() for r in learner.rank_actors], timeout=60))
+    finally:
+        for a in workers + learner.rank_actors:
+            ray.kill(a)
+        placement.remove()
+
+
+@pytest.mark.slow
+def test_disaggregated_gives_every_actor_its_own_gpu(gpu_ray):
+    workers, learners = place(gpu_config("train.placement=disaggregated"))
+    gpus = [ids for ids, _ in workers + learners]
+    assert all(len(ids) == 1 for ids in gpus)
+    assert len({ids[0] for ids in gpus}) == 4  # 2 engines + 2 learner ranks on 4 distinct GPUs
+    assert all(visible == ids[0] for ids, visible in workers + learners)
+
+
+@pytest.mark.slow
+def test_colocated_puts_engine_i_and_learner_rank_i_on_one_gpu(gpu_ray):
+    workers, learners = place(gpu_config("train.placement=colocated", "rollout.engine=vllm", "sync.transport=ipc"))
+    assert [ids for ids, _ in workers] == [ids for ids, _ in learners]
+    assert len({ids[0] for ids, _ in workers}) == 2
+
+
+@pytest.mark.slow
+def test_placement_the_cluster_cannot_hold_fails_at_once(gpu_ray):
+    """Issue 17 item 12: refused before the placement group is created, naming the shortfall
+    (it used to wait train.actor_timeout_s for GPUs that never come)."""
+    cfg = gpu_config("train.num_gpus=16", "rollout.num_workers=8", "learner.num_ranks=8")
+    assert len(plan_bundles(cfg)[0]) == 16
+    with pytest.raises(ConfigError, match=r"GPU: the placement needs 16, the cluster has 8"):
+        make_placement(cfg)
+    assert ray.util.placement_group_table() == {} or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
