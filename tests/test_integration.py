@@ -103,8 +103,22 @@ def test_killed_engine_during_sync_is_named_within_timeout(ray_local, tiny_model
             sync.sync(2)
         assert "rollout-1" in err.value.engines
         assert "rollout-0" not in err.value.engines
-        # The survivor still serves the last complete version, never a mix.
-        assert ray.get(workers[0].version.remote(), timeout=TIMEOUT) in (1, 2)
+        # The survivor still serves the last complete version: the round's ack needs every engine,
+        # so no engine applies version 2 while another is missing.
+        assert ray.get(workers[0].version.remote(), timeout=TIMEOUT) == 1
+
+        # A fresh worker for the dead one is brought up through the group itself (as train.py's
+        # restart does, for every transport): a new group, one sync, both serve the learner's weights.
+        (fresh,) = make_rollout_workers(dataclasses.replace(rcfg, num_workers=2), str(tiny_model_dir),
+                                        worker_cls=SyncedRolloutWorker, indices=[1])
+        workers.append(fresh)
+        sync.replace_worker(1, fresh, 2)
+        want = learner.full_weights()
+        for w in (workers[0], fresh):
+            assert ray.get(w.version.remote(), timeout=TIMEOUT) == 2
+            got = engine_weights(w)
+            for name in set(want) & set(got):
+                assert torch.equal(got[name], want[name]), name
     finally:
         learner.shutdown()
         for w in workers:

@@ -22,6 +22,8 @@ from weight_sync.buckets import (
     iter_packed_buckets,
     make_plan,
     pack_bucket,
+    packed_buffer_bytes,
+    params_off_device,
     plan_buckets,
     plan_header,
     strip_module_prefix,
@@ -29,6 +31,8 @@ from weight_sync.buckets import (
 )
 from weight_sync.config import SyncConfig
 from weight_sync.endpoint import SyncError, free_port, make_endpoint
+from weight_sync.sync import WeightReceiver, WeightSender
+from weight_sync.transports import GatherOnlyLink, get_transport
 
 # One machine: learner rank 0 listens on loopback (the multi-node case: tests/test_multinode_sync.py).
 LOCAL_HOST = "127.0.0.1"
@@ -101,6 +105,54 @@ def test_make_endpoint_ranks_and_validation():
     with pytest.raises(ValueError, match="one actor handle per receiver"):
         make_endpoint(SyncConfig(transport="nccl"), ["e0", "e1"], "bfloat16", LOCAL_HOST, free_port(), engine_handles=("h0",))
     assert not make_endpoint(SyncConfig(transport="ipc"), ["e0"], "bfloat16", LOCAL_HOST, free_port(), engine_handles=("h0",)).receivers_participate
+
+
+def test_registry_builds_each_side_and_refuses_unknown_names():
+    with pytest.raises(ValueError, match=r"sync\.transport must be one of \['gloo', 'ipc', 'nccl', 'ray'\], got 'tcp'"):
+        SyncConfig(transport="tcp")
+    ep = make_endpoint(SyncConfig(transport="gloo"), ["e0"], "float32", LOCAL_HOST, free_port())
+    assert isinstance(WeightSender(ep, 1)._link, GatherOnlyLink)  # only rank 0 transmits
+    for name in ("nccl", "ipc"):
+        spec = get_transport(name)
+        assert spec.needs_vllm and not spec.receivers_participate and spec.vllm_backend == name
+        vllm_ep = make_endpoint(SyncConfig(transport=name), ["e0"], "bfloat16", LOCAL_HOST, 0, engine_handles=("h0",))
+        with pytest.raises(ValueError, match="driven by the learner through vLLM"):
+            WeightReceiver(vllm_ep, "e0")
+    assert "colocated" not in get_transport("nccl").placements
+    assert get_transport("ipc").placements == ("colocated",)
+
+
+QWEN_EMBEDDING = (151936, 896)  # Qwen2.5-0.5B's embed_tokens
+
+
+def test_packed_buffer_holds_the_largest_tensor_and_is_the_same_on_every_rank():
+    """Issue 17 item 3: vLLM's IPC producer allocates exactly packed_buffer_size_bytes and raises
+    for a bigger tensor; it used to be sync.bucket_mb, smaller than Qwen2.5-0.5B's bf16 embedding."""
+    bucket = 64 * 2 ** 20
+
+    def rank_params(full: bool) -> list[tuple[str, torch.nn.Parameter]]:
+        """ZeRO-3 leaves a rank an empty partition with the full shape in `ds_shape`."""
+        out = []
+        for name, shape in (("model.embed_tokens.weight", QWEN_EMBEDDING), ("model.norm.weight", (896,))):
+            p = torch.nn.Parameter(torch.empty(shape if full else (0,), device="meta"))
+            if not full:
+                p.ds_id, p.ds_shape = len(out), torch.Size(shape)
+            out.append((name, p))
+        return out
+
+    sizes = {packed_buffer_bytes(make_plan(rank_params(full), torch.bfloat16, bucket), torch.bfloat16, bucket)
+             for full in (True, False)}
+    assert sizes == {151936 * 896 * 2}  # 272 MB, not 64 MiB; one value for every rank
+    small = make_plan([("w", torch.nn.Parameter(torch.ones(4, 4)))], torch.float32, bucket)
+    assert packed_buffer_bytes(small, torch.float32, bucket) == bucket
+
+
+def test_gpu_transports_see_learner_weights_off_the_gpu():
+    """Issue 17 item 8: a learner that fell back to CPU is caught before any engine receives."""
+    plan = make_plan([("a", torch.nn.Parameter(torch.ones(2))), ("b", torch.nn.Parameter(torch.ones(3)))],
+                     torch.float32, 1024)
+    assert params_off_device(plan, "cuda") == ["a", "b"]
+    assert params_off_device(plan, "cpu") == []
 
 
 # ---------------------------------------------------------------- actors
@@ -346,3 +398,85 @@ def test_gloo_failures_name_engine_and_phase_and_keep_old_weights(ray_local, zer
         ray.get(recv, timeout=60)
     _assert_engine_matches(ray, a, 4, v4, torch.float32)
     ray.kill(a)
+
+
+# ---------------------------------------------------------------- vLLM control plane (CPU: recording engines)
+
+def _control_engine_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ControlledEngine:
+        """An engine actor as launch.actors.SyncedRolloutWorker exposes it (`weight_control`),
+        over an `EngineWeightControl` that records each call (and fails where told to)."""
+
+        def __init__(self, fail_on: str = "") -> None:
+            self.calls: list[tuple] = []
+            self.fail_on = fail_on
+
+        def _record(self, *call) -> None:
+            if call[0] == self.fail_on:
+                raise RuntimeError(f"engine refused {call[0]}")
+            self.calls.append(call)
+
+        def init_weight_transfer_engine(self, init_info: dict) -> None:
+            self._record("init", init_info["rank_offset"])
+
+        def start_weight_update(self) -> None:
+            self._record("start")
+
+        def update_weights(self, update_info: dict) -> None:
+            self._record("update", update_info["names"])
+
+        def finish_weight_update(self, weight_version: str) -> None:
+            self._record("finish", weight_version)
+
+        def shutdown_weight_transfer_engine(self) -> None:
+            self._record("shutdown")
+
+        def weight_control(self, call) -> None:
+            call.apply(self)
+
+        def recorded(self) -> list[tuple]:
+            return self.calls
+
+    return ControlledEngine
+
+
+@pytest.mark.slow
+def test_control_plane_typed_calls_offsets_and_shutdown_before_reinit(ray_local):
+    """Issue 17 item 11: a re-init (after a worker restart) first drops each engine's old trainer
+    connection, so survivors do not leak an NCCL communicator; engine i gets rank offset 1 + i."""
+    from weight_sync.engine_control import ActorSyncClient
+
+    ray = ray_local
+    Engine = _control_engine_cls()
+    engines = [Engine.remote(), Engine.remote()]
+    ep = make_endpoint(SyncConfig(transport="nccl", timeout_s=30), ["e0", "e1"], "bfloat16", LOCAL_HOST, 0,
+                       engine_handles=tuple(engines))
+    client = ActorSyncClient(ep)
+    for version in (1, 2):  # the second init is what a restart does
+        client.version = version
+        client.init_weight_transfer_engine({"rank_offset": 1, "master_address": LOCAL_HOST})
+        client.start_weight_update()
+        client.update_weights({"names": ["w"]})
+        client.finish_weight_update()
+    for i, engine in enumerate(engines):
+        round_calls = [("shutdown",), ("init", 1 + i), ("start",), ("update", ["w"])]
+        assert ray.get(engine.recorded.remote(), timeout=30) == (
+            round_calls + [("finish", "1")] + round_calls + [("finish", "2")])
+    for e in engines:
+        ray.kill(e)
+
+    # An engine that fails is named with the phase; a dead one too.
+    engines = [Engine.remote(), Engine.remote(fail_on="start")]
+    ep = make_endpoint(SyncConfig(transport="nccl", timeout_s=30), ["e0", "e1"], "bfloat16", LOCAL_HOST, 0,
+                       engine_handles=tuple(engines))
+    client = ActorSyncClient(ep)
+    client.version, client.phase = 3, "buckets"
+    with pytest.raises(SyncError, match=r"weight sync v3 failed in phase 'buckets'; engines: \['e1'\].*refused start"):
+        client.start_weight_update()
+    ray.kill(engines[0])
+    with pytest.raises(SyncError, match=r"engines: \['e0'\]"):
+        client.update_weights({"names": []})
+    ray.kill(engines[1])
