@@ -5,6 +5,8 @@ imports nothing from launch, learner or rollout_workers).
     PYTHONPATH=$PWD .venv/bin/python -m launch.bench_sync --json /tmp/bench_sync.json
 
 Public API: endpoint.make_endpoint / SyncEndpoint / SyncError, sync.WeightSender,
-sync.WeightReceiver, sync.load_into_module; transports in gloo_transport, ray_transport,
-vllm_transport (nccl, ipc); the shared plan/gather/pack logic in buckets.
+sync.WeightReceiver, sync.load_into_module; the transport registry and the SenderLink /
+ReceiverLink protocols in transports (links in gloo_transport, ray_transport, vllm_transport);
+the typed engine control plane of the vLLM transports in engine_control; the shared
+plan/gather/pack logic in buckets.
 """
