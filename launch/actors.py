@@ -53,11 +53,10 @@ class SyncedRolloutWorker(RolloutWorker):
 
     def weight_control(self, call: ControlCall) -> None:
         """One call of vLLM's weight-transfer handshake (sync.transport nccl/ipc), driven by learner
-        rank 0 through weight_sync.engine_control.ActorSyncClient and applied to this engine's
-        `EngineWeightControl` (typed: no method is named by a string). Under the engine lock, so
-        no generate() steps while a call changes the weights."""
-        with self._engine_lock:
-            call.apply(self._engine.sync_client())
+        rank 0 through weight_sync.engine_control.ActorSyncClient and applied to this worker, which
+        implements `EngineWeightControl` (its vllm_* methods hold the engine lock from start to
+        finish of an update). Typed: no method is named by a string."""
+        call.apply(self)
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The engine's current weights (for equality checks after a sync)."""

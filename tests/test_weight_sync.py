@@ -407,8 +407,9 @@ def _control_engine_cls():
 
     @ray.remote(num_cpus=0)
     class ControlledEngine:
-        """An engine actor as launch.actors.SyncedRolloutWorker exposes it (`weight_control`),
-        over an `EngineWeightControl` that records each call (and fails where told to)."""
+        """An engine actor as launch.actors.SyncedRolloutWorker exposes it (`weight_control`
+        applying each call to itself), recording each `EngineWeightControl` call (and failing
+        where told to)."""
 
         def __init__(self, fail_on: str = "") -> None:
             self.calls: list[tuple] = []
@@ -419,20 +420,21 @@ def _control_engine_cls():
                 raise RuntimeError(f"engine refused {call[0]}")
             self.calls.append(call)
 
-        def init_weight_transfer_engine(self, init_info: dict) -> None:
+        def vllm_init_weight_transfer_engine(self, init_info: dict) -> None:
             self._record("init", init_info["rank_offset"])
 
-        def start_weight_update(self) -> None:
+        def vllm_start_weight_update(self) -> None:
             self._record("start")
 
-        def update_weights(self, update_info: dict) -> None:
+        def vllm_update_weights(self, update_info: dict) -> None:
             self._record("update", update_info["names"])
 
-        def finish_weight_update(self, weight_version: str) -> None:
-            self._record("finish", weight_version)
+        def vllm_finish_weight_update(self, version: str) -> int:
+            self._record("finish", version)
+            return int(version)
 
-        def shutdown_weight_transfer_engine(self) -> None:
-            self._record("shutdown")
+        def vllm_abort_weight_update(self, reason: str) -> None:
+            self._record("abort", reason)
 
         def weight_control(self, call) -> None:
             call.apply(self)
@@ -444,39 +446,45 @@ def _control_engine_cls():
 
 
 @pytest.mark.slow
-def test_control_plane_typed_calls_offsets_and_shutdown_before_reinit(ray_local):
-    """Issue 17 item 11: a re-init (after a worker restart) first drops each engine's old trainer
-    connection, so survivors do not leak an NCCL communicator; engine i gets rank offset 1 + i."""
+def test_control_plane_typed_calls_rank_offsets_reinit_and_abort(ray_local):
+    """The learner drives every engine through typed calls; engine i gets NCCL rank offset 1 + i
+    (vLLM's payload says 1 for all); a re-init (a restart) reaches every engine again; a failed
+    round names the engine and the phase, and the abort reaches every engine still alive."""
     from weight_sync.engine_control import ActorSyncClient
 
     ray = ray_local
     Engine = _control_engine_cls()
     engines = [Engine.remote(), Engine.remote()]
-    ep = make_endpoint(SyncConfig(transport="nccl", timeout_s=30), ["e0", "e1"], "bfloat16", LOCAL_HOST, 0,
+    ray.get([e.recorded.remote() for e in engines], timeout=240)  # started (slow under load), then timed
+    ep = make_endpoint(SyncConfig(transport="nccl", timeout_s=120), ["e0", "e1"], "bfloat16", LOCAL_HOST, 0,
                        engine_handles=tuple(engines))
     client = ActorSyncClient(ep)
-    for version in (1, 2):  # the second init is what a restart does
+    for version in (1, 2):  # the second init is what a worker restart does
         client.version = version
         client.init_weight_transfer_engine({"rank_offset": 1, "master_address": LOCAL_HOST})
         client.start_weight_update()
         client.update_weights({"names": ["w"]})
         client.finish_weight_update()
     for i, engine in enumerate(engines):
-        round_calls = [("shutdown",), ("init", 1 + i), ("start",), ("update", ["w"])]
+        round_calls = [("init", 1 + i), ("start",), ("update", ["w"])]
         assert ray.get(engine.recorded.remote(), timeout=30) == (
             round_calls + [("finish", "1")] + round_calls + [("finish", "2")])
     for e in engines:
         ray.kill(e)
 
-    # An engine that fails is named with the phase; a dead one too.
-    engines = [Engine.remote(), Engine.remote(fail_on="start")]
-    ep = make_endpoint(SyncConfig(transport="nccl", timeout_s=30), ["e0", "e1"], "bfloat16", LOCAL_HOST, 0,
+    engines = [Engine.remote(), Engine.remote(fail_on="update")]
+    ray.get([e.recorded.remote() for e in engines], timeout=240)
+    ep = make_endpoint(SyncConfig(transport="nccl", timeout_s=120), ["e0", "e1"], "bfloat16", LOCAL_HOST, 0,
                        engine_handles=tuple(engines))
     client = ActorSyncClient(ep)
     client.version, client.phase = 3, "buckets"
-    with pytest.raises(SyncError, match=r"weight sync v3 failed in phase 'buckets'; engines: \['e1'\].*refused start"):
-        client.start_weight_update()
+    client.start_weight_update()
+    with pytest.raises(SyncError, match=r"weight sync v3 failed in phase 'buckets'; engines: \['e1'\].*refused update"):
+        client.update_weights({"names": ["w"]})
+    assert client.abort_weight_update("learner rank 0: gave up") == []
+    assert ray.get(engines[0].recorded.remote(), timeout=30) == [("start",), ("update", ["w"]), ("abort", "learner rank 0: gave up")]
     ray.kill(engines[0])
     with pytest.raises(SyncError, match=r"engines: \['e0'\]"):
-        client.update_weights({"names": []})
+        client.start_weight_update()
+    assert client.abort_weight_update("again") == ["e0"]  # a dead engine cannot be told, and nothing raises
     ray.kill(engines[1])

@@ -3,14 +3,15 @@ which the learner drives the engines itself (vLLM's native "nccl" and "ipc").
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py -k control
 
-- `EngineWeightControl`: what an engine offers a trainer-side transfer engine: vLLM's
+- `EngineWeightControl`: what an engine actor offers a trainer-side transfer engine: vLLM's
   `VLLMWeightSyncClient` protocol (vllm/distributed/weight_transfer/base.py l.618-642 in vLLM
-  0.33.0) plus `shutdown_weight_transfer_engine` (vllm/entrypoints/rl/offline.py l.29). Implemented
-  engine-side (rollout_workers.engines.vllm_engine.VLLMEngine.sync_client()).
+  0.33.0) plus an abort. Implemented by the rollout worker (rollout_workers.worker.RolloutWorker),
+  which holds its engine lock from start to finish of an update and shuts an old trainer
+  connection down before a re-init (a restart re-inits the survivors).
 - `ControlCall`: one call of that protocol as a value (`InitTransfer`, `StartUpdate`, ...); its
   `apply` calls the protocol method directly, so no method is ever named by a string.
-- `WeightControlTarget`: the one remote method an engine actor exposes, `weight_control(call)`;
-  launch.actors.SyncedRolloutWorker applies the call to its engine.
+- `WeightControlTarget`: the one remote method an engine actor exposes, `weight_control(call)`,
+  which applies the call to itself (launch.actors.SyncedRolloutWorker).
 - `ActorSyncClient`: vLLM's `VLLMWeightSyncClient` over such actors, with a timeout on every call
   that names the engine that did not answer or died (vLLM's trainer engines call it).
 
@@ -22,24 +23,29 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
+from ray.exceptions import GetTimeoutError, RayError
 
 from weight_sync.endpoint import SyncEndpoint, SyncError
 
 
 class EngineWeightControl(Protocol):
-    """An inference engine's side of vLLM's weight-transfer handshake (plain dicts, as vLLM's own
-    client protocol takes them)."""
+    """An engine actor's side of vLLM's weight-transfer handshake (plain dicts, as vLLM's own
+    client protocol takes them). Prefixed so they never clash with a worker's own methods."""
 
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
+    def vllm_init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        """Join the trainer's transfer group (dropping any previous connection first)."""
+        ...
 
-    def start_weight_update(self) -> None: ...
+    def vllm_start_weight_update(self) -> None: ...
 
-    def update_weights(self, update_info: dict[str, Any]) -> None: ...
+    def vllm_update_weights(self, update_info: dict[str, Any]) -> None: ...
 
-    def finish_weight_update(self, weight_version: str) -> None: ...
+    def vllm_finish_weight_update(self, version: str) -> int:
+        """Finish the update, stamp `version`; the version now served."""
+        ...
 
-    def shutdown_weight_transfer_engine(self) -> None:
-        """Drop the engine's trainer connection (NCCL communicator); a no-op when it has none."""
+    def vllm_abort_weight_update(self, reason: str) -> None:
+        """The sender gave up mid-update: the engine must not sample until a complete update lands."""
         ...
 
 
@@ -54,13 +60,13 @@ class InitTransfer:
     init_info: dict[str, Any] = field(hash=False)
 
     def apply(self, control: EngineWeightControl) -> None:
-        control.init_weight_transfer_engine(self.init_info)
+        control.vllm_init_weight_transfer_engine(self.init_info)
 
 
 @dataclass(frozen=True)
 class StartUpdate:
     def apply(self, control: EngineWeightControl) -> None:
-        control.start_weight_update()
+        control.vllm_start_weight_update()
 
 
 @dataclass(frozen=True)
@@ -68,21 +74,23 @@ class UpdateWeights:
     update_info: dict[str, Any] = field(hash=False)
 
     def apply(self, control: EngineWeightControl) -> None:
-        control.update_weights(self.update_info)
+        control.vllm_update_weights(self.update_info)
 
 
 @dataclass(frozen=True)
 class FinishUpdate:
-    weight_version: str
+    version: str
 
     def apply(self, control: EngineWeightControl) -> None:
-        control.finish_weight_update(self.weight_version)
+        control.vllm_finish_weight_update(self.version)
 
 
 @dataclass(frozen=True)
-class ShutdownTransfer:
+class AbortUpdate:
+    reason: str
+
     def apply(self, control: EngineWeightControl) -> None:
-        control.shutdown_weight_transfer_engine()
+        control.vllm_abort_weight_update(self.reason)
 
 
 class WeightControlTarget(Protocol):
@@ -119,13 +127,11 @@ class ActorSyncClient:
         self._all([call] * len(self.endpoint.engine_handles))
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        """Every engine first drops any trainer connection it still holds (after a worker restart
-        the survivors hold the previous group's communicator, which a second init would leak),
-        then joins the new group. vLLM's payload puts every worker at `rank_offset=1`
-        (nccl_common.py l.130-147: `build_worker_init_payload`); with several independent engines
-        that would make them all rank 1, so engine i gets its own offset 1 + i (one worker per
-        engine: launch.config refuses tensor parallelism with these transports)."""
-        self._each(ShutdownTransfer())
+        """Every engine joins the new group (after a worker restart the survivors too: each drops
+        its previous connection first, EngineWeightControl). vLLM's payload puts every worker at
+        `rank_offset=1` (nccl_common.py l.130-147: `build_worker_init_payload`); with several
+        independent engines that would make them all rank 1, so engine i gets its own offset 1 + i
+        (one worker per engine: launch.config refuses tensor parallelism)."""
         calls: list[ControlCall] = []
         for i in range(len(self.endpoint.engine_handles)):
             info = dict(init_info)
@@ -143,3 +149,17 @@ class ActorSyncClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         # vLLM's trainer engines call this without a version; ours stamps the round's version.
         self._each(FinishUpdate(str(self.version) if weight_version is None else weight_version))
+
+    def abort_weight_update(self, reason: str) -> list[str]:
+        """Best effort after a failed round: tell every engine still answering to release its
+        update (it then refuses to sample until a complete update lands). Never raises; returns
+        the engines that could not be told (dead or frozen)."""
+        ep = self.endpoint
+        refs = [h.weight_control.remote(AbortUpdate(reason)) for h in ep.engine_handles]
+        missed = []
+        for name, ref in zip(ep.receiver_names, refs):
+            try:
+                ray.get(ref, timeout=ep.timeout_s)
+            except (RayError, GetTimeoutError):
+                missed.append(name)
+        return missed

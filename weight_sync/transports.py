@@ -84,7 +84,8 @@ class Transport:
     needs_vllm: bool
     """Only vLLM engines can take part (vLLM's own weight-transfer API)."""
     vllm_backend: str
-    """vLLM `WeightTransferConfig.backend` a vLLM engine is built with under this transport."""
+    """The weight path a vLLM engine is built with under this transport (rollout_workers.engines.
+    vllm_engine): "reload" (named tensors delivered by the worker), or vLLM's native "nccl" / "ipc"."""
 
     @property
     def receivers_participate(self) -> bool:
@@ -146,9 +147,9 @@ def _engine_handles(engines: tuple[Any, ...], names: tuple[str, ...]) -> tuple[A
 
 TRANSPORTS: dict[str, Transport] = {
     "gloo": Transport(_gloo_sender, _gloo_receiver, _no_handles, ALL_PLACEMENTS, "", needs_vllm=False,
-                      vllm_backend="ipc"),
+                      vllm_backend="reload"),
     "ray": Transport(_ray_sender, _ray_receiver, _ray_handles, ALL_PLACEMENTS, "", needs_vllm=False,
-                     vllm_backend="ipc"),
+                     vllm_backend="reload"),
     "nccl": Transport(_nccl_sender, None, _engine_handles, ("auto", "disaggregated"),
                       "NCCL refuses two members of one communicator on one GPU, as learner rank 0 and engine 0 "
                       "are when colocated", needs_vllm=True, vllm_backend="nccl"),

@@ -35,8 +35,9 @@ The vLLM 0.33.0 API this is written against (paths under vllm/):
 - entrypoints/rl/offline.py: `LLM.init_weight_transfer_engine(request)`, `start_weight_update()`,
   `update_weights(request)`, `finish_weight_update(weight_version)`,
   `shutdown_weight_transfer_engine()` (l.12-62). The engine side is the typed
-  `weight_sync.engine_control.EngineWeightControl` protocol; an engine actor receives each call as
-  a `ControlCall` value through its one `weight_control(call)` method (launch.actors.SyncedRolloutWorker).
+  `weight_sync.engine_control.EngineWeightControl` protocol (the rollout worker implements it over
+  these calls); an engine actor receives each call as a `ControlCall` value through its one
+  `weight_control(call)` method (launch.actors.SyncedRolloutWorker).
   The engine is created with `LLM(..., weight_transfer_config=WeightTransferConfig(backend="nccl"|"ipc"))`.
 Known limit: the NCCL broadcast itself has no timeout (PyNccl); a peer dying mid-broadcast is
 caught by the driver's `ray.get(..., timeout=sync.timeout_s)`, and the learner must be restarted.
@@ -114,7 +115,14 @@ class VLLMSenderLink:
         # Same metadata each round -> vLLM ships no names/shapes again (nccl_engine.py l.361).
         self.engine.source = source
         self.client.phase = "buckets"
-        self.engine.send_weights()
+        try:
+            self.engine.send_weights()
+        except Exception as e:
+            if self.rank == 0:  # engines that started the update must not sample on half-loaded layers
+                self.client.abort_weight_update(f"learner rank 0: {e!r}")
+            if isinstance(e, SyncError):
+                raise
+            raise SyncError(version, self.client.phase, list(ep.receiver_names), repr(e)) from e
         if self.rank != 0:
             return 0
         return bucket_nbytes(plan.shapes, ep.wire_dtype)
