@@ -290,8 +290,9 @@ def test_gloo_zero3_two_ranks_bit_exact_versions_tied(ray_local, tiny_model_dir,
     # 16 KiB buckets: the tiny model travels in many buckets, each its own ZeRO-3 gather.
     ep = make_endpoint(SyncConfig(transport="gloo", bucket_mb=1, timeout_s=60), ["fp32", "bf16"], "float32", LOCAL_HOST, free_port())
     ep = dataclasses.replace(ep, bucket_bytes=16 * 1024)
+    # The first call also waits for two ZeRO-3 ranks to start (minutes on a loaded 2-core machine).
     ray.get([l.set_endpoint.remote(ep) for l in learners]
-            + [e.set_endpoint.remote(ep, n) for e, n in zip(engines, ep.receiver_names)], timeout=120)
+            + [e.set_endpoint.remote(ep, n) for e, n in zip(engines, ep.receiver_names)], timeout=300)
     for version in (1, 2):
         ray.get([l.train_step.remote(version) for l in learners], timeout=120)
         stats0, stats1, v_a, v_b = _round(ray, learners, engines, version)
