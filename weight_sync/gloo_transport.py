@@ -186,8 +186,7 @@ class GlooReceiverLink:
         return self._buffers[k]
 
     def _fail(self, version: int, phase: str, e: Exception) -> SyncError:
-        self.pg = None
-        self.store = None
+        self.close()  # a failed group is unusable: the next round needs a new endpoint
         return SyncError(version, phase, [self.name], f"engine {self.name!r} (rank {self.rank}): {e!r}")
 
     def connect(self, version: int, deadline: float) -> None:
