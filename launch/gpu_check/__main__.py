@@ -78,6 +78,10 @@ def _fmt_rate(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
 def table_rows(steps: dict) -> list[tuple[str, str, str]]:
     """(figure, value, command) rows of the steps' records."""
     rows = []
@@ -106,10 +110,9 @@ def table_rows(steps: dict) -> list[tuple[str, str, str]]:
                 rows.append((f"{name} engine tok/s by batch ({f['model_params'] / 1e6:.0f}M params, {f['max_new_tokens']} new tokens)",
                              pts + skipped, cmd))
         elif step == "sync":
-            ms = lambda s: f"{s * 1e3:.2f} ms"  # noqa: E731
             rows.append((f"weight sync {f['bytes'] / 1e6:.1f} MB bf16, {f['tensors']} tensors",
-                         f"memcpy {ms(f['memcpy_seconds'])}; in-process {ms(f['in_process_seconds'])} "
-                         f"({f['in_process_vs_memcpy']:.2f}x); {f['ipc_mechanism']} {ms(f['ipc_seconds'])} "
+                         f"memcpy {_ms(f['memcpy_seconds'])}; in-process {_ms(f['in_process_seconds'])} "
+                         f"({f['in_process_vs_memcpy']:.2f}x); {f['ipc_mechanism']} {_ms(f['ipc_seconds'])} "
                          f"({f['ipc_vs_memcpy']:.2f}x); max diff {max(f['in_process_max_abs_diff'], f['ipc_max_abs_sum_diff'])}", cmd))
         elif step == "e2e":
             rows.append((f"embedded default, {f['iterations']} iterations",
