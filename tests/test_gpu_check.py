@@ -15,8 +15,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from launch.gpu_check.steps import bf16_peak, train_flops_per_token
+from launch.gpu_check.steps import CPU_REHEARSAL, TINY_SHAPE, bf16_peak, measure_sync, train_flops_per_token
 from launch.gpu_check.wheels import RAY_DROP, trim_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,22 @@ def test_cpu_rehearsal_engine_step_prints_the_table(tmp_path):
     assert figures[0] == "install carried wheels" and figures[-1] == "vLLM engine"
     assert "| transformers engine tok/s by batch" in proc.stdout
     assert "python -m launch.gpu_check.steps engine --profile cpu-rehearsal" in proc.stdout
+
+
+def test_sync_step_copies_bit_exact_in_process_and_through_shared_memory():
+    """The sync step on the rehearsal's shape: the engine side ends with the learner's weights
+    exactly (the IPC receiver is a spawned process reading one shared buffer), for every version."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        result = measure_sync(CPU_REHEARSAL)
+    finally:
+        torch.set_num_threads(threads)
+    h, i, v, layers = TINY_SHAPE["hidden_size"], TINY_SHAPE["intermediate_size"], TINY_SHAPE["vocab_size"], TINY_SHAPE["num_hidden_layers"]
+    kv = h // TINY_SHAPE["num_attention_heads"] * TINY_SHAPE["num_key_value_heads"]
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+    assert result["bytes"] == 2 * (v * h + layers * per_layer + h)  # bf16, tied head counted once
+    assert result["tensors"] == 2 + 12 * layers
+    assert result["in_process_max_abs_diff"] == 0.0 and result["ipc_max_abs_sum_diff"] == 0.0
+    assert result["ipc_mechanism"] == "shared memory (CPU rehearsal)"
+    assert all(result[k] > 0 for k in ("memcpy_seconds", "in_process_seconds", "ipc_seconds"))

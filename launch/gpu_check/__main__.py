@@ -97,8 +97,8 @@ def table_rows(steps: dict) -> list[tuple[str, str, str]]:
         elif step == "learner":
             for budget, b in f["budgets"].items():
                 mfu = f"MFU {b['mfu']:.1%} of {f['peak_tflops']:g} TFLOPS" if b["mfu"] is not None else "MFU n/a (no bf16 peak for this device)"
-                rows.append((f"learner ZeRO-2 bf16, {f['model_params'] / 1e6:.0f}M params, micro-batch {budget} tokens",
-                             f"{_fmt_rate(b['tokens_per_second'])} tok/s, {b['model_tflops']:.2f} model TFLOPS, {mfu}", cmd))
+                rows.append((f"learner ZeRO-2 bf16, {f['model_params'] / 1e6:.1f}M params, micro-batch {budget} tokens",
+                             f"{_fmt_rate(b['tokens_per_second'])} tok/s, {b['model_tflops']:.3g} model TFLOPS, {mfu}", cmd))
         elif step == "engine":
             for name in ("transformers", "vllm"):
                 e = f[name]
@@ -107,7 +107,7 @@ def table_rows(steps: dict) -> list[tuple[str, str, str]]:
                     continue
                 pts = ", ".join(f"{b}: {_fmt_rate(r)}" for b, r in zip(e["batch_sizes"], e["tokens_per_second"]))
                 skipped = f" (skipped at the cap: {e['skipped_batch_sizes']})" if e["skipped_batch_sizes"] else ""
-                rows.append((f"{name} engine tok/s by batch ({f['model_params'] / 1e6:.0f}M params, {f['max_new_tokens']} new tokens)",
+                rows.append((f"{name} engine tok/s by batch ({f['model_params'] / 1e6:.1f}M params, {f['max_new_tokens']} new tokens)",
                              pts + skipped, cmd))
         elif step == "sync":
             rows.append((f"weight sync {f['bytes'] / 1e6:.1f} MB bf16, {f['tensors']} tensors",

@@ -426,11 +426,21 @@ def measure_e2e(p: Profile, cap_s: float, run_dir: Path) -> dict:
     """The embedded default through `python -m launch.train`; figures from its summary.json."""
     cmd = e2e_command(p, run_dir)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, timeout=max(1.0, cap_s - 5), capture_output=True, text=True)
+    # its output goes straight to this step's log, so a run killed at the cap still shows how far it got
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait(timeout=max(1.0, cap_s - 40))
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # launch.train's SIGTERM handler stops what the run started (Ray actors, pools)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # Ray's own processes die with it (they fate-share with their parent)
+            proc.wait(timeout=30)
+        raise RuntimeError(f"launch.train stopped at the step's cap ({cap_s:.0f} s); its output is above in this log")
     wall = time.perf_counter() - t0
-    (run_dir.parent / "e2e.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"launch.train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
+    if rc:
+        raise RuntimeError(f"launch.train exited {rc} (its output is above in this log)")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"command": " ".join(["python", "-m", "launch.train", *p.e2e_overrides]),
             "accuracy_before_rl": summary["eval_accuracy_before_rl"], "accuracy_after_rl": summary["eval_accuracy_after_rl"],
