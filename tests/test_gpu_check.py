@@ -80,7 +80,7 @@ def test_failing_steps_are_recorded_and_the_run_goes_on(tmp_path):
         assert result["steps"][step]["status"] == "failed"
         assert "needs CUDA" in result["steps"][step]["error"]
     assert [r["figure"] for r in result["rows"]] == ["engine", "sync"]
-    assert "| engine | FAILED: exit 1" in proc.stdout
+    assert "| engine | FAILED: exit 1: profile gpu needs CUDA" in proc.stdout
 
 
 def test_step_past_the_budget_is_skipped_and_recorded(tmp_path):

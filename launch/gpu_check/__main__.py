@@ -62,10 +62,11 @@ def run_step(p: Profile, step: str, out: Path, cap_s: float) -> dict:
     record = {"seconds": time.perf_counter() - t0, "cap_s": cap_s, "log": str(log),
               "command": " ".join(["python"] + cmd[1:-2])}
     tail = log.read_text(errors="replace")[-3000:]
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
     if rc is None:
-        record.update(status="timeout", error=f"killed at its {cap_s:.0f} s cap; log tail:\n{tail}")
+        record.update(status="timeout", error=f"killed at its {cap_s:.0f} s cap; last log line: {last}\n{tail}")
     elif rc:
-        record.update(status="failed", error=f"exit {rc}; log tail:\n{tail}")
+        record.update(status="failed", error=f"exit {rc}: {last}\n{tail}")
     else:
         record.update(status="ok", figures=json.loads((out / f"{step}.json").read_text()))
     print(f"[gpu_check] {step}: {record['status']} in {record['seconds']:.0f} s", flush=True)
