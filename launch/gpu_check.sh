@@ -9,8 +9,8 @@
 # Rehearsal anywhere, no wheels and no CUDA, tiny shapes:
 #   bash launch/gpu_check.sh --cpu-rehearsal [--steps engine,sync]
 # Environment: PYTHON (default python3), OUT (default runs/gpu_check), GPU_CHECK_BUDGET_S (the steps'
-# bound after the install: default 480 s on the GPU, whose device time is 15 minutes in all with the
-# machine's start and a 120 s install cap; 1800 s for the rehearsal on a shared 2-core machine).
+# bound after the install: default 400 s on the GPU, so that the install (at most 120 + 40 s) and
+# the steps fit the device tool's 600 s per command; 1800 s for the rehearsal on a shared 2-core machine).
 set -u
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then  # the interpreter that has torch (python3 first)
@@ -35,7 +35,7 @@ if [ "$REHEARSAL" = 1 ]; then
   STATUS="skipped (cpu rehearsal)"
   SUMMARY="uses this environment's packages"
 else
-  BUDGET="${GPU_CHECK_BUDGET_S:-480}"
+  BUDGET="${GPU_CHECK_BUDGET_S:-400}"
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
   start=$(date +%s)
   # --no-index: only the carried wheels; what is already installed (torch, transformers) stays.
@@ -45,7 +45,7 @@ else
   # the pins `make gpu-wheels` built (launch/gpu_check/wheels.py: stdlib only, imports anywhere)
   read -r -a PKGS <<< "$("$PYTHON" -c 'from launch.gpu_check.wheels import TOP_LEVEL; print(*TOP_LEVEL)')"
   if timeout 120 "$PYTHON" -m pip install --no-index --find-links .whl "${PKGS[@]}" > "$OUT/install.log" 2>&1 \
-     || timeout 60 "$PYTHON" -m pip install --user --no-index --find-links .whl "${PKGS[@]}" >> "$OUT/install.log" 2>&1; then
+     || timeout 40 "$PYTHON" -m pip install --user --no-index --find-links .whl "${PKGS[@]}" >> "$OUT/install.log" 2>&1; then
     STATUS="ok"
   else
     STATUS="failed rc=$? (see $OUT/install.log)"

@@ -116,7 +116,7 @@ def table_rows(steps: dict) -> list[tuple[str, str, str]]:
                          f"({f['in_process_vs_memcpy']:.2f}x); {f['ipc_mechanism']} {_ms(f['ipc_seconds'])} "
                          f"({f['ipc_vs_memcpy']:.2f}x); max diff {max(f['in_process_max_abs_diff'], f['ipc_max_abs_sum_diff'])}", cmd))
         elif step == "e2e":
-            rows.append((f"embedded default, {f['iterations']} iterations",
+            rows.append((f"embedded default, {f['iterations']} RL iteration(s)",
                          f"held-out accuracy {f['accuracy_before_rl']:.3f} -> {f['accuracy_after_rl']:.3f}; "
                          f"run {f['run_wall_seconds']:.0f} s, command {f['command_wall_seconds']:.0f} s", f["command"]))
     return rows
