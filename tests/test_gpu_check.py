@@ -6,6 +6,7 @@ the step driver's failure handling, and the CPU rehearsal's cheapest step end to
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.gpu_check.steps import CPU_REHEARSAL, TINY_SHAPE, bf16_peak, measure_sync, train_flops_per_token
+from launch.config import load_config, validate
+from launch.gpu_check.steps import (CPU_REHEARSAL, GPU, TINY_SHAPE, bf16_peak, measure_e2e, measure_sync,
+                                    train_flops_per_token)
 from launch.gpu_check.wheels import RAY_DROP, trim_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +132,19 @@ def test_sync_step_copies_bit_exact_in_process_and_through_shared_memory():
     assert result["in_process_max_abs_diff"] == 0.0 and result["ipc_max_abs_sum_diff"] == 0.0
     assert result["ipc_mechanism"] == "shared memory (CPU rehearsal)"
     assert all(result[k] > 0 for k in ("memcpy_seconds", "in_process_seconds", "ipc_seconds"))
+
+
+@pytest.mark.parametrize("profile", [GPU, CPU_REHEARSAL], ids=lambda p: p.name)
+def test_e2e_overrides_are_a_valid_config(profile):
+    """The end-to-end command's overrides pass the config's own validation (a renamed key would
+    otherwise surface only on the lent machine), and one GPU fits its placement."""
+    cfg = load_config(None, list(profile.e2e_overrides))
+    validate(cfg)
+    assert cfg.train.num_gpus == (1 if profile.device == "cuda" else 0)
+
+
+def test_e2e_step_without_summary_fails_naming_the_last_line(tmp_path):
+    bad = dataclasses.replace(CPU_REHEARSAL, e2e_overrides=("train.no_such_key=1",))
+    with pytest.raises(RuntimeError, match=r"launch.train exited \d+ without a summary.json: .*no_such_key"):
+        measure_e2e(bad, cap_s=120, run_dir=tmp_path / "run")
+    assert "no_such_key" in (tmp_path / "e2e-train.log").read_text()

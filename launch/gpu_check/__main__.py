@@ -118,7 +118,8 @@ def table_rows(steps: dict) -> list[tuple[str, str, str]]:
         elif step == "e2e":
             rows.append((f"embedded default, {f['iterations']} RL iteration(s)",
                          f"held-out accuracy {f['accuracy_before_rl']:.3f} -> {f['accuracy_after_rl']:.3f}; "
-                         f"run {f['run_wall_seconds']:.0f} s, command {f['command_wall_seconds']:.0f} s", f["command"]))
+                         f"run {f['run_wall_seconds']:.0f} s, command {f['command_wall_seconds']:.0f} s"
+                         + (f" (then exit {f['exit_code']}: {f['exit_note']})" if f["exit_code"] else ""), f["command"]))
     return rows
 
 

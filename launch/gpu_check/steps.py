@@ -426,28 +426,38 @@ def e2e_command(p: Profile, run_dir: Path) -> list[str]:
 
 
 def measure_e2e(p: Profile, cap_s: float, run_dir: Path) -> dict:
-    """The embedded default through `python -m launch.train`; figures from its summary.json."""
+    """The embedded default through `python -m launch.train`; figures from its summary.json.
+    A run that wrote its summary and then failed (e.g. no matplotlib for the plots on a bare GPU
+    machine) still gives its figures, with the exit status and last line recorded."""
     cmd = e2e_command(p, run_dir)
+    train_log = run_dir.parent / "e2e-train.log"
     t0 = time.perf_counter()
-    # its output goes straight to this step's log, so a run killed at the cap still shows how far it got
-    proc = subprocess.Popen(cmd)
-    try:
-        rc = proc.wait(timeout=max(1.0, cap_s - 40))
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # launch.train's SIGTERM handler stops what the run started (Ray actors, pools)
+    with train_log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=30)
+            rc = proc.wait(timeout=max(1.0, cap_s - 40))
         except subprocess.TimeoutExpired:
-            proc.kill()  # Ray's own processes die with it (they fate-share with their parent)
-            proc.wait(timeout=30)
-        raise RuntimeError(f"launch.train stopped at the step's cap ({cap_s:.0f} s); its output is above in this log")
+            proc.terminate()  # launch.train's SIGTERM handler stops what the run started (Ray actors, pools)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # Ray's own processes die with it (they fate-share with their parent)
+                proc.wait(timeout=30)
+            rc = None
     wall = time.perf_counter() - t0
-    if rc:
-        raise RuntimeError(f"launch.train exited {rc} (its output is above in this log)")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    output = train_log.read_text(errors="replace")
+    print(output, flush=True)  # into this step's log
+    last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+    summary_path = run_dir / "summary.json"
+    if rc is None:
+        raise RuntimeError(f"launch.train stopped at the step's cap ({cap_s:.0f} s); last line: {last}")
+    if not summary_path.exists():
+        raise RuntimeError(f"launch.train exited {rc} without a summary.json: {last}")
+    summary = json.loads(summary_path.read_text())
     return {"command": " ".join(["python", "-m", "launch.train", *p.e2e_overrides]),
             "accuracy_before_rl": summary["eval_accuracy_before_rl"], "accuracy_after_rl": summary["eval_accuracy_after_rl"],
-            "iterations": summary["iterations"], "run_wall_seconds": summary["wall_seconds"], "command_wall_seconds": wall}
+            "iterations": summary["iterations"], "run_wall_seconds": summary["wall_seconds"], "command_wall_seconds": wall,
+            "exit_code": rc, "exit_note": last if rc else ""}
 
 
 STEPS = ("learner", "engine", "sync", "e2e")
