@@ -115,7 +115,7 @@ GPU = Profile(
     # One GPU: the engine and the learner share it (colocated, half a GPU each in Ray's books);
     # the HF engine and the gloo sync are what runs without vLLM.
     e2e_overrides=("train.placement=colocated", "train.num_gpus=1", "train.iterations=10", "eval.every=0",
-                   "train.actor_timeout_s=120"),
+                   "train.actor_timeout_s=150"),
     caps_s={"learner": 150, "engine": 150, "sync": 90, "e2e": 240},
 )
 CPU_REHEARSAL = Profile(
@@ -126,7 +126,7 @@ CPU_REHEARSAL = Profile(
     # the filter is off so that the learner still backprops the batch.
     e2e_overrides=("train.placement=cpu", "train.iterations=1", "eval.every=0", "eval.size=16", "data.eval_size=16",
                    "model.sft_steps=0", "rollout.prompts_per_generation=16", "learner.prompts_per_step=16",
-                   "learner.filter=false", "train.actor_timeout_s=120"),
+                   "learner.filter=false", "train.actor_timeout_s=300"),
     caps_s={"learner": 400, "engine": 200, "sync": 200, "e2e": 600},
 )
 PROFILES = {p.name: p for p in (GPU, CPU_REHEARSAL)}
