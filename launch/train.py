@@ -39,7 +39,7 @@ from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
 from learner.actor import LearnerGroup
-from learner.driver import LearnStats
+from learner.batcher import LearnStats
 from rollout_workers.dispatch import Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
