@@ -230,6 +230,16 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
         "clip_fraction": stats.clip_frac,
         **({"kl": stats.kl} if run.cfg.learner.kl_coef > 0 else {}),
         "skipped_nonfinite_steps": stats.skipped_nonfinite,
+        "empty_steps": stats.empty_steps,
+        "ratio_mean": stats.ratio_mean,
+        # engine/learner drift: learner (pre-update weights) vs sampler logprobs on the same tokens
+        "logprob_diff_mean": stats.logprob_diff_mean,
+        "logprob_ratio_max": stats.logprob_ratio_max,
+        # the learn phase split; rank-side seconds summed over learner ranks
+        "learn/seconds_forward": stats.seconds_forward,
+        "learn/seconds_backward": stats.seconds_backward,
+        "learn/seconds_old_logprobs": stats.seconds_old_logprobs,
+        "learn/seconds_optimizer": stats.seconds_optimizer,
         **times,
     }
 
