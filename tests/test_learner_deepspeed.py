@@ -143,6 +143,11 @@ def logprobs_under(model_dir, weights: dict[str, torch.Tensor], samples: list[Sa
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.load_state_dict(weights, strict=False)
+    return teacher_forced_logprobs(model, samples)
+
+
+def teacher_forced_logprobs(model, samples: list[Sample]) -> dict[int, torch.Tensor]:
+    """Sample.uid -> (C,) completion logprobs, one unpadded sample at a time."""
     out = {}
     with torch.no_grad():
         for s in samples:
@@ -160,17 +165,21 @@ def pg_loss(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) 
 
 
 def test_multi_step_epochs_recompute_and_loss_goes_down(trainers, tiny_model_dir):
-    trainer = trainers(0, lr=3e-3, prompts_per_step=2, epochs_per_batch=2)
+    trainer = trainers(0, lr=3e-3, prompts_per_step=2, epochs_per_batch=2, micro_batch_tokens=32)
     cfg = trainer.cfg
     groups = make_groups(4, seed=3)  # 2 steps per epoch x 2 epochs
     kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter).samples
+    slot1_uids = {s.uid for s in kept if s.uid >= 2 * 4}  # groups 2 and 3 (group size 4) form step 1
     batcher = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW)
     weights_before = trainer.full_weights()
     losses = [pg_loss(tiny_model_dir, weights_before, kept)]
     for _ in range(3):
         batcher.begin_batch(4)
-        for g in groups:  # one at a time: streaming
+        trainer.forward_uids.clear()
+        for i, g in enumerate(groups):  # one at a time: streaming
             batcher.add_groups([g])
+            if i == 2:  # the old-logprob pass of step 1's samples runs while its last group is still to come
+                assert trainer.forward_uids & slot1_uids and trainer.optimizer_steps == len(losses) * 4 - 4
         stats = batcher.end_batch()
         # every sample's old logprobs (step-1 samples: no-grad pass; step-0 samples: their own
         # backprop pass) were taken with the weights from BEFORE the batch's first optimizer step
@@ -344,17 +353,6 @@ def test_refill_asks_for_the_dropped_groups_and_steps_once_filled(trainers):
         plain.end_batch()
 
 
-def teacher_forced_logprobs(model, samples: list[Sample]) -> torch.Tensor:
-    """(K,) completion logprobs, one unpadded sample at a time, concatenated in sample order."""
-    out = []
-    with torch.no_grad():
-        for s in samples:
-            p, c = len(s.prompt_token_ids), len(s.completion_token_ids)
-            logits = model(torch.tensor([s.prompt_token_ids + s.completion_token_ids])).logits[0]
-            out.append(torch.log_softmax(logits[p - 1:p - 1 + c], -1).gather(1, torch.tensor(s.completion_token_ids)[:, None])[:, 0])
-    return torch.cat(out)
-
-
 def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
     # The GPU path (one padding-free row, flash varlen) cannot run here; on CPU, transformers finds
     # the same sequence boundaries from the restarting position ids and masks across them, which
@@ -367,7 +365,7 @@ def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
     samples = select_samples(make_groups(4, seed=9), "grpo", 0.1, True).samples
     assert len({s.num_tokens for s in samples}) > 3  # rows of many lengths: real padding
     mb = collate(samples, "token_mean")
-    want = teacher_forced_logprobs(model, samples)
+    want = torch.cat(list(teacher_forced_logprobs(model, samples).values()))  # sample order = row order
     with torch.no_grad():
         for attention in ("padded_sdpa", "flash_varlen"):
             got, _ = forward_logprobs(model, mb, attention, torch.device("cpu"))
