@@ -3,12 +3,13 @@ through DeepSpeed (ZeRO 0-3, fp32/bf16), with the exact gradient normalisation,
 non-finite step skipping, checkpoints and Hugging Face export. Ray-free:
 `learner.actor.LearnerRank` wraps it in an actor, and tests run it in-process.
 
-Attention: on a GPU with the `flash_attn` package, a micro-batch runs as one padding-free row
+Attention: in bf16 on a GPU with the `flash_attn` package, a micro-batch runs as one padding-free row
 through varlen flash attention (`packing.varlen_inputs`); otherwise as its right-padded (B, L)
 block with plain causal sdpa attention (`packing` explains why that needs no mask).
 
-Exactness (the accumulated gradient equals the one-pass gradient of the whole optimizer batch). Every micro-batch backprops the SUM-form loss
-sum_t w_t l_t (`losses.ppo_clip_loss_sum`), with the gradient-accumulation boundary set by hand
+Exactness (the accumulated gradient equals the one-pass gradient of the whole optimizer batch).
+Every micro-batch backprops the SUM-form loss sum_t w_t l_t (`losses.ppo_clip_loss_sum`), with
+the gradient-accumulation boundary set by hand
 (DeepSpeed config gradient_accumulation_steps = 1, `scale_wrt_gas=False`, so DeepSpeed neither
 divides by a micro-step count nor steps early). DeepSpeed then holds  (1/W) sum_ranks sum_mb grad
 (it AVERAGES over the W data-parallel ranks). Right before the optimizer step we multiply by
@@ -134,11 +135,12 @@ def clear_stale_build_lock(older_than_s: float) -> list[Path]:
     return removed
 
 
-def attention_kind() -> str:
-    """"flash_varlen" on a CUDA device with the flash_attn package installed, else "padded_sdpa"."""
+def attention_kind(bf16: bool) -> str:
+    """"flash_varlen" for bf16 training on a CUDA device with the flash_attn package installed
+    (flash attention has no fp32 kernels), else "padded_sdpa"."""
     import importlib.util
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if bf16 and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_varlen"
     return "padded_sdpa"
 
@@ -191,7 +193,7 @@ class RankTrainer:
         torch.manual_seed(cfg.seed)
         from transformers import AutoModelForCausalLM
 
-        self.attention = attention_kind()
+        self.attention = attention_kind(cfg.bf16)
         """How micro-batches run: "flash_varlen" or "padded_sdpa" (module docstring)."""
         attn_implementation = "flash_attention_2" if self.attention == "flash_varlen" else "sdpa"
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
@@ -204,8 +206,9 @@ class RankTrainer:
         # Frozen reference model for the k3 KL: loaded only when the KL is on (paper finding 3).
         self.ref_model = None
         if cfg.kl_coef > 0:
+            ref_dtype = torch.bfloat16 if self.attention == "flash_varlen" else torch.float32
             self.ref_model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=torch.float32, attn_implementation=attn_implementation).to(self.ds.device).eval()
+                model_path, dtype=ref_dtype, attn_implementation=attn_implementation).to(self.ds.device).eval()
             self.ref_model.requires_grad_(False)
         self.forward_calls = 0
         """Model forward passes on this rank (dummy passes included); a filtered sample adds none."""

@@ -372,6 +372,15 @@ def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
             torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
 
+def test_cpu_runs_the_padded_layout():
+    from learner.trainer import attention_kind
+
+    # flash attention needs CUDA, the flash_attn package and bf16 (it has no fp32 kernels)
+    assert attention_kind(bf16=False) == "padded_sdpa"
+    if not torch.cuda.is_available():
+        assert attention_kind(bf16=True) == "padded_sdpa"
+
+
 def test_learner_and_sampler_logprobs_match_when_weights_are_equal(trainers, tiny_model_dir):
     from rollout_workers.engines.base import SamplingParamsSpec
     from rollout_workers.engines.hf import HFEngine
