@@ -27,7 +27,7 @@ class SyncedLearnerRank(LearnerRank):
         self._sender = WeightSender(endpoint, self.rank)
 
     def sync_weights(self, version: int) -> SyncStats:
-        return self._sender.sync(version, self.engine.module.named_parameters())
+        return self._sender.sync(version, self.trainer.ds.module.named_parameters())
 
     def close_weight_sender(self) -> None:
         if self._sender is not None:

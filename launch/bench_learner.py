@@ -76,10 +76,10 @@ def bare_torch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
                     clip: tuple[float, float], grad_clip: float) -> None:
     """What the learner does for one step, in plain PyTorch (the baseline)."""
     from learner.losses import ppo_clip_loss_sum
+    from learner.trainer import forward_logprobs
 
     for mb in batches:
-        logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask()).logits
-        logprobs = torch.log_softmax(logits[0, mb.pred_index].float(), -1).gather(1, mb.target_ids[:, None])[:, 0]
+        logprobs, _ = forward_logprobs(model, mb, "padded_sdpa", torch.device("cpu"))
         ppo_clip_loss_sum(logprobs, logprobs.detach(), mb.advantages, mb.weights, *clip).loss_sum.backward()
     for p in model.parameters():
         if p.grad is not None:
@@ -106,15 +106,15 @@ def main(argv: list[str]) -> dict:
 
     from launch.tiny_model import _default_texts, build_tiny_model, train_tokenizer
     from learner.config import LearnerConfig
-    from learner.driver import LocalRankPool, StreamingBatcher
-    from learner.ds_engine import RankEngine
+    from learner.batcher import LocalRankPool, StreamingBatcher
+    from learner.trainer import RankTrainer
     from learner.filtering import select_samples
     from learner.losses import step_normaliser
 
     class RecordingPool(LocalRankPool):
         """Keeps the micro-batches the learner ran, so the bare loop runs exactly the same ones."""
 
-        def __init__(self, engine: RankEngine) -> None:
+        def __init__(self, engine: RankTrainer) -> None:
             super().__init__(engine)
             self.batches: list = []
 
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> dict:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        engine = RankEngine(cfg, tmp, master_port=port)
+        engine = RankTrainer(cfg, tmp, master_port=port)
         progress(f"engine ready; {len(kept.samples)} kept samples, {tokens} tokens")
         # exactness first, on the initial weights (probe takes no step)
         ref = reference_gradients(tmp, kept.samples, normaliser, clip)

@@ -39,7 +39,7 @@ from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
 from learner.actor import LearnerGroup
-from learner.driver import LearnStats
+from learner.batcher import LearnStats
 from rollout_workers.dispatch import Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
@@ -231,6 +231,16 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
         "clip_fraction": stats.clip_frac,
         **({"kl": stats.kl} if run.cfg.learner.kl_coef > 0 else {}),
         "skipped_nonfinite_steps": stats.skipped_nonfinite,
+        "empty_steps": stats.empty_steps,
+        "ratio_mean": stats.ratio_mean,
+        # engine/learner drift: learner (pre-update weights) vs sampler logprobs on the same tokens
+        "logprob_diff_mean": stats.logprob_diff_mean,
+        "logprob_ratio_max": stats.logprob_ratio_max,
+        # the learn phase split; rank-side seconds summed over learner ranks
+        "learn/seconds_forward": stats.seconds_forward,
+        "learn/seconds_backward": stats.seconds_backward,
+        "learn/seconds_old_logprobs": stats.seconds_old_logprobs,
+        "learn/seconds_optimizer": stats.seconds_optimizer,
         **times,
     }
 

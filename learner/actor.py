@@ -1,15 +1,15 @@
 """Ray side of the learner: one `LearnerRank` actor per data-parallel DeepSpeed rank, and the
 driver-side `LearnerGroup` that creates them, streams scored groups to them (via
-`learner.driver.StreamingBatcher`) and checkpoints / exports.
+`learner.batcher.StreamingBatcher`) and checkpoints / exports.
 
-Inside each rank actor, `self.engine` is the DeepSpeedEngine and `self.engine.module` the
-transformers model (weight-sync sender methods can read the weights there; under ZeRO-3 gather
-them with `deepspeed.zero.GatheredParameters`). `self.rank_engine` is the `RankEngine` around it.
+Inside each rank actor, `self.trainer` is the `RankTrainer`, `self.trainer.ds` its DeepSpeedEngine
+and `self.trainer.ds.module` the transformers model (weight-sync sender methods can read the
+weights there; under ZeRO-3 gather them with `deepspeed.zero.GatheredParameters`).
 
 Every ray.get has a timeout: a dead or stuck rank raises, never hangs.
 
 Tested by:
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 
@@ -26,22 +26,21 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import LearnerConfig
-from learner.driver import LearnStats, StreamingBatcher
-from learner.ds_engine import MicroResult, RankEngine, StepResult
+from learner.batcher import LearnStats, StreamingBatcher
+from learner.trainer import MicroResult, RankTrainer, StepResult
 from learner.packing import MicroBatch
 from rollout_workers.types import ScoredGroup
 
 
 class LearnerRank:
     """One DeepSpeed data-parallel rank (a Ray actor via `ray.remote(LearnerRank)`). Construction is
-    cheap; `setup` joins the process group and builds the engine (two phases, so rank 0's node
+    cheap; `setup` joins the process group and builds the trainer (two phases, so rank 0's node
     address and a free port there can be the rendezvous)."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int) -> None:
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
-        self.rank_engine: Optional[RankEngine] = None
-        self.engine = None
-        """The DeepSpeedEngine (after `setup`); `self.engine.module` is the transformers model."""
+        self.trainer: Optional[RankTrainer] = None
+        """Built by `setup`; `self.trainer.ds.module` is the transformers model."""
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it now (asked of rank 0)."""
@@ -53,49 +52,48 @@ class LearnerRank:
     def setup(self, master_addr: str, master_port: int, timeout_s: float) -> None:
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_rank)))
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        self.rank_engine = RankEngine(self.cfg, self.model_path, self.rank, self.world_size, master_addr,
-                                      master_port, timeout_s)
-        self.engine = self.rank_engine.engine
+        self.trainer = RankTrainer(self.cfg, self.model_path, self.rank, self.world_size, master_addr,
+                                   master_port, timeout_s)
 
     def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
-        return self.rank_engine.forward_backward(mb, boundary, return_logprobs)
+        return self.trainer.forward_backward(mb, boundary, return_logprobs)
 
     def old_logprobs(self, mb: MicroBatch) -> MicroResult:
-        return self.rank_engine.old_logprobs(mb)
+        return self.trainer.old_logprobs(mb)
 
     def step(self, normaliser: float) -> StepResult:
-        return self.rank_engine.step(normaliser)
+        return self.trainer.step(normaliser)
 
     def full_gradients(self, normaliser: float) -> dict[str, torch.Tensor]:
-        return self.rank_engine.full_gradients(normaliser)
+        return self.trainer.full_gradients(normaliser)
 
     def discard_gradients(self) -> None:
-        self.rank_engine.discard_gradients()
+        self.trainer.discard_gradients()
 
     def full_weights(self) -> dict[str, torch.Tensor]:
-        return self.rank_engine.full_weights()
+        return self.trainer.full_weights()
 
     def forward_calls(self) -> int:
-        return self.rank_engine.forward_calls
+        return self.trainer.forward_calls
 
     def forward_uids(self) -> set[int]:
-        return set(self.rank_engine.forward_uids)
+        return set(self.trainer.forward_uids)
 
     def has_reference_model(self) -> bool:
-        return self.rank_engine.ref_model is not None
+        return self.trainer.ref_model is not None
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
-        self.rank_engine.save_checkpoint(path, client_state)
+        self.trainer.save_checkpoint(path, client_state)
 
     def load_checkpoint(self, path: str) -> dict:
-        return self.rank_engine.load_checkpoint(path)
+        return self.trainer.load_checkpoint(path)
 
     def export_hf(self, path: str) -> None:
-        self.rank_engine.export_hf(path)
+        self.trainer.export_hf(path)
 
 
 class RayRankPool:
-    """`learner.driver.RankPool` over LearnerRank actors: calls fire at once (ObjectRefs), `wait`
+    """`learner.batcher.RankPool` over LearnerRank actors: calls fire at once (ObjectRefs), `wait`
     gets them with the group's timeout."""
 
     def __init__(self, actors: Sequence[Any], timeout_s: float) -> None:

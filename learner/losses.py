@@ -9,7 +9,7 @@ step. Gradients are linear, so the result equals the gradient of the aggregated 
 batch in one pass, for any micro-batch split.
 
 Pure tensor math, no Ray/DeepSpeed. Tested by:
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 
@@ -97,3 +97,24 @@ def ppo_clip_loss_sum(logprobs: torch.Tensor, logprobs_old: torch.Tensor, advant
 def truncated_is_weights(logprobs_old: torch.Tensor, logprobs_sampler: torch.Tensor, cap: float) -> torch.Tensor:
     """TIS (Yao et al. 2025): min(exp(logprobs_old - logprobs_sampler), cap), detached. (K,)"""
     return torch.clamp(torch.exp(logprobs_old - logprobs_sampler), max=cap).detach()
+
+
+class LogprobMismatch(NamedTuple):
+    """How far the learner's logprobs are from the sampler's on the same tokens (the engine/learner
+    drift check of verl and TRL). Sums, so that micro-batches and ranks add up."""
+
+    abs_diff_sum: float
+    """sum_t |logprob_learner_t - logprob_sampler_t| (divide by num_tokens for the mean)."""
+    ratio_max: float
+    """max_t exp(logprob_learner_t - logprob_sampler_t); 0.0 over no tokens (neutral for a max of ratios)."""
+    num_tokens: int
+    """Tokens compared."""
+
+
+def logprob_mismatch(logprobs_learner: torch.Tensor, logprobs_sampler: torch.Tensor) -> LogprobMismatch:
+    """Compare (K,) learner logprobs with the (K,) sampler logprobs of the same completion tokens.
+    Meaningful when the learner holds the weights that sampled them (before the batch's first step)."""
+    delta = (logprobs_learner.detach() - logprobs_sampler).double()  # (K,)
+    if delta.numel() == 0:
+        return LogprobMismatch(0.0, 0.0, 0)
+    return LogprobMismatch(float(delta.abs().sum()), float(torch.exp(delta.max())), int(delta.numel()))

@@ -1,12 +1,16 @@
-"""Length-aware packing of samples into token-budget micro-batches, and token-balanced rank splits.
+"""Length-bucketed packing of samples into token-budget micro-batches, and token-balanced rank splits.
 
-Padding-free: a micro-batch is ONE row of concatenated sequences (prompt + completion each), with
-position ids restarting at 0 per sequence and a block-diagonal causal 4-D boolean attention mask
-(Qwen2 under transformers' "sdpa" attention gives bit-for-bit the per-sequence logits on CPU;
-measured: max |diff| 1.5e-7, i.e. identical up to float summation order).
+A micro-batch is a (B, L) block of samples (prompt + completion each), RIGHT-padded to its longest
+row. Right padding under the causal mask is exact without any attention mask: a real token only
+attends to earlier positions of its own row, which are all real, so the model runs with
+`is_causal` attention and no (T x T) mask is built. The budget bounds B * L (padding included),
+and `pack_by_length` groups samples of similar length so that little of it is padding.
+
+The same micro-batch converts to one padding-free row (`varlen_inputs`: concatenated samples,
+position ids restarting at 0) for varlen flash attention on GPUs.
 
 Pure tensor math, no Ray/DeepSpeed. Tested by:
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 
@@ -18,27 +22,28 @@ from learner.filtering import Sample
 from learner.losses import token_weights
 
 
-def pack_first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Bins of indices into `lengths`, each bin's total <= budget (first-fit-decreasing; ties keep
-    input order, so the result is deterministic). A length > budget raises naming both."""
+def padded_cost(lengths: Sequence[int]) -> int:
+    """Tokens a right-padded block of rows of these lengths occupies: rows x longest row."""
+    return len(lengths) * max(lengths, default=0)
+
+
+def pack_by_length(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Bins of indices into `lengths`, each with padded_cost <= budget: samples sorted longest first
+    (ties keep input order, so the result is deterministic) and cut into consecutive runs, so each
+    bin holds samples of similar length. A length > budget raises naming both."""
     if budget < 1:
         raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
     for i, n in enumerate(lengths):
         if n > budget:
             raise ValueError(f"sample {i} has {n} tokens (prompt + completion), more than the micro-batch "
                              f"budget micro_batch_tokens={budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        for b, room in enumerate(free):
-            if lengths[i] <= room:
-                bins[b].append(i)
-                free[b] -= lengths[i]
-                break
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        # sorted longest first: a bin's first sample is its longest row
+        if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= budget:
+            bins[-1].append(i)
         else:
             bins.append([i])
-            free.append(budget - lengths[i])
     return bins
 
 
@@ -60,16 +65,14 @@ def split_across_ranks(loads: Sequence[int], num_ranks: int) -> list[list[int]]:
 
 
 class MicroBatch(NamedTuple):
-    """One packed row. K = completion tokens in it, T = all tokens in it. Empty (dummy) when K = 0."""
+    """B samples, right-padded to L tokens. K = completion tokens in it. Empty (dummy) when K = 0."""
 
     input_ids: torch.Tensor
-    """(1, T) long: prompt + completion of each sample, concatenated."""
-    position_ids: torch.Tensor
-    """(1, T) long: restarts at 0 for each sample."""
-    segment_ids: torch.Tensor
-    """(T,) long: which sample of the row each token belongs to (builds the block-diagonal mask)."""
+    """(B, L) long: prompt + completion of each sample, right-padded with token 0."""
+    lengths: torch.Tensor
+    """(B,) long: prompt + completion tokens of each row (the rest of the row is padding)."""
     pred_index: torch.Tensor
-    """(K,) long: positions whose logits predict a completion token."""
+    """(K,) long: flat indices into the B * L positions whose logits predict a completion token."""
     target_ids: torch.Tensor
     """(K,) long: the completion tokens."""
     advantages: torch.Tensor
@@ -81,53 +84,41 @@ class MicroBatch(NamedTuple):
     logprobs_old: Optional[torch.Tensor]
     """(K,) float, or None when the learner's own detached logprobs are the old ones (rho = 1)."""
     seq_lens: torch.Tensor
-    """(S,) long: completion tokens per sample."""
+    """(B,) long: completion tokens per sample."""
     uids: tuple[int, ...]
-    """(S,) Sample.uid of each sample, in row order."""
+    """(B,) Sample.uid of each sample, in row order."""
 
     @property
     def num_tokens(self) -> int:
-        """T, what the budget counts."""
-        return int(self.input_ids.shape[1])
-
-    def attention_mask(self) -> torch.Tensor:
-        """(1, 1, T, T) bool, True = may attend: causal inside each sample, nothing across samples."""
-        t = self.input_ids.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool).tril_()
-        return (causal & (self.segment_ids[:, None] == self.segment_ids[None, :]))[None, None]
+        """Real (unpadded) tokens."""
+        return int(self.lengths.sum())
 
 
 def collate(samples: Sequence[Sample], loss_agg: str,
             logprobs_old: Optional[dict[int, torch.Tensor]] = None) -> MicroBatch:
-    """Pack `samples` into one padding-free row. `logprobs_old` maps Sample.uid -> (C,) old logprobs
-    (None = use the learner's detached logprobs). An empty `samples` gives a dummy micro-batch of
-    one token that contributes exactly zero gradient (lets a rank with less work join the
-    collectives of a round)."""
+    """Pad `samples` into one (B, L) micro-batch, rows in the given order. `logprobs_old` maps
+    Sample.uid -> (C,) old logprobs (None = use the learner's detached logprobs). An empty `samples`
+    gives a dummy micro-batch of one token that contributes exactly zero gradient (lets a rank with
+    less work join the collectives of a round)."""
     if not samples:
         empty_f, empty_l = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-        return MicroBatch(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                          torch.zeros(1, dtype=torch.long), empty_l, empty_l, empty_f, empty_f, empty_f,
-                          None, empty_l, ())
-    ids: list[int] = []
-    pos: list[int] = []
-    seg: list[int] = []
+        return MicroBatch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), empty_l, empty_l,
+                          empty_f, empty_f, empty_f, None, empty_l, ())
+    width = max(s.num_tokens for s in samples)
+    input_ids = torch.zeros(len(samples), width, dtype=torch.long)
     pred: list[int] = []
-    for s_idx, s in enumerate(samples):
-        start, p = len(ids), len(s.prompt_token_ids)
-        ids.extend(s.prompt_token_ids)
-        ids.extend(s.completion_token_ids)
-        pos.extend(range(p + len(s.completion_token_ids)))
-        seg.extend([s_idx] * (p + len(s.completion_token_ids)))
-        # the logits at position (start + p - 1 + k) predict completion token k
-        pred.extend(range(start + p - 1, start + p - 1 + len(s.completion_token_ids)))
+    for row, s in enumerate(samples):
+        p, c = len(s.prompt_token_ids), len(s.completion_token_ids)
+        input_ids[row, :p + c] = torch.tensor(s.prompt_token_ids + s.completion_token_ids, dtype=torch.long)
+        # the logits at position (p - 1 + k) of the row predict completion token k
+        pred.extend(range(row * width + p - 1, row * width + p - 1 + c))
     seq_lens = torch.tensor([len(s.completion_token_ids) for s in samples], dtype=torch.long)
     old = None
     if logprobs_old is not None:
         old = torch.cat([logprobs_old[s.uid] for s in samples])
     return MicroBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long)[None],
-        position_ids=torch.tensor(pos, dtype=torch.long)[None],
-        segment_ids=torch.tensor(seg, dtype=torch.long),
+        input_ids=input_ids,
+        lengths=torch.tensor([s.num_tokens for s in samples], dtype=torch.long),
         pred_index=torch.tensor(pred, dtype=torch.long),
         target_ids=torch.tensor([t for s in samples for t in s.completion_token_ids], dtype=torch.long),
         advantages=torch.repeat_interleave(torch.tensor([s.advantage for s in samples], dtype=torch.float32), seq_lens),
@@ -137,3 +128,24 @@ def collate(samples: Sequence[Sample], loss_agg: str,
         seq_lens=seq_lens,
         uids=tuple(s.uid for s in samples),
     )
+
+
+class VarlenInputs(NamedTuple):
+    """A micro-batch as one padding-free row, T = its real tokens (for varlen flash attention)."""
+
+    input_ids: torch.Tensor
+    """(1, T) long: the rows' real tokens, concatenated."""
+    position_ids: torch.Tensor
+    """(1, T) long: restarts at 0 for each sample (how transformers finds the sequence boundaries)."""
+    pred_index: torch.Tensor
+    """(K,) long: positions of the row whose logits predict a completion token."""
+
+
+def varlen_inputs(mb: MicroBatch) -> VarlenInputs:
+    """Drop the padding of `mb`: same tokens, same predicted positions, one row."""
+    width = mb.input_ids.shape[1]
+    positions = torch.arange(width)
+    real = positions[None, :] < mb.lengths[:, None]  # (B, L)
+    packed_index = torch.full((real.numel(),), -1, dtype=torch.long)
+    packed_index[real.flatten()] = torch.arange(int(real.sum()))
+    return VarlenInputs(mb.input_ids[real][None], positions.expand_as(real)[real][None], packed_index[mb.pred_index])

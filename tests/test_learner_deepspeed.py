@@ -1,8 +1,9 @@
 """The DASH learner on real DeepSpeed (CPU, gloo) and real Ray: exactness of the accumulated gradient,
 filtered samples cost no forward pass, multi-step/epoch batches, non-finite step skipping, bad input,
-reference model only with KL, resume bit-identical, HF export.
+reference model only with KL, resume bit-identical, HF export, learner/sampler logprob mismatch,
+the varlen (one padding-free row) layout.
 
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 from learner.config import LearnerConfig
-from learner.driver import LocalRankPool, StreamingBatcher
-from learner.ds_engine import clear_stale_build_lock
+from learner.batcher import LocalRankPool, StreamingBatcher
+from learner.trainer import clear_stale_build_lock
 from learner.filtering import Sample, select_samples
 from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights
+from learner.packing import collate
 from rollout_workers.types import Completion, Prompt, ScoredGroup
 
 MAX_NEW = 12
@@ -71,24 +73,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir):
-    """In-process single-rank engines (one process group for the module), built on demand by ZeRO stage."""
-    from learner.ds_engine import RankEngine
+def trainers(tiny_model_dir):
+    """In-process single-rank trainers (one process group for the module), built on demand by ZeRO stage."""
+    from learner.trainer import RankTrainer
 
     port, built = free_port(), {}
 
-    def get(stage: int, **overrides) -> RankEngine:
+    def get(stage: int, **overrides) -> RankTrainer:
         key = (stage, tuple(sorted(overrides.items())))
         if key not in built:
             cfg = LearnerConfig(zero_stage=stage, grad_clip=0.0, **overrides)
-            built[key] = RankEngine(cfg, str(tiny_model_dir), master_port=port)
+            built[key] = RankTrainer(cfg, str(tiny_model_dir), master_port=port)
         return built[key]
     return get
 
 
-def test_exact_gradient_any_split_order_and_aggregation(engines, tiny_model_dir):
+def test_exact_gradient_any_split_order_and_aggregation(trainers, tiny_model_dir):
     groups = make_groups(6, seed=1)
-    engine = engines(0)
+    trainer = trainers(0)
     worst = 0.0
     shuffled = [groups[i] for i in (3, 0, 5, 1, 4, 2)]
     for loss_agg in ("token_mean", "seq_mean", "constant"):
@@ -98,37 +100,37 @@ def test_exact_gradient_any_split_order_and_aggregation(engines, tiny_model_dir)
         longest = max(s.num_tokens for s in kept.samples)
         splits = [(longest, shuffled), (37, groups[::-1]), (10_000, groups)] if loss_agg == "token_mean" else [(29, shuffled)]
         for budget, order in splits:
-            batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=budget), LocalRankPool(engine), MAX_NEW)
+            batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=budget), LocalRankPool(trainer), MAX_NEW)
             worst = max(worst, max_rel_error(batcher.probe_gradients(order), ref))
     assert worst <= 1e-5, worst
 
 
-def test_filtered_samples_cost_no_forward_pass(engines):
+def test_filtered_samples_cost_no_forward_pass(trainers):
     groups = make_groups(6, seed=2)
-    engine = engines(0)
+    trainer = trainers(0)
     cfg = LearnerConfig(prompts_per_step=6, micro_batch_tokens=64)
     kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter)
     dropped = set(range(24)) - {s.uid for s in kept.samples}
     assert len(dropped) == 8 and kept.drop_reasons == {"all_correct": 4, "all_wrong": 4}
-    engine.forward_uids.clear()
-    calls_before = engine.forward_calls
-    batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
+    trainer.forward_uids.clear()
+    calls_before = trainer.forward_calls
+    batcher = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW)
     batcher.begin_batch(6)
     batcher.add_groups(groups[:4])
     # streaming: full micro-batches were already backpropagated while groups 5 and 6 are still to come
-    assert engine.forward_calls > calls_before and engine.optimizer_steps == 0
+    assert trainer.forward_calls > calls_before and trainer.optimizer_steps == 0
     batcher.add_groups(groups[4:])
     stats = batcher.end_batch()
-    assert engine.forward_uids == {s.uid for s in kept.samples}
+    assert trainer.forward_uids == {s.uid for s in kept.samples}
     # each forward is a packed micro-batch of <= 64 tokens: at least ceil(kept tokens / 64) calls, no more than one per kept sample
-    calls = engine.forward_calls - calls_before
+    calls = trainer.forward_calls - calls_before
     assert -(-stats.tokens // 64) <= calls < len(kept.samples)
     assert stats.samples_in == 24 and stats.samples_kept == 16 and stats.refill_needed == 2 and stats.steps == 1
-    assert engine.optimizer_steps == 1
+    assert trainer.optimizer_steps == 1
 
 
 def test_lr_schedule_warmup_constant_cosine():
-    from learner.ds_engine import LrSchedule
+    from learner.trainer import LrSchedule
 
     cosine = LrSchedule("cosine", warmup_steps=2, total_steps=6)
     assert [round(cosine(s), 6) for s in range(7)] == [round(x, 6) for x in (1 / 3, 2 / 3, 1.0, 0.853553, 0.5, 0.146447, 0.0)]
@@ -141,6 +143,11 @@ def logprobs_under(model_dir, weights: dict[str, torch.Tensor], samples: list[Sa
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.load_state_dict(weights, strict=False)
+    return teacher_forced_logprobs(model, samples)
+
+
+def teacher_forced_logprobs(model, samples: list[Sample]) -> dict[int, torch.Tensor]:
+    """Sample.uid -> (C,) completion logprobs, one unpadded sample at a time."""
     out = {}
     with torch.no_grad():
         for s in samples:
@@ -157,47 +164,51 @@ def pg_loss(model_dir, weights: dict[str, torch.Tensor], samples: list[Sample]) 
     return -sum(s.advantage * float(logprobs[s.uid].sum()) for s in samples) / sum(len(s.completion_token_ids) for s in samples)
 
 
-def test_multi_step_epochs_recompute_and_loss_goes_down(engines, tiny_model_dir):
-    engine = engines(0, lr=3e-3, prompts_per_step=2, epochs_per_batch=2)
-    cfg = engine.cfg
+def test_multi_step_epochs_recompute_and_loss_goes_down(trainers, tiny_model_dir):
+    trainer = trainers(0, lr=3e-3, prompts_per_step=2, epochs_per_batch=2, micro_batch_tokens=32)
+    cfg = trainer.cfg
     groups = make_groups(4, seed=3)  # 2 steps per epoch x 2 epochs
     kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter).samples
-    batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
-    weights_before = engine.full_weights()
+    slot1_uids = {s.uid for s in kept if s.uid >= 2 * 4}  # groups 2 and 3 (group size 4) form step 1
+    batcher = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW)
+    weights_before = trainer.full_weights()
     losses = [pg_loss(tiny_model_dir, weights_before, kept)]
     for _ in range(3):
         batcher.begin_batch(4)
-        for g in groups:  # one at a time: streaming
+        trainer.forward_uids.clear()
+        for i, g in enumerate(groups):  # one at a time: streaming
             batcher.add_groups([g])
+            if i == 2:  # the old-logprob pass of step 1's samples runs while its last group is still to come
+                assert trainer.forward_uids & slot1_uids and trainer.optimizer_steps == len(losses) * 4 - 4
         stats = batcher.end_batch()
         # every sample's old logprobs (step-1 samples: no-grad pass; step-0 samples: their own
         # backprop pass) were taken with the weights from BEFORE the batch's first optimizer step
         expected = logprobs_under(tiny_model_dir, weights_before, kept)
         assert batcher.logprobs_old.keys() == expected.keys()
         assert all(torch.allclose(batcher.logprobs_old[u], expected[u], atol=2e-5) for u in expected)
-        weights_before = engine.full_weights()
+        weights_before = trainer.full_weights()
         assert stats.steps == 4 and stats.skipped_nonfinite == 0
         # steps after the first are off-policy: old logprobs (pre-update no-grad pass) differ from current
         assert stats.ratio_mean != 1.0 and stats.seconds_old_logprobs > 0
-        losses.append(pg_loss(tiny_model_dir, engine.full_weights(), kept))
+        losses.append(pg_loss(tiny_model_dir, trainer.full_weights(), kept))
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_nonfinite_step_skipped_then_exact_then_abort(engines, tiny_model_dir, stage):
-    engine = engines(stage, old_logprobs="sampler", prompts_per_step=3, max_bad_steps=2)
-    cfg = engine.cfg
-    batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
+def test_nonfinite_step_skipped_then_exact_then_abort(trainers, tiny_model_dir, stage):
+    trainer = trainers(stage, old_logprobs="sampler", prompts_per_step=3, max_bad_steps=2)
+    cfg = trainer.cfg
+    batcher = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW)
     good = make_groups(3, seed=4)
     bad_comp = dataclasses.replace(good[1].completions[0], logprobs_sampler=(float("nan"),) * len(good[1].completions[0].token_ids))
     bad = [good[0], dataclasses.replace(good[1], completions=(bad_comp,) + good[1].completions[1:]), good[2]]
-    w0 = engine.full_weights()
+    w0 = trainer.full_weights()
     batcher.begin_batch(3)
     batcher.add_groups(bad)
     stats = batcher.end_batch()
     assert stats.skipped_nonfinite == 1 and stats.steps == 0
-    assert all(torch.equal(w0[k], v) for k, v in engine.full_weights().items())
-    # the dropped gradient left nothing behind: the next gradient on the same engine is exact
+    assert all(torch.equal(w0[k], v) for k, v in trainer.full_weights().items())
+    # the dropped gradient left nothing behind: the next gradient on the same trainer is exact
     probe = batcher.probe_gradients(good)
     kept = select_samples(good, cfg.advantage, cfg.filter_threshold, cfg.filter)
     assert max_rel_error(probe, reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)) <= 1e-5
@@ -207,9 +218,9 @@ def test_nonfinite_step_skipped_then_exact_then_abort(engines, tiny_model_dir, s
         batcher.end_batch()
 
 
-def test_bad_input_clear_errors(engines):
+def test_bad_input_clear_errors(trainers):
     cfg = LearnerConfig(prompts_per_step=2, micro_batch_tokens=16)
-    batcher = StreamingBatcher(cfg, LocalRankPool(engines(0)), MAX_NEW)
+    batcher = StreamingBatcher(cfg, LocalRankPool(trainers(0)), MAX_NEW)
     with pytest.raises(ValueError, match="positive multiple of prompts_per_step=2"):
         batcher.begin_batch(0)
     groups = make_groups(2, seed=5)
@@ -231,9 +242,9 @@ def test_bad_input_clear_errors(engines):
         batcher.end_batch()
 
 
-def test_reference_model_only_with_kl(engines):
-    assert engines(0).ref_model is None
-    with_kl = engines(0, kl_coef=0.1, prompts_per_step=3, lr=1e-2)
+def test_reference_model_only_with_kl(trainers):
+    assert trainers(0).ref_model is None
+    with_kl = trainers(0, kl_coef=0.1, prompts_per_step=3, lr=1e-2)
     assert with_kl.ref_model is not None
     batcher = StreamingBatcher(with_kl.cfg, LocalRankPool(with_kl), MAX_NEW)
     kls = []
@@ -299,44 +310,99 @@ def test_stale_jit_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypa
     assert clear_stale_build_lock(600.0) == []
 
 
-def test_refill_gradient_equals_a_batch_of_only_the_kept_groups(engines):
+def test_refill_gradient_equals_a_batch_of_only_the_kept_groups(trainers):
     # make_groups drops every third group whole (0 and 3 here): with refill they take no slot, so
     # the 4 slots of one optimizer batch are filled by groups 1, 2, 4 and 5.
     groups = make_groups(6, seed=3)
-    engine = engines(0)
+    trainer = trainers(0)
     cfg = LearnerConfig(prompts_per_step=4, micro_batch_tokens=64, grad_clip=0.0)
     kept_groups = [groups[i] for i in (1, 2, 4, 5)]
-    # Both probes run on the engine's current weights (earlier tests may have stepped it).
-    plain = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW).probe_gradients(kept_groups)
-    refilled = StreamingBatcher(dataclasses.replace(cfg, refill=True), LocalRankPool(engine), MAX_NEW).probe_gradients(groups)
+    # Both probes run on the trainer's current weights (earlier tests may have stepped it).
+    plain = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW).probe_gradients(kept_groups)
+    refilled = StreamingBatcher(dataclasses.replace(cfg, refill=True), LocalRankPool(trainer), MAX_NEW).probe_gradients(groups)
     assert min(float(g.norm()) for g in plain.values()) > 0
     assert max_rel_error(refilled, plain) <= 1e-6
 
 
-def test_refill_asks_for_the_dropped_groups_and_steps_once_filled(engines):
+def test_refill_asks_for_the_dropped_groups_and_steps_once_filled(trainers):
     groups = make_groups(9, seed=4)  # groups 0, 3 and 6 are dropped whole
-    engine = engines(0)
+    trainer = trainers(0)
     cfg = LearnerConfig(prompts_per_step=4, micro_batch_tokens=64, refill=True)
-    batcher = StreamingBatcher(cfg, LocalRankPool(engine), MAX_NEW)
-    steps_before = engine.optimizer_steps
+    batcher = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW)
+    steps_before = trainer.optimizer_steps
     batcher.begin_batch(4)
     batcher.add_groups(groups[:4])
-    assert batcher.groups_wanted == 2 and engine.optimizer_steps == steps_before
+    assert batcher.groups_wanted == 2 and trainer.optimizer_steps == steps_before
     batcher.add_groups(groups[4:6])  # the refill: one kept, one kept -> full
     assert batcher.groups_wanted == 0
     stats = batcher.end_batch()
-    assert stats.steps == 1 and engine.optimizer_steps == steps_before + 1
+    assert stats.steps == 1 and trainer.optimizer_steps == steps_before + 1
     assert stats.samples_in == 6 * 4 and stats.samples_kept == 4 * 4 and stats.refill_needed == 2
     # The driver may stop short (refill_rounds spent): the step runs on the kept groups it has.
     batcher.begin_batch(4)
     batcher.add_groups(groups[6:9])  # 6 dropped, 7 and 8 kept
     assert batcher.groups_wanted == 2
     stats = batcher.end_batch()
-    assert stats.steps == 1 and stats.samples_kept == 2 * 4 and engine.optimizer_steps == steps_before + 2
+    assert stats.steps == 1 and stats.samples_kept == 2 * 4 and trainer.optimizer_steps == steps_before + 2
     # Without refill the same short batch is an error, not a silent partial step.
-    plain = StreamingBatcher(dataclasses.replace(cfg, refill=False), LocalRankPool(engine), MAX_NEW)
+    plain = StreamingBatcher(dataclasses.replace(cfg, refill=False), LocalRankPool(trainer), MAX_NEW)
     plain.begin_batch(4)
     plain.add_groups(groups[6:9])
     assert plain.groups_wanted == 0
     with pytest.raises(ValueError, match="end_batch after 3 of the 4 groups"):
         plain.end_batch()
+
+
+def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
+    # The GPU path (one padding-free row, flash varlen) cannot run here; on CPU, transformers finds
+    # the same sequence boundaries from the restarting position ids and masks across them, which
+    # checks the row that `varlen_inputs` builds.
+    from transformers import AutoModelForCausalLM
+
+    from learner.trainer import forward_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    samples = select_samples(make_groups(4, seed=9), "grpo", 0.1, True).samples
+    assert len({s.num_tokens for s in samples}) > 3  # rows of many lengths: real padding
+    mb = collate(samples, "token_mean")
+    want = torch.cat(list(teacher_forced_logprobs(model, samples).values()))  # sample order = row order
+    with torch.no_grad():
+        for attention in ("padded_sdpa", "flash_varlen"):
+            got, _ = forward_logprobs(model, mb, attention, torch.device("cpu"))
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def test_cpu_runs_the_padded_layout():
+    from learner.trainer import attention_kind
+
+    # flash attention needs CUDA, the flash_attn package and bf16 (it has no fp32 kernels)
+    assert attention_kind(bf16=False) == "padded_sdpa"
+    if not torch.cuda.is_available():
+        assert attention_kind(bf16=True) == "padded_sdpa"
+
+
+def test_learner_and_sampler_logprobs_match_when_weights_are_equal(trainers, tiny_model_dir):
+    from rollout_workers.engines.base import SamplingParamsSpec
+    from rollout_workers.engines.hf import HFEngine
+
+    trainer = trainers(0, prompts_per_step=2)  # 4 groups = 2 steps: step 0's backprop and step 1's old-logprob pass
+    batcher = StreamingBatcher(trainer.cfg, LocalRankPool(trainer), MAX_NEW)
+    sampler = HFEngine(str(tiny_model_dir), seed=0)
+    prompts = [Prompt(f"m{i}", f"{10 + 7 * i}+{23 + i}=", "") for i in range(4)]
+
+    def learn_from_samples(temperature: float, version: int):
+        sampler.update_weights(trainer.full_weights().items(), version)  # sampler weights = learner weights
+        outs = sampler.generate(prompts, SamplingParamsSpec(n=4, temperature=temperature, max_new_tokens=MAX_NEW, seed=version))
+        batcher.begin_batch(4)
+        batcher.add_groups([ScoredGroup(o.prompt, o.prompt_token_ids, o.completions, (1.0, 0.0, 1.0, 0.0), o.policy_version, 0)
+                            for o in outs])
+        return batcher.end_batch()
+
+    # control: sampling at temperature 0.7 is another distribution than the learner's, and it shows
+    warped = learn_from_samples(0.7, 1)
+    assert warped.logprob_diff_mean > 0.01 and warped.logprob_ratio_max > 1.01
+    same = learn_from_samples(1.0, 2)
+    assert same.steps == 2 and same.samples_kept == 16
+    assert 0.0 <= same.logprob_diff_mean <= 1e-4 and abs(same.logprob_ratio_max - 1.0) <= 1e-4
+    # the learn time split (forward, backward, old-logprob pass, optimizer) is measured
+    assert min(same.seconds_forward, same.seconds_backward, same.seconds_old_logprobs, same.seconds_optimizer) > 0

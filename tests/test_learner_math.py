@@ -1,6 +1,6 @@
 """Hand-computed tests of the learner's pure math (advantages, filtering, losses, packing).
 
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from learner.advantages import group_advantages
 from learner.filtering import filter_mask, select_samples
-from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights, truncated_is_weights
-from learner.packing import collate, pack_first_fit_decreasing, split_across_ranks
+from learner.losses import logprob_mismatch, ppo_clip_loss_sum, step_normaliser, token_weights, truncated_is_weights
+from learner.packing import collate, pack_by_length, padded_cost, split_across_ranks, varlen_inputs
 from rollout_workers.types import Completion, Prompt, ScoredGroup
 
 
@@ -126,10 +126,14 @@ def test_aggregation_weights_and_normaliser():
     assert (per_tok * token_weights(lens, "seq_mean")).sum().item() / 2 == pytest.approx(3.5)
 
 
-def test_ffd_packing_and_too_long():
-    assert pack_first_fit_decreasing([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+def test_length_bucketed_packing_and_too_long():
+    # sorted longest first (6, 5, 4, 3, 2), cut where rows x longest row would pass the budget
+    assert pack_by_length([5, 3, 4, 2, 6], 10) == [[4], [0, 2], [1, 3]]
+    assert [padded_cost([[5, 3, 4, 2, 6][i] for i in b]) for b in pack_by_length([5, 3, 4, 2, 6], 10)] == [6, 10, 6]
+    assert pack_by_length([2, 2, 2, 2], 8) == [[0, 1, 2, 3]]  # ties keep input order
+    assert pack_by_length([], 8) == [] and padded_cost([]) == 0
     with pytest.raises(ValueError, match="9 tokens.*micro_batch_tokens=8"):
-        pack_first_fit_decreasing([3, 9], 8)
+        pack_by_length([3, 9], 8)
 
 
 def test_split_across_ranks_balances_count_and_tokens():
@@ -142,11 +146,28 @@ def test_split_across_ranks_balances_count_and_tokens():
 def test_collate_layout():
     res = select_samples([group([1, 0], lens=[2, 1], prompt=(7, 8, 9))], "drgrpo", 0.1, True)
     mb = collate(res.samples, "seq_mean")
-    assert mb.input_ids.tolist() == [[7, 8, 9, 10, 11, 7, 8, 9, 10]]
-    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    # right-padded rows: prompt + completion, then token 0
+    assert mb.input_ids.tolist() == [[7, 8, 9, 10, 11], [7, 8, 9, 10, 0]]
+    assert mb.lengths.tolist() == [5, 4] and mb.num_tokens == 9
+    # flat indices into the 2 x 5 positions: row 0 predicts from positions 2, 3; row 1 from 5 + 2
     assert mb.pred_index.tolist() == [2, 3, 7] and mb.target_ids.tolist() == [10, 11, 10]
     assert mb.advantages.tolist() == [0.5, 0.5, -0.5] and mb.weights.tolist() == [0.5, 0.5, 1.0]
-    m = mb.attention_mask()[0, 0]
-    assert m[4, 0] and not m[5, 4] and m[8, 5] and not m[0, 1]
+    assert mb.seq_lens.tolist() == [2, 1] and mb.logprobs_old is None
+    row = varlen_inputs(mb)
+    assert row.input_ids.tolist() == [[7, 8, 9, 10, 11, 7, 8, 9, 10]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert row.pred_index.tolist() == [2, 3, 7]
+    assert row.input_ids[0, row.pred_index + 1].tolist() == mb.target_ids.tolist()  # next token = the target
     dummy = collate([], "token_mean")
-    assert dummy.num_tokens == 1 and dummy.target_ids.numel() == 0
+    assert dummy.num_tokens == 1 and dummy.target_ids.numel() == 0 and dummy.input_ids.shape == (1, 1)
+
+
+def test_logprob_mismatch_hand_values():
+    learner = torch.tensor([-1.0, -2.0, -0.5])
+    sampler = torch.tensor([-1.5, -2.0, -0.25])
+    m = logprob_mismatch(learner, sampler)
+    assert m.num_tokens == 3
+    assert m.abs_diff_sum == pytest.approx(0.5 + 0.0 + 0.25)
+    assert m.ratio_max == pytest.approx(math.exp(0.5))  # the largest learner/sampler probability ratio
+    assert logprob_mismatch(sampler, sampler) == (0.0, 1.0, 3)
+    assert logprob_mismatch(torch.zeros(0), torch.zeros(0)) == (0.0, 0.0, 0)

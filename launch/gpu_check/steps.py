@@ -5,7 +5,7 @@ runs each under its own time cap so that a crash or a hang costs one step, not t
     python -m launch.gpu_check.steps engine  --profile cpu-rehearsal --json /tmp/engine.json
     python -m launch.gpu_check.steps sync|e2e --profile ... --json ...
 
-- learner: DeepSpeed ZeRO-2 bf16 (the learner's own DeepSpeed config, `learner.ds_engine.deepspeed_config`)
+- learner: DeepSpeed ZeRO-2 bf16 (the learner's own DeepSpeed config, `learner.trainer.deepspeed_config`)
   on a Qwen2.5-0.5B-shaped model (random init from a config: no hub), the learner's PPO-clip loss
   on full-length rows, at two micro-batch token budgets: tokens/s and MFU against the card's
   dense bf16 peak.
@@ -181,7 +181,7 @@ def measure_learner(p: Profile) -> dict:
     import deepspeed
 
     from learner.config import LearnerConfig
-    from learner.ds_engine import deepspeed_config
+    from learner.trainer import deepspeed_config
     from learner.losses import ppo_clip_loss_sum
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")

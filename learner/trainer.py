@@ -1,10 +1,15 @@
-"""One data-parallel learner rank: a DeepSpeed engine (ZeRO 0-3, fp32/bf16) running the DASH loss on
-packed micro-batches, plus the exact gradient normalisation, non-finite step skipping, checkpoints
-and Hugging Face export. Ray-free: `learner.actor.LearnerRank` wraps it in an actor, and tests
-run it in-process.
+"""One data-parallel learner rank: `RankTrainer` runs the DASH loss on length-bucketed micro-batches
+through DeepSpeed (ZeRO 0-3, fp32/bf16), with the exact gradient normalisation,
+non-finite step skipping, checkpoints and Hugging Face export. Ray-free:
+`learner.actor.LearnerRank` wraps it in an actor, and tests run it in-process.
 
-Exactness (DESIGN.md invariant 1). Every micro-batch backprops the SUM-form loss
-sum_t w_t l_t (`losses.ppo_clip_loss_sum`), with the gradient-accumulation boundary set by hand
+Attention: in bf16 on a GPU with the `flash_attn` package, a micro-batch runs as one padding-free row
+through varlen flash attention (`packing.varlen_inputs`); otherwise as its right-padded (B, L)
+block with plain causal sdpa attention (`packing` explains why that needs no mask).
+
+Exactness (the accumulated gradient equals the one-pass gradient of the whole optimizer batch).
+Every micro-batch backprops the SUM-form loss sum_t w_t l_t (`losses.ppo_clip_loss_sum`), with
+the gradient-accumulation boundary set by hand
 (DeepSpeed config gradient_accumulation_steps = 1, `scale_wrt_gas=False`, so DeepSpeed neither
 divides by a micro-step count nor steps early). DeepSpeed then holds  (1/W) sum_ranks sum_mb grad
 (it AVERAGES over the W data-parallel ranks). Right before the optimizer step we multiply by
@@ -14,11 +19,11 @@ packs them, so no extra all-reduce is needed. The factor is applied
   - ZeRO 1/2/3: through the ZeRO optimizer's static loss scale (set to normaliser / W for the
     step only): DeepSpeed divides the gradient by it, and computes the clipping norm on the
     divided gradient, so `grad_clip` clips the true normalised gradient;
-  - ZeRO 0: by scaling `param.grad` in place (DeepSpeed clips after that, in `engine.step`).
+  - ZeRO 0: by scaling `param.grad` in place (DeepSpeed clips after that, in `DeepSpeedEngine.step`).
 Result: the optimizer sees exactly grad(sum_t w_t l_t / normaliser) over the whole batch.
 
 Run its tests:
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ from typing import NamedTuple
 import torch
 
 from learner.config import LearnerConfig
-from learner.losses import ppo_clip_loss_sum, truncated_is_weights
-from learner.packing import MicroBatch
+from learner.losses import LogprobMismatch, logprob_mismatch, ppo_clip_loss_sum, truncated_is_weights
+from learner.packing import MicroBatch, varlen_inputs
 
 
 class MicroResult(NamedTuple):
@@ -48,8 +53,12 @@ class MicroResult(NamedTuple):
     clipped_tokens: int
     kl_sum: float
     ratio_sum: float
-    seconds: float
-    """Forward (+ backward) wall time on the rank."""
+    mismatch: LogprobMismatch
+    """Learner vs sampler logprobs on the micro-batch's tokens (with the weights of this pass)."""
+    seconds_forward: float
+    """Forward pass and loss wall time on the rank."""
+    seconds_backward: float
+    """Backward pass wall time on the rank (0 for a no-grad pass)."""
     logprobs: dict[int, torch.Tensor]
     """Sample.uid -> (C,) detached learner logprobs, when asked for (old logprobs for later steps)."""
 
@@ -63,6 +72,8 @@ class StepResult(NamedTuple):
     """Learning rate the step used."""
     skipped: bool
     """True when a non-finite loss on any rank made every rank drop the gradient instead."""
+    seconds: float
+    """Wall time of the step on the rank (normalisation, clipping, optimizer, or the skip)."""
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict:
@@ -124,9 +135,37 @@ def clear_stale_build_lock(older_than_s: float) -> list[Path]:
     return removed
 
 
-class RankEngine:
-    """DeepSpeed engine + DASH loss on one rank. `self.engine` is the DeepSpeedEngine and
-    `self.engine.module` the transformers model (weight sync reads it from here).
+def attention_kind(bf16: bool) -> str:
+    """"flash_varlen" for bf16 training on a CUDA device with the flash_attn package installed
+    (flash attention has no fp32 kernels), else "padded_sdpa"."""
+    import importlib.util
+
+    if bf16 and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_varlen"
+    return "padded_sdpa"
+
+
+def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of `module` over `mb` ("flash_varlen" or "padded_sdpa", `attention_kind`):
+    the (K,) logprobs of the completion tokens (on the CPU), and the logits. No KV cache: it would
+    only hold memory in a training pass."""
+    if attention == "flash_varlen":
+        row = varlen_inputs(mb)
+        logits = module(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                        use_cache=False).logits  # (1, T, V)
+        pred_index = row.pred_index
+    else:  # right padding + the causal mask: exact without an attention mask (learner.packing)
+        logits = module(input_ids=mb.input_ids.to(device), use_cache=False).logits  # (B, L, V)
+        pred_index = mb.pred_index
+    picked = logits.reshape(-1, logits.shape[-1])[pred_index.to(device)].float()  # (K, V)
+    logprobs = torch.log_softmax(picked, dim=-1).gather(1, mb.target_ids.to(device)[:, None])[:, 0]  # (K,)
+    return logprobs.cpu(), logits
+
+
+class RankTrainer:
+    """The DASH loss and optimizer on one rank. `self.ds` is the DeepSpeedEngine and
+    `self.ds.module` the transformers model (weight sync reads it from here).
 
     Distributed set-up: if torch.distributed is not initialised yet, this sets the rendezvous env
     (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, DS_ACCELERATOR=cpu unless set) and calls
@@ -154,9 +193,12 @@ class RankEngine:
         torch.manual_seed(cfg.seed)
         from transformers import AutoModelForCausalLM
 
-        # sdpa: the only CPU attention that takes the packed block-diagonal 4-D bool mask exactly.
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
-        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+        self.attention = attention_kind(cfg.bf16)
+        """How micro-batches run: "flash_varlen" or "padded_sdpa" (module docstring)."""
+        attn_implementation = "flash_attention_2" if self.attention == "flash_varlen" else "sdpa"
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
+        self.ds, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
@@ -164,8 +206,9 @@ class RankEngine:
         # Frozen reference model for the k3 KL: loaded only when the KL is on (paper finding 3).
         self.ref_model = None
         if cfg.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                                  attn_implementation="sdpa").eval()
+            ref_dtype = torch.bfloat16 if self.attention == "flash_varlen" else torch.float32
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=ref_dtype, attn_implementation=attn_implementation).to(self.ds.device).eval()
             self.ref_model.requires_grad_(False)
         self.forward_calls = 0
         """Model forward passes on this rank (dummy passes included); a filtered sample adds none."""
@@ -178,14 +221,10 @@ class RankEngine:
 
     # ---- forward passes ------------------------------------------------------------------
     def _logprobs(self, module: torch.nn.Module, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K,) learner logprobs of the completion tokens, and the logits (for the dummy's zero loss)."""
+        """`forward_logprobs`, counted (the logits serve the dummy's zero loss)."""
         self.forward_calls += 1
         self.forward_uids.update(mb.uids)
-        logits = module(input_ids=mb.input_ids, position_ids=mb.position_ids,
-                        attention_mask=mb.attention_mask()).logits  # (1, T, V)
-        picked = logits[0, mb.pred_index].float()  # (K, V)
-        logprobs = torch.log_softmax(picked, dim=-1).gather(1, mb.target_ids[:, None])[:, 0]  # (K,)
-        return logprobs, logits
+        return forward_logprobs(module, mb, self.attention, self.ds.device)
 
     def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
         """Backprop the sum-form loss of one micro-batch (no optimizer step). `boundary` marks the last
@@ -193,12 +232,13 @@ class RankEngine:
         gradient accumulation). `mb.logprobs_old` None means the current weights are the old ones
         (rho = 1: vanilla policy gradient)."""
         t0 = time.perf_counter()
-        self.engine.set_gradient_accumulation_boundary(boundary)
-        logprobs, logits = self._logprobs(self.engine, mb)
+        self.ds.set_gradient_accumulation_boundary(boundary)
+        logprobs, logits = self._logprobs(self.ds, mb)
         if mb.target_ids.numel() == 0:  # dummy: joins the round's collectives with an exact zero gradient
             loss = logits.float().sum() * 0.0
-            self.engine.backward(loss, scale_wrt_gas=False)
-            return MicroResult(0.0, 0, 0, 0.0, 0.0, time.perf_counter() - t0, {})
+            t1 = time.perf_counter()
+            self.ds.backward(loss, scale_wrt_gas=False)
+            return MicroResult(0.0, 0, 0, 0.0, 0.0, LogprobMismatch(0.0, 0.0, 0), t1 - t0, time.perf_counter() - t1, {})
         if self.cfg.old_logprobs == "sampler":
             logprobs_old = mb.logprobs_sampler  # (K,) the engine's distribution is the behaviour policy
         else:  # recomputed pre-update logprobs, or (first pass before any step) the detached current ones
@@ -214,17 +254,19 @@ class RankEngine:
                                 self.cfg.clip_eps_high, logprobs_ref, self.cfg.kl_coef, is_weights)
         if not torch.isfinite(out.loss_sum):
             self._bad_since_step = True
-        self.engine.backward(out.loss_sum, scale_wrt_gas=False)
+        t1 = time.perf_counter()
+        self.ds.backward(out.loss_sum, scale_wrt_gas=False)
         return MicroResult(float(out.loss_sum.detach()), out.num_tokens, int(out.clipped_tokens), float(out.kl_sum),
-                           float(out.ratio_sum), time.perf_counter() - t0,
-                           self._split(logprobs.detach(), mb) if return_logprobs else {})
+                           float(out.ratio_sum), logprob_mismatch(logprobs, mb.logprobs_sampler), t1 - t0,
+                           time.perf_counter() - t1, self._split(logprobs.detach(), mb) if return_logprobs else {})
 
     @torch.no_grad()
     def old_logprobs(self, mb: MicroBatch) -> MicroResult:
         """No-grad pass with the current (pre-update) weights: Sample.uid -> (C,) logprobs_old."""
         t0 = time.perf_counter()
-        logprobs, _ = self._logprobs(self.engine, mb)
-        return MicroResult(0.0, 0, 0, 0.0, 0.0, time.perf_counter() - t0, self._split(logprobs, mb))
+        logprobs, _ = self._logprobs(self.ds, mb)
+        return MicroResult(0.0, 0, 0, 0.0, 0.0, logprob_mismatch(logprobs, mb.logprobs_sampler),
+                           time.perf_counter() - t0, 0.0, self._split(logprobs, mb))
 
     @staticmethod
     def _split(logprobs: torch.Tensor, mb: MicroBatch) -> dict[int, torch.Tensor]:
@@ -244,49 +286,50 @@ class RankEngine:
         step, or the global gradient norm is non-finite (checked at ZeRO 0, and by DeepSpeed itself
         at fp32 ZeRO 1/2; ZeRO 3 and bf16 rely on the loss check). Raises RuntimeError after
         `max_bad_steps` skipped steps in a row. Collective."""
-        lr = float(self.engine.get_lr()[0])
+        t0 = time.perf_counter()
+        lr = float(self.ds.get_lr()[0])
         if self._any_rank_bad():
             self.discard_gradients()
-            return self._count_skip(lr)
+            return self._count_skip(lr, t0)
         factor = self.world_size / normaliser
         if self.cfg.zero_stage == 0:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
             for g in grads:
                 g.mul_(factor)
             # grads are all-reduced already, so every rank sees the same norm and takes the same branch
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
             if not math.isfinite(grad_norm):
                 self.discard_gradients()
-                return self._count_skip(lr)
-            self.engine.step()
+                return self._count_skip(lr, t0)
+            self.ds.step()
         else:
-            self.engine.optimizer.loss_scale = 1.0 / factor
+            self.ds.optimizer.loss_scale = 1.0 / factor
             try:
-                self.engine.step()
+                self.ds.step()
             finally:
-                self.engine.optimizer.loss_scale = 1.0
-            if getattr(self.engine.optimizer, "overflow", False):  # DeepSpeed found a NaN/inf gradient and skipped
-                return self._count_skip(lr)
-            grad_norm = float(self.engine.get_global_grad_norm())
+                self.ds.optimizer.loss_scale = 1.0
+            if getattr(self.ds.optimizer, "overflow", False):  # DeepSpeed found a NaN/inf gradient and skipped
+                return self._count_skip(lr, t0)
+            grad_norm = float(self.ds.get_global_grad_norm())
         self.optimizer_steps += 1
         self.consecutive_bad_steps = 0
-        return StepResult(grad_norm, lr, False)
+        return StepResult(grad_norm, lr, False, time.perf_counter() - t0)
 
-    def _count_skip(self, lr: float) -> StepResult:
+    def _count_skip(self, lr: float, t0: float) -> StepResult:
         self.skipped_steps += 1
         self.consecutive_bad_steps += 1
         if self.consecutive_bad_steps >= self.cfg.max_bad_steps:
             raise RuntimeError(f"learner rank {self.rank}: {self.consecutive_bad_steps} optimizer steps in a row "
                                f"had a non-finite loss or gradient (max_bad_steps={self.cfg.max_bad_steps}); aborting")
-        return StepResult(float("nan"), lr, True)
+        return StepResult(float("nan"), lr, True, time.perf_counter() - t0)
 
     def discard_gradients(self) -> None:
         """Drop the accumulated gradient without stepping (a skipped step). DeepSpeed has no public
         call for this outside fp16 overflow handling, so this mirrors its overflow clean-up."""
         self._bad_since_step = False
-        opt = self.engine.optimizer
+        opt = self.ds.optimizer
         if self.cfg.zero_stage == 0:
-            self.engine.zero_grad()
+            self.ds.zero_grad()
         elif self.cfg.zero_stage in (1, 2):
             from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
@@ -306,7 +349,7 @@ class RankEngine:
 
         factor = self.world_size / normaliser
         out = {}
-        for name, p in self.engine.module.named_parameters():
+        for name, p in self.ds.module.named_parameters():
             g = safe_get_full_grad(p)
             out[name] = (g.detach().float() * factor).clone() if g is not None else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         return out
@@ -315,7 +358,7 @@ class RankEngine:
         """Full fp32 copies of the weights by name (gathered under ZeRO-3; collective there)."""
         import deepspeed
 
-        params = list(self.engine.module.named_parameters())
+        params = list(self.ds.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=self.cfg.zero_stage == 3):
             return {name: p.detach().float().clone() for name, p in params}
 
@@ -323,13 +366,13 @@ class RankEngine:
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         """DeepSpeed state (model, optimizer, scheduler) + this rank's RNG into `path` (a directory
         every rank can reach; the caller makes it atomic). Collective."""
-        self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
+        self.ds.save_checkpoint(path, tag="ds", client_state=client_state)
         torch.save({"torch_rng": torch.get_rng_state(), "optimizer_steps": self.optimizer_steps,
                     "skipped_steps": self.skipped_steps}, Path(path) / f"rank{self.rank}_rng.pt")
 
     def load_checkpoint(self, path: str) -> dict:
         """Restore what `save_checkpoint` wrote; returns its client_state. Collective."""
-        _, client_state = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+        _, client_state = self.ds.load_checkpoint(path, tag="ds", load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
         extra = torch.load(Path(path) / f"rank{self.rank}_rng.pt", weights_only=False)
         torch.set_rng_state(extra["torch_rng"])
@@ -344,7 +387,7 @@ class RankEngine:
         import torch.distributed as dist
         from transformers import AutoTokenizer
 
-        module = self.engine.module
+        module = self.ds.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
             if self.rank == 0:
                 tmp = Path(f"{path}.tmp-export")

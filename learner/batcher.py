@@ -1,0 +1,451 @@
+"""DASH batching on the driver: filter each arriving group, pack kept samples into token-budget
+micro-batches, send them to the ranks in lock-step rounds as they fill (streaming), and take the
+optimizer steps of a sampled batch (several steps per batch = preemptive sampling, DASH Sec. 3.1;
+several epochs = PPO epochs). Ray-free: it drives any `RankPool` (in-process `LocalRankPool`, or
+`learner.actor`'s Ray pool).
+
+Schedule of one sampled batch of N groups: S = N / prompts_per_step steps per epoch, E epochs,
+steps g = 0 .. S*E - 1 in order, step g trains on the samples of slot s = g mod S.
+- Groups fill the slots in ARRIVAL order (the first prompts_per_step groups are slot 0).
+- Rounds: every rank runs the same number of passes in the same order (ZeRO-2/3 collectives run
+  inside forward/backward). A round gives each rank one micro-batch, or a one-token dummy whose
+  gradient is exactly zero when a rank has nothing left.
+- The current step's backward passes stream: a round goes as soon as W micro-batches are full;
+  once the step's groups are all in, the rest goes (its last round is the accumulation boundary)
+  and the step is taken. Later steps of the first epoch were sampled with the same weights, so
+  their samples simply wait in their slot.
+- Old logprobs: "sampler" -> the engine's. "recompute" with S*E == 1 -> rho = 1 (the detached
+  current logprobs ARE the old ones: no extra pass). "recompute" with S*E > 1 -> the samples of
+  slots 1.. get a no-grad pass with the pre-update weights, streamed in rounds like the backward
+  passes as their groups arrive; step 0's samples keep the detached logprobs of their own backward
+  pass (asked for only when E > 1). Step 0 is then taken in end_batch, once every old logprob is in.
+
+Tested by:
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+
+from learner.config import LearnerConfig
+from learner.filtering import Sample, select_samples
+from learner.losses import step_normaliser
+from learner.packing import MicroBatch, collate, pack_by_length, padded_cost, split_across_ranks
+from learner.trainer import MicroResult, RankTrainer, StepResult
+from rollout_workers.types import ScoredGroup
+
+
+class RankPool(Protocol):
+    """W ranks that run the same call in lock-step. Every call returns one handle per rank, at once
+    (fire); `wait` turns handles into results, raising if a rank failed or `timeout` passed."""
+
+    num_ranks: int
+
+    def forward_backward(self, per_rank: Sequence[MicroBatch], boundary: bool, return_logprobs: bool) -> list[Any]: ...
+    def old_logprobs(self, per_rank: Sequence[MicroBatch]) -> list[Any]: ...
+    def step(self, normaliser: float) -> list[Any]: ...
+    def full_gradients(self, normaliser: float) -> list[Any]: ...
+    def discard_gradients(self) -> list[Any]: ...
+    def wait(self, handles: Sequence[Any]) -> list[Any]: ...
+
+
+class LocalRankPool:
+    """One in-process `RankTrainer` (W = 1): calls run immediately; handles are the results."""
+
+    def __init__(self, trainer: RankTrainer) -> None:
+        self.trainer = trainer
+        self.num_ranks = 1
+
+    def forward_backward(self, per_rank: Sequence[MicroBatch], boundary: bool, return_logprobs: bool) -> list[MicroResult]:
+        return [self.trainer.forward_backward(per_rank[0], boundary, return_logprobs)]
+
+    def old_logprobs(self, per_rank: Sequence[MicroBatch]) -> list[MicroResult]:
+        return [self.trainer.old_logprobs(per_rank[0])]
+
+    def step(self, normaliser: float) -> list[StepResult]:
+        return [self.trainer.step(normaliser)]
+
+    def full_gradients(self, normaliser: float) -> list[dict[str, torch.Tensor]]:
+        return [self.trainer.full_gradients(normaliser)]
+
+    def discard_gradients(self) -> list[None]:
+        return [self.trainer.discard_gradients()]
+
+    def wait(self, handles: Sequence[Any]) -> list[Any]:
+        return list(handles)
+
+
+@dataclass
+class LearnStats:
+    """What one sampled batch did (`StreamingBatcher.end_batch`). Rank-side seconds are summed over ranks."""
+
+    steps: int = 0
+    """Optimizer steps taken (skipped and empty steps not counted)."""
+    skipped_nonfinite: int = 0
+    """Steps dropped because a loss was NaN/inf on some rank."""
+    empty_steps: int = 0
+    """Steps with no kept sample (filtered away entirely): no pass, no optimizer step."""
+    loss: float = float("nan")
+    """Mean over taken steps of the aggregated loss (sum-form loss / step normaliser)."""
+    grad_norm: float = float("nan")
+    """Mean over taken steps of the normalised gradient's global norm (before clipping)."""
+    clip_frac: float = 0.0
+    """Fraction of completion tokens whose ratio was clipped."""
+    kl: float = 0.0
+    """Mean k3 KL per completion token (0 when kl_coef = 0)."""
+    ratio_mean: float = 1.0
+    """Mean importance ratio rho per completion token."""
+    logprob_diff_mean: float = float("nan")
+    """Mean |logprob_learner - logprob_sampler| per completion token, learner logprobs taken with the
+    pre-update weights (step 0's backward passes and the old-logprob passes); NaN when none ran.
+    The sampler's logprobs are those of its warped distribution (temperature, top-p), so this is
+    ~0 only when it samples at temperature 1 and top_p 1 with the learner's weights."""
+    logprob_ratio_max: float = float("nan")
+    """Max over the same tokens of exp(logprob_learner - logprob_sampler); NaN when none ran."""
+    lr: float = 0.0
+    """Learning rate of the last step."""
+    samples_in: int = 0
+    samples_kept: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    """Tokens (prompt + completion) through backprop passes, all epochs."""
+    completion_tokens: int = 0
+    """Completion tokens in the loss, all epochs."""
+    seconds_forward: float = 0.0
+    """Rank-side seconds in the forward pass and loss of backprop passes."""
+    seconds_backward: float = 0.0
+    """Rank-side seconds in backward passes."""
+    seconds_old_logprobs: float = 0.0
+    """Rank-side seconds in no-grad old-logprob passes."""
+    seconds_optimizer: float = 0.0
+    """Rank-side seconds in optimizer steps (normalisation, clipping, AdamW)."""
+    seconds_wall: float = 0.0
+    """begin_batch -> end_batch on the driver."""
+    refill_needed: int = 0
+    """Groups dropped whole by the filter: how many more groups a DAPO-style refill would ask for to keep
+    every optimizer batch at prompts_per_step kept groups."""
+
+
+Round = list[list[Sample]]
+"""One micro-batch's samples per rank (an empty list = the rank's dummy pass)."""
+
+
+@dataclass
+class _Batch:
+    """One sampled batch, from begin_batch to end_batch."""
+
+    num_groups: int
+    steps_per_epoch: int
+    """S: optimizer steps (slots of prompts_per_step groups) per epoch."""
+    total_steps: int
+    """S * epochs_per_batch."""
+    needs_old: bool
+    """Steps after the first need recomputed old logprobs (a no-grad pass, module docstring)."""
+    take_step: Callable[[float], list[Any]]
+    """Fires the optimizer step with the step's normaliser; returns its handles ([] = no step result)."""
+    step_samples: list[list[Sample]]
+    """Kept samples per slot."""
+    step_samples_in: list[int]
+    """Samples before filtering per slot (the constant normaliser counts them)."""
+    group_size: Optional[int] = None
+    received: int = 0
+    """Groups received (dropped ones included)."""
+    slots: int = 0
+    """Groups holding a slot: all received groups, or with refill only the kept ones."""
+    samples_in: int = 0
+    groups_dropped: int = 0
+    drop_reasons: Counter = field(default_factory=Counter)
+    step: int = 0
+    """The step whose backward passes stream now (the next one to take)."""
+    step_flushed: bool = False
+    """The current step's last round (the accumulation boundary) was sent."""
+    unsent: list[Sample] = field(default_factory=list)
+    """Samples of the current step not sent yet."""
+    unsent_old: list[Sample] = field(default_factory=list)
+    """Samples of slots 1.. waiting for their no-grad old-logprob pass."""
+    logprobs_old: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Sample.uid -> (C,) pre-update logprobs (filled before step 0 is taken, when needs_old)."""
+    grad_passes: list[tuple[list[Any], int]] = field(default_factory=list)
+    """(handles of a backprop round, the step it belongs to)."""
+    old_passes: list[list[Any]] = field(default_factory=list)
+    """Handles of the no-grad rounds."""
+    step_results: list[tuple[float, list[Any]]] = field(default_factory=list)
+    """(normaliser, handles) per step in order; no handles = no optimizer step."""
+    empty_steps: int = 0
+    t_begin: float = field(default_factory=time.perf_counter)
+
+    def step_complete(self, prompts_per_step: int) -> bool:
+        """All the groups of the current step are in (the first epoch fills slot by slot; a later
+        epoch's step needs the whole batch)."""
+        needed = (self.step + 1) * prompts_per_step if self.step < self.steps_per_epoch else self.num_groups
+        return self.slots >= needed
+
+
+class StreamingBatcher:
+    """The DASH batching logic over a `RankPool` (see the module docstring)."""
+
+    def __init__(self, cfg: LearnerConfig, pool: RankPool, max_new_tokens: int) -> None:
+        self.cfg, self.pool, self.max_new_tokens = cfg, pool, max_new_tokens
+        self._batch: Optional[_Batch] = None
+        self._open = False
+        self.batches_done = 0
+
+    # ---- public ---------------------------------------------------------------------------
+    @property
+    def batch_open(self) -> bool:
+        """True between begin_batch and end_batch/abort_batch."""
+        return self._open
+
+    @property
+    def groups_wanted(self) -> int:
+        """Slots of the open batch still empty: with refill, the groups the filter dropped whole
+        that the driver should replace by sampling that many more prompts (0 without refill)."""
+        b = self._batch
+        return b.num_groups - b.slots if self._open and self.cfg.refill else 0
+
+    @property
+    def logprobs_old(self) -> dict[int, torch.Tensor]:
+        """Sample.uid -> (C,) recomputed old logprobs of the last batch (empty unless it needed them)."""
+        return self._batch.logprobs_old if self._batch is not None else {}
+
+    def begin_batch(self, num_groups: int) -> None:
+        """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step)."""
+        self._begin(num_groups, self.pool.step)
+
+    def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
+        """Filter, route and send full rounds; returns without waiting for the ranks."""
+        if not self._open:
+            raise RuntimeError("add_groups before begin_batch")
+        b, per_step = self._batch, self.cfg.prompts_per_step
+        for g in groups:
+            if b.slots >= b.num_groups:
+                raise ValueError(f"got more groups than the {b.num_groups} announced by begin_batch "
+                                 f"(duplicate or late group {g.prompt.uid!r}, batch_id {g.batch_id})")
+            if b.group_size is None:
+                b.group_size = len(g.completions)
+            elif len(g.completions) != b.group_size:
+                raise ValueError(f"group {g.prompt.uid!r} has {len(g.completions)} completions, expected "
+                                 f"group_size={b.group_size} (the batch's first group)")
+            res = select_samples([g], self.cfg.advantage, self.cfg.filter_threshold, self.cfg.filter,
+                                 first_uid=b.received * b.group_size)
+            b.received += 1
+            b.samples_in += res.samples_in
+            b.drop_reasons.update(res.drop_reasons)
+            b.groups_dropped += not res.samples
+            if self.cfg.refill and not res.samples:
+                continue  # DAPO refill: a group dropped whole leaves its slot for a refilled one
+            slot = b.slots // per_step
+            b.slots += 1
+            b.step_samples[slot].extend(res.samples)
+            b.step_samples_in[slot] += res.samples_in
+            if slot == b.step:
+                b.unsent.extend(res.samples)
+            elif b.needs_old:
+                b.unsent_old.extend(res.samples)
+        self._advance(at_end=False)
+
+    def end_batch(self) -> LearnStats:
+        """Run what is left (later steps, epochs), wait for every rank, return the batch's stats."""
+        if not self._open:
+            raise RuntimeError("end_batch before begin_batch")
+        b = self._batch
+        if b.slots < b.num_groups and not self.cfg.refill:
+            raise ValueError(f"end_batch after {b.received} of the {b.num_groups} groups announced")
+        try:
+            # With refill the driver may stop short (learner.refill_rounds): the steps whose slots
+            # are not all filled run on the kept groups they have.
+            self._advance(at_end=True)
+            return self._collect()
+        finally:
+            self._open = False
+            self.batches_done += 1
+
+    def abort_batch(self) -> None:
+        """Drop the open batch after an error: wait for its in-flight passes and discard the
+        accumulated gradient on every rank (optimizer steps already taken stay)."""
+        if not self._open:
+            return
+        try:
+            for handles, _ in self._batch.grad_passes:
+                self.pool.wait(handles)
+            for handles in self._batch.old_passes:
+                self.pool.wait(handles)
+            self.pool.wait(self.pool.discard_gradients())
+        finally:
+            self._open = False
+
+    def probe_gradients(self, groups: Sequence[ScoredGroup]) -> dict[str, torch.Tensor]:
+        """Diagnostics (exactness tests): run the whole filter/pack/backprop path of ONE optimizer
+        step over `groups` (len == prompts_per_step, epochs_per_batch == 1) and return the full
+        normalised gradient the optimizer would get, by parameter name; then drop it (no step)."""
+        if (len(groups) != self.cfg.prompts_per_step and not self.cfg.refill) or self.cfg.epochs_per_batch != 1:
+            raise ValueError("probe_gradients needs exactly prompts_per_step groups (with refill: kept groups) "
+                             "and epochs_per_batch == 1")
+        gradients: dict[str, torch.Tensor] = {}
+
+        def read_and_drop(normaliser: float) -> list[Any]:
+            gradients.update(self.pool.wait(self.pool.full_gradients(normaliser))[0])
+            self.pool.wait(self.pool.discard_gradients())
+            return []
+
+        self._begin(self.cfg.prompts_per_step, read_and_drop)
+        self.add_groups(groups)
+        self.end_batch()
+        if not gradients:
+            raise ValueError("probe_gradients: every sample was filtered out, there is no gradient")
+        return gradients
+
+    # ---- internals --------------------------------------------------------------------------
+    def _begin(self, num_groups: int, take_step: Callable[[float], list[Any]]) -> None:
+        if self._open:
+            raise RuntimeError("begin_batch called while a batch is open (call end_batch first)")
+        if num_groups < 1 or num_groups % self.cfg.prompts_per_step:
+            raise ValueError(f"a sampled batch needs a positive multiple of prompts_per_step="
+                             f"{self.cfg.prompts_per_step} groups, got {num_groups}")
+        per_epoch = num_groups // self.cfg.prompts_per_step
+        total = per_epoch * self.cfg.epochs_per_batch
+        self._batch = _Batch(num_groups, per_epoch, total, self.cfg.old_logprobs == "recompute" and total > 1,
+                             take_step, [[] for _ in range(per_epoch)], [0] * per_epoch)
+        self._open = True
+
+    def _advance(self, at_end: bool) -> None:
+        """Send the full rounds waiting, then take every step whose groups are all in (at the end:
+        all of them). Step 0 of a batch that needs old logprobs waits for the end."""
+        b = self._batch
+        b.unsent = self._send_backprop(b.unsent, final=False)
+        if b.needs_old:
+            b.unsent_old = self._send_old_logprobs(b.unsent_old, final=at_end)
+        while b.step < b.total_steps and (at_end or b.step_complete(self.cfg.prompts_per_step)):
+            if not b.step_flushed and b.step_samples[b.step % b.steps_per_epoch]:
+                self._send_backprop(b.unsent, final=True)
+            b.unsent, b.step_flushed = [], True
+            if b.needs_old and b.step == 0:
+                if not at_end:
+                    return
+                self._gather_logprobs_old()
+            self._take_step()
+            b.step += 1
+            b.step_flushed = False
+            if b.step < b.total_steps:
+                b.unsent = self._send_backprop(b.step_samples[b.step % b.steps_per_epoch], final=False)
+
+    def _rounds(self, samples: Sequence[Sample], final: bool) -> tuple[list[Round], list[Sample]]:
+        """Cut `samples` into rounds of one micro-batch per rank; returns (rounds, samples left).
+        Not final: only full rounds, the W fullest micro-batches each time while W budgets of
+        tokens wait. Final: all of them, token-balanced across ranks, short ranks padded with dummies."""
+        num_ranks, budget = self.pool.num_ranks, self.cfg.micro_batch_tokens
+        rounds: list[Round] = []
+        left = list(samples)
+        while left and (final or sum(s.num_tokens for s in left) >= num_ranks * budget):
+            bins = pack_by_length([s.num_tokens for s in left], budget)
+            loads = [padded_cost([left[i].num_tokens for i in b]) for b in bins]
+            if final:
+                per_rank = split_across_ranks(loads, num_ranks)
+                rounds.extend([[left[i] for i in bins[r[k]]] if k < len(r) else [] for r in per_rank]
+                              for k in range(max(len(r) for r in per_rank)))
+                return rounds, []
+            chosen = sorted(range(len(bins)), key=lambda j: (-loads[j], j))[:num_ranks]
+            rounds.append([[left[i] for i in bins[j]] for j in chosen])
+            used = {i for j in chosen for i in bins[j]}
+            left = [s for i, s in enumerate(left) if i not in used]
+        return rounds, left
+
+    def _send_backprop(self, samples: Sequence[Sample], final: bool) -> list[Sample]:
+        """Backprop rounds of the current step; returns the samples not sent. The final call's last
+        round is the accumulation boundary (a dummy round when nothing is left, so the boundary is
+        never on an already-sent micro-batch)."""
+        b = self._batch
+        rounds, left = self._rounds(samples, final)
+        if final and not rounds:
+            rounds = [[[] for _ in range(self.pool.num_ranks)]]
+        old = b.logprobs_old if b.needs_old and b.step > 0 else None
+        # with several epochs, step 0's own detached logprobs are its samples' old logprobs later
+        want_logprobs = b.needs_old and b.step == 0 and self.cfg.epochs_per_batch > 1
+        for k, per_rank in enumerate(rounds):
+            batches = [collate(x, self.cfg.loss_agg, old) for x in per_rank]
+            b.grad_passes.append((self.pool.forward_backward(batches, final and k == len(rounds) - 1, want_logprobs),
+                                  b.step))
+        return left
+
+    def _send_old_logprobs(self, samples: Sequence[Sample], final: bool) -> list[Sample]:
+        """No-grad old-logprob rounds; returns the samples not sent."""
+        rounds, left = self._rounds(samples, final)
+        for per_rank in rounds:
+            self._batch.old_passes.append(self.pool.old_logprobs([collate(x, self.cfg.loss_agg) for x in per_rank]))
+        return left
+
+    def _gather_logprobs_old(self) -> None:
+        b = self._batch
+        for handles in b.old_passes:
+            for r in self.pool.wait(handles):
+                b.logprobs_old.update(r.logprobs)
+        for handles, step in b.grad_passes:
+            if step == 0 and self.cfg.epochs_per_batch > 1:
+                for r in self.pool.wait(handles):
+                    b.logprobs_old.update(r.logprobs)
+
+    def _take_step(self) -> None:
+        b = self._batch
+        slot = b.step % b.steps_per_epoch
+        samples = b.step_samples[slot]
+        if not samples:  # nothing kept: no pass ran, and no optimizer step (Adam would still move)
+            b.empty_steps += 1
+            b.step_results.append((0.0, []))
+            return
+        normaliser = step_normaliser(self.cfg.loss_agg, sum(len(x.completion_token_ids) for x in samples), len(samples),
+                                     self.cfg.constant_normalizer or self.max_new_tokens * b.step_samples_in[slot])
+        b.step_results.append((normaliser, b.take_step(normaliser)))
+
+    def _collect(self) -> LearnStats:
+        b = self._batch
+        st = LearnStats(samples_in=b.samples_in, samples_kept=sum(len(x) for x in b.step_samples),
+                        drop_reasons=dict(b.drop_reasons), refill_needed=b.groups_dropped, empty_steps=b.empty_steps)
+        loss_per_step: dict[int, float] = {}
+        clipped = kl = ratio = diff = 0.0
+        diff_tokens, ratio_max = 0, 0.0
+
+        def add_mismatch(r: MicroResult) -> None:  # passes run with the weights that sampled the batch
+            nonlocal diff, diff_tokens, ratio_max
+            diff, diff_tokens = diff + r.mismatch.abs_diff_sum, diff_tokens + r.mismatch.num_tokens
+            ratio_max = max(ratio_max, r.mismatch.ratio_max)
+
+        for handles, step in b.grad_passes:
+            for r in self.pool.wait(handles):
+                loss_per_step[step] = loss_per_step.get(step, 0.0) + r.loss_sum
+                st.completion_tokens += r.tokens
+                clipped, kl, ratio = clipped + r.clipped_tokens, kl + r.kl_sum, ratio + r.ratio_sum
+                st.seconds_forward += r.seconds_forward
+                st.seconds_backward += r.seconds_backward
+                if step == 0:
+                    add_mismatch(r)
+        for handles in b.old_passes:
+            for r in self.pool.wait(handles):
+                st.seconds_old_logprobs += r.seconds_forward
+                add_mismatch(r)
+        st.tokens = sum(s.num_tokens for x in b.step_samples for s in x) * self.cfg.epochs_per_batch
+        losses, norms = [], []
+        for step, (normaliser, handles) in enumerate(b.step_results):
+            if not handles:
+                continue
+            results: list[StepResult] = self.pool.wait(handles)
+            st.seconds_optimizer += sum(r.seconds for r in results)
+            st.lr = results[0].lr
+            if results[0].skipped:
+                st.skipped_nonfinite += 1
+                continue
+            st.steps += 1
+            losses.append(loss_per_step.get(step, 0.0) / normaliser)
+            norms.append(results[0].grad_norm)
+        if losses:
+            st.loss, st.grad_norm = sum(losses) / len(losses), sum(norms) / len(norms)
+        if st.completion_tokens:
+            st.clip_frac, st.kl, st.ratio_mean = clipped / st.completion_tokens, kl / st.completion_tokens, ratio / st.completion_tokens
+        if diff_tokens:
+            st.logprob_diff_mean, st.logprob_ratio_max = diff / diff_tokens, ratio_max
+        st.seconds_wall = time.perf_counter() - b.t_begin
+        return st
