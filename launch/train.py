@@ -335,7 +335,8 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     learner_cfg = cfg.learner if cfg.train.mode == "dash" else replace(cfg.learner, filter=False)
     learner = LearnerGroup(learner_cfg, str(model_path), cfg.rollout.max_new_tokens, timeout,
                            placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset,
-                           rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction)
+                           rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction,
+                           sampling_temperature=cfg.rollout.temperature)
 
     def new_workers(indices: list[int] | None = None) -> list:
         return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],

@@ -37,8 +37,10 @@ class LearnerRank:
     cheap; `setup` joins the process group and builds the trainer (two phases, so rank 0's node
     address and a free port there can be the rendezvous)."""
 
-    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int,
+                 sampling_temperature: float = 1.0) -> None:
         self.cfg, self.model_path, self.rank, self.world_size = cfg, model_path, rank, world_size
+        self.sampling_temperature = sampling_temperature
         self.trainer: Optional[RankTrainer] = None
         """Built by `setup`; `self.trainer.ds.module` is the transformers model."""
 
@@ -53,7 +55,7 @@ class LearnerRank:
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_rank)))
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.trainer = RankTrainer(self.cfg, self.model_path, self.rank, self.world_size, master_addr,
-                                   master_port, timeout_s)
+                                   master_port, timeout_s, self.sampling_temperature)
 
     def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
         return self.trainer.forward_backward(mb, boundary, return_logprobs)
@@ -137,8 +139,10 @@ class LearnerGroup:
 
     def __init__(self, cfg: LearnerConfig, model_path: str, max_new_tokens: int, timeout_s: float,
                  placement_group=None, bundle_offset: int = 0, rank_cls: type = LearnerRank,
-                 gpu_fraction: float | None = None) -> None:
+                 gpu_fraction: float | None = None, sampling_temperature: float = 1.0) -> None:
         """`rank_cls`: LearnerRank or a subclass adding methods (launch adds the weight-sync sender).
+        `sampling_temperature`: the engines' (rollout.temperature); the learner's logprobs are those
+        of the distribution the samples were drawn from (`learner.trainer.forward_logprobs`).
         `gpu_fraction`: GPUs per rank actor (default cfg.gpus_per_rank; 0.5 when colocated)."""
         self.cfg, self.model_path, self.timeout_s = cfg, model_path, timeout_s
         remote_cls = ray.remote(rank_cls)
@@ -149,7 +153,8 @@ class LearnerGroup:
             if placement_group is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)
-            self._actors.append(remote_cls.options(**opts).remote(cfg, model_path, r, cfg.num_ranks))
+            self._actors.append(remote_cls.options(**opts).remote(cfg, model_path, r, cfg.num_ranks,
+                                                                     sampling_temperature))
         self._pool = RayRankPool(self._actors, timeout_s)
         try:
             addr, port = self._pool.wait([self._actors[0].rendezvous_address.remote()])[0]

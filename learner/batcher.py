@@ -103,8 +103,8 @@ class LearnStats:
     logprob_diff_mean: float = float("nan")
     """Mean |logprob_learner - logprob_sampler| per completion token, learner logprobs taken with the
     pre-update weights (step 0's backward passes and the old-logprob passes); NaN when none ran.
-    The sampler's logprobs are those of its warped distribution (temperature, top-p), so this is
-    ~0 only when it samples at temperature 1 and top_p 1 with the learner's weights."""
+    The learner divides its logits by the sampling temperature, so this is ~0 whenever the
+    engines hold the learner's weights and top_p = 1 (nucleus truncation is not modelled)."""
     logprob_ratio_max: float = float("nan")
     """Max over the same tokens of exp(logprob_learner - logprob_sampler); NaN when none ran."""
     lr: float = 0.0

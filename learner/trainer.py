@@ -146,10 +146,15 @@ def attention_kind(bf16: bool) -> str:
 
 
 def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of `module` over `mb` ("flash_varlen" or "padded_sdpa", `attention_kind`):
     the (K,) logprobs of the completion tokens (on the CPU), and the logits. No KV cache: it would
-    only hold memory in a training pass."""
+    only hold memory in a training pass.
+
+    `temperature`: the sampler's. The policy that generated the samples is softmax(logits / T), so
+    the ratio rho and the policy gradient (the paper's Eq. 1-2) are taken on that same
+    distribution; with T != 1 and undivided logits, learner and sampler logprobs would disagree
+    on every token (verl and OpenRLHF divide the same way)."""
     if attention == "flash_varlen":
         row = varlen_inputs(mb)
         logits = module(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
@@ -158,7 +163,7 @@ def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
     else:  # right padding + the causal mask: exact without an attention mask (learner.packing)
         logits = module(input_ids=mb.input_ids.to(device), use_cache=False).logits  # (B, L, V)
         pred_index = mb.pred_index
-    picked = logits.reshape(-1, logits.shape[-1])[pred_index.to(device)].float()  # (K, V)
+    picked = logits.reshape(-1, logits.shape[-1])[pred_index.to(device)].float() / temperature  # (K, V)
     logprobs = torch.log_softmax(picked, dim=-1).gather(1, mb.target_ids.to(device)[:, None])[:, 0]  # (K,)
     return logprobs.cpu(), logits
 
@@ -173,7 +178,8 @@ class RankTrainer:
     """
 
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0) -> None:
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, timeout_s: float = 300.0,
+                 sampling_temperature: float = 1.0) -> None:
         if cfg.bf16 and cfg.zero_stage == 0:
             raise ValueError("learner.bf16 needs learner.zero_stage >= 1 (the exact gradient normalisation goes "
                              "through the ZeRO optimizer's loss scale; ZeRO 0 is fp32 only)")
@@ -210,6 +216,8 @@ class RankTrainer:
             self.ref_model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=ref_dtype, attn_implementation=attn_implementation).to(self.ds.device).eval()
             self.ref_model.requires_grad_(False)
+        self.sampling_temperature = sampling_temperature
+        """The engines' sampling temperature: logprobs are those of softmax(logits / T) (`forward_logprobs`)."""
         self.forward_calls = 0
         """Model forward passes on this rank (dummy passes included); a filtered sample adds none."""
         self.forward_uids: set[int] = set()
@@ -224,7 +232,7 @@ class RankTrainer:
         """`forward_logprobs`, counted (the logits serve the dummy's zero loss)."""
         self.forward_calls += 1
         self.forward_uids.update(mb.uids)
-        return forward_logprobs(module, mb, self.attention, self.ds.device)
+        return forward_logprobs(module, mb, self.attention, self.ds.device, self.sampling_temperature)
 
     def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
         """Backprop the sum-form loss of one micro-batch (no optimizer step). `boundary` marks the last

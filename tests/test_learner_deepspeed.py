@@ -398,10 +398,16 @@ def test_learner_and_sampler_logprobs_match_when_weights_are_equal(trainers, tin
                             for o in outs])
         return batcher.end_batch()
 
-    # control: sampling at temperature 0.7 is another distribution than the learner's, and it shows
+    # control: a learner not told the sampling temperature (T = 1) sees another distribution
     warped = learn_from_samples(0.7, 1)
     assert warped.logprob_diff_mean > 0.01 and warped.logprob_ratio_max > 1.01
-    same = learn_from_samples(1.0, 2)
+    try:  # told the temperature, it divides its logits by it and matches the sampler again
+        trainer.sampling_temperature = 0.7
+        tempered = learn_from_samples(0.7, 2)
+    finally:
+        trainer.sampling_temperature = 1.0
+    assert 0.0 <= tempered.logprob_diff_mean <= 1e-4 and abs(tempered.logprob_ratio_max - 1.0) <= 1e-4
+    same = learn_from_samples(1.0, 3)
     assert same.steps == 2 and same.samples_kept == 16
     assert 0.0 <= same.logprob_diff_mean <= 1e-4 and abs(same.logprob_ratio_max - 1.0) <= 1e-4
     # the learn time split (forward, backward, old-logprob pass, optimizer) is measured
