@@ -166,6 +166,18 @@ class StreamingBatcher:
         self.gradients: Optional[dict[str, torch.Tensor]] = None
         self.t_begin = time.perf_counter()
 
+    def drop_slots(self, n: int) -> None:
+        """`n` announced groups will never arrive (their prompts were refused before sampling, e.g.
+        too long for the engine). Without refill the batch shrinks by n and its last step runs
+        short; with refill their slots stay empty, so they count in `groups_wanted`."""
+        if not self._active:
+            raise RuntimeError("drop_slots before begin_batch")
+        if not 0 <= n <= self.num_groups - self.slots:
+            raise ValueError(f"drop_slots({n}): only {self.num_groups - self.slots} of the {self.num_groups} "
+                             "announced groups are still to come")
+        if not self.cfg.refill:
+            self.num_groups -= n
+
     def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
         """Filter, route and dispatch; returns without waiting for backprop (handles are tracked)."""
         if not self._active:
