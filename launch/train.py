@@ -23,7 +23,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from launch import checkpoints
 from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
+from launch.eval import held_out_set
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, make_placement
 from launch.sft import greedy_probe, sft_train
@@ -99,8 +100,8 @@ class Run:
     samples_generated: int = 0
     samples_kept: int = 0
     train_seconds: float = 0.0
-    prompts_refused: Counter | None = None
-    """Reason -> training prompts the rollout workers refused, whole run (set by `setup`)."""
+    prompts_refused: Counter = field(default_factory=Counter)
+    """Reason -> training prompts the rollout workers refused, whole run."""
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -300,12 +301,13 @@ def evaluate(run: Run, train_seconds: float) -> dict:
     """Greedy pass@1 on the held-out prompts, through the same workers and reward function.
     Returns one point of the accuracy curve (against training wall seconds and samples)."""
     params = SamplingParamsSpec(n=1, greedy=True, max_new_tokens=run.cfg.eval.max_new_tokens, seed=0)
-    correct, report = 0, BatchReport()
+    rewards, report = [], BatchReport()
     for group in dispatch(run, run.eval_prompts, -1 - run.iteration, params, report):
-        correct += group.rewards[0] >= 1.0
+        rewards.append(group.rewards[0])
     # A refused eval prompt counts as wrong (the load-time filter makes this 0 in a normal run).
     return {"iteration": run.iteration, "train_seconds": train_seconds, "samples_generated": run.samples_generated,
-            "accuracy": correct / len(run.eval_prompts), "prompts_refused": dict(report.refused)}
+            "accuracy": sum(r >= 1.0 for r in rewards) / len(run.eval_prompts),
+            "reward_mean": sum(rewards) / len(run.eval_prompts), "prompts_refused": dict(report.refused)}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -392,13 +394,14 @@ def restart_worker(new_workers: Callable[[list[int]], list], learner: LearnerGro
 
 
 def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
-    train, evals = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
+    train = load_prompts(cfg.data, "train")
     # The tiny model's tokenizer is trained on the training prompts, so the length filter runs
     # once the model exists (the SFT warm-up is not bound by the engine's prompt limit). Over-long
     # prompts are dropped here and counted as skipped rows, so no worker has to refuse them.
     model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
     count_tokens = token_counter(model_path)
-    train, evals = (drop_long_prompts(split, count_tokens, cfg.rollout.max_prompt_tokens) for split in (train, evals))
+    train = drop_long_prompts(train, count_tokens, cfg.rollout.max_prompt_tokens)
+    evals = held_out_set(cfg.data, count_tokens, cfg.rollout.max_prompt_tokens, cfg.eval.size)  # = launch.eval's
     if not train.prompts or not evals.prompts:
         raise ConfigError(f"no prompt of the {'train' if not train.prompts else 'eval'} split fits in "
                           f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} "
@@ -423,8 +426,8 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype, timeout)
     cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
     logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
-    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger,
-              ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch"), prompts_refused=Counter())
+    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts, logger,
+              ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch"))
     return run, {**data_info, **sft_info}
 
 
@@ -562,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(cfg, run_dir, resume=bool(args.resume))
     except Interrupted:
         return 130
+    except ConfigError as e:  # found once the model is known (e.g. no prompt fits rollout.max_prompt_tokens)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,16 +1,19 @@
-"""`ray job submit` against a real local Ray head on loopback: a 2-iteration tiny job must reach
-SUCCEEDED and leave a complete run directory.
+"""The two ways README.md launches a job, run as written against a real Ray head on loopback:
+`launch/single_node.sh` on a fresh clone of the repo (it starts and stops its own head), and the
+cluster command line `ray job submit --address ... --working-dir . -- python -m launch.train ...`
+from the repo root. Each 2-iteration tiny job must succeed and leave a complete run directory.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_job_submit.py
 """
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
-import shutil
 import sys
 import tempfile
 import threading
@@ -45,14 +48,73 @@ def wait_for_job_api(port: int, head: subprocess.Popen, deadline_s: float) -> No
     raise TimeoutError(f"Ray job API on 127.0.0.1:{port} did not come up within {deadline_s} s")
 
 
+TINY = ["train.iterations=2", "model.sft_steps=5", "eval.size=16", "rollout.prompts_per_generation=16",
+        "learner.prompts_per_step=8", "rollout.group_size=4", "learner.num_ranks=1", "train.checkpoint_every=1"]
+"""A tiny job: 2 iterations of 16 prompts x 4 samples, checkpointed after each."""
+
+
+def check_run_dir(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == 2
+    assert summary["samples_generated"] == 2 * 16 * 4
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert (run_dir / "config.yaml").exists() and (run_dir / "plots.png").exists()
+    assert any((run_dir / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, timeout=60).stdout
+    return [l for l in out.splitlines() if text in l]
+
+
+def readme_cluster_command() -> list[str]:
+    """The `ray job submit` command line of README.md's launch section, as written."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(ray job submit --address http://HEAD:8265 .*?)```", text, re.S)
+    assert block, "README.md has no ```bash block starting with `ray job submit --address http://HEAD:8265`"
+    return shlex.split(block.group(1).replace("\\\n", " "))
+
+
 @pytest.mark.slow
-def test_ray_job_submit_tiny_job(tmp_path):
+def test_single_node_script_on_a_fresh_clone_leaves_nothing_running(tmp_path):
+    """The issue's user path: a fresh clone (its .venv linked to this interpreter's, as after
+    `make install`), `launch/single_node.sh tiny-cpu ...`; the job's Python must be the venv's
+    (the job runs in Ray's unpacked copy, where a relative .venv/bin is not there)."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True, timeout=120)
+    (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"  # no venv on PATH: the script must find its interpreter itself
+    env["OMP_NUM_THREADS"] = "1"
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(["bash", str(repo / "launch" / "single_node.sh"), "tiny-cpu", *TINY, f"run.dir={run_dir}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"job raysubmit_\w+ SUCCEEDED", out), out[-4000:]
+    assert f"interpreter {repo}/.venv/bin/python" in out
+    check_run_dir(run_dir)
+    ray_tmp = re.search(r"temp dir (/tmp/dashray\.\w+)", out).group(1)
+    assert processes_mentioning(ray_tmp) == [], "processes of the script's Ray head are still running"
+    assert not Path(ray_tmp).exists()
+
+
+@pytest.mark.slow
+def test_readme_cluster_command_line_as_written(tmp_path):
+    """README's cluster path: a head started from the venv (so `python` on the cluster is the
+    venv's, as the README asks), then its `ray job submit` line run from the repo root with only
+    the address and the training arguments replaced."""
+    command = readme_cluster_command()
+    split = command.index("launch.train") + 1
+    assert command[:3] == ["ray", "job", "submit"] and "--working-dir" in command
+    assert command[command.index("--working-dir") + 1] == "." and command[split - 4:split] == ["--", "python", "-m", "launch.train"]
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    # The job's `python` is the cluster's Python: the one this venv's `ray` runs on.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    gcs, dash, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # the venv, activated
+    gcs, dash, agent_http, agent_grpc, metrics, client = (free_port() for _ in range(6))
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # --block keeps the head in the foreground, so terminating it stops exactly this cluster.
     head_log = open(tmp_path / "head.log", "w")  # a file, not a pipe nobody drains
@@ -62,20 +124,18 @@ def test_ray_job_submit_tiny_job(tmp_path):
          # Another Ray on this machine (e.g. the test session's own) holds the agent's default
          # ports; without an agent of its own the head answers "No available agent".
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--num-cpus=4",
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
         env=env, stdout=head_log, stderr=subprocess.STDOUT)
     run_dir = tmp_path / "run"
+    submit = [ray_bin if c == "ray" else c for c in command[:split]]
+    submit[submit.index("--address") + 1] = f"http://127.0.0.1:{dash}"
+    submit += [*TINY, f"run.dir={run_dir}"]
     try:
         wait_for_job_api(dash, head, deadline_s=180)
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                  "--runtime-env-json", json.dumps({"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-                                                    "excludes": [".venv", "runs", ".git"]}),
-                  "--", "python", "-m", "launch.train", "train.iterations=2", "model.sft_steps=5",
-                  "eval.size=16", "rollout.prompts_per_generation=16", "learner.prompts_per_step=8",
-                  "rollout.group_size=4", "learner.num_ranks=1", "train.checkpoint_every=1", f"run.dir={run_dir}"]
         poll, end = threading.Event(), time.monotonic() + 180
         while True:  # the head's dashboard agent registers a little after the job API answers
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if "submitted successfully" in job.stdout + job.stderr or time.monotonic() > end:
                 break
             poll.wait(1.0)  # poll interval for readiness, not a timing assumption
@@ -87,11 +147,4 @@ def test_ray_job_submit_tiny_job(tmp_path):
         head.wait(timeout=120)
         head_log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iterations"] == 2
-    assert summary["samples_generated"] == 2 * 16 * 4
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2]
-    assert (run_dir / "config.yaml").exists() and (run_dir / "plots.png").exists()
-    assert any((run_dir / "tensorboard").iterdir())
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    check_run_dir(run_dir)
