@@ -50,57 +50,79 @@ print(max(os.cpu_count() or 1, needed_cpus(cfg)))
 EOF
 )"
 
-# Free loopback ports for every listening service of the head (Ray's defaults are fixed numbers,
-# so two heads would collide). Short temp dir: Ray's socket paths must fit in 107 bytes.
-read -r GCS DASH AGENT_HTTP AGENT_GRPC METRICS CLIENT RUNTIME_ENV_AGENT < <("$PY" - <<'EOF'
-import socket
-socks = [socket.socket() for _ in range(7)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-for s in socks:
-    s.close()
-EOF
-)
-RAY_TMP="$(mktemp -d /tmp/dashray.XXXXXX)"
-HEAD_LOG="$RAY_TMP.head.log"
-# --block keeps the head in the foreground as one process group: stopping that group stops
-# exactly this cluster. setsid gives it its own group (the script's Ctrl-C is handled below).
-setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --include-dashboard=true \
-  --dashboard-agent-listen-port="$AGENT_HTTP" --dashboard-agent-grpc-port="$AGENT_GRPC" \
-  --metrics-export-port="$METRICS" --ray-client-server-port="$CLIENT" --runtime-env-agent-port="$RUNTIME_ENV_AGENT" \
-  --num-cpus="$NUM_CPUS" --disable-usage-stats --temp-dir="$RAY_TMP" >"$HEAD_LOG" 2>&1 &
-HEAD_PID=$!
-echo "single_node.sh: Ray head on 127.0.0.1 (GCS port $GCS, job API port $DASH), temp dir $RAY_TMP, interpreter $PY"
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if kill -0 "$HEAD_PID" 2>/dev/null; then
+HEAD_PID="" RAY_TMP="" HEAD_LOG=""
+stop_head() {   # stop this script's head (and only it), remove its temp dir
+  if [[ -n "$HEAD_PID" ]] && kill -0 "$HEAD_PID" 2>/dev/null; then
     kill -TERM "$HEAD_PID" 2>/dev/null || true   # `ray start --block` stops its own processes on SIGTERM
     for _ in $(seq 240); do kill -0 "$HEAD_PID" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$HEAD_PID" 2>/dev/null || true   # still there after 120 s: its whole process group
   fi
-  rm -rf "$RAY_TMP"
-  if [[ $rc == 0 ]]; then rm -f "$HEAD_LOG"; else echo "single_node.sh: Ray head log kept in $HEAD_LOG" >&2; fi
+  wait "$HEAD_PID" 2>/dev/null || true
+  [[ -z "$RAY_TMP" ]] || rm -rf "$RAY_TMP"
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_head
+  if [[ $rc == 0 ]]; then rm -f "$HEAD_LOG"; elif [[ -n "$HEAD_LOG" ]]; then echo "single_node.sh: Ray head log kept in $HEAD_LOG" >&2; fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The job API answers a little after the head starts, and the first submissions may be refused
-# until the dashboard agent registers ("No available agent"): retry for at most 180 s.
-ADDRESS="http://127.0.0.1:$DASH"
-deadline=$((SECONDS + 180))
-until JOB_ID="$("$RAY" job submit --address "$ADDRESS" --no-wait --working-dir . \
-        --runtime-env-json "{\"env_vars\": {\"DS_ACCELERATOR\": \"$DS_ACCELERATOR\"}}" \
-        -- "$PY" -m launch.train "${CONFIG_ARGS[@]}" "$@" "${RUN_ARGS[@]}" 2>&1 | grep -o "raysubmit_[A-Za-z0-9]*" | head -1)" \
-      && [[ -n "$JOB_ID" ]]; do
-  kill -0 "$HEAD_PID" 2>/dev/null || { echo "single_node.sh: the Ray head exited; log: $HEAD_LOG" >&2; exit 1; }
-  (( SECONDS < deadline )) || { echo "single_node.sh: the Ray job API on $ADDRESS did not accept the job within 180 s" >&2; exit 1; }
-  sleep 1
+start_head() {  # a head on free loopback ports with a temp dir of its own; sets HEAD_PID, DASH, RAY_TMP
+  # Ray's default ports are fixed numbers, so two heads would collide: take free ones. Short
+  # temp dir: Ray's socket paths must fit in 107 bytes.
+  local gcs agent_http agent_grpc metrics client runtime_env_agent
+  read -r gcs DASH agent_http agent_grpc metrics client runtime_env_agent < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+  RAY_TMP="$(mktemp -d /tmp/dashray.XXXXXX)"
+  HEAD_LOG="$RAY_TMP.head.log"
+  # --block keeps the head in the foreground: SIGTERM to it stops exactly this cluster. setsid
+  # gives it a process group of its own (the script's Ctrl-C is handled by the trap).
+  setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$gcs" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$DASH" --include-dashboard=true \
+    --dashboard-agent-listen-port="$agent_http" --dashboard-agent-grpc-port="$agent_grpc" \
+    --metrics-export-port="$metrics" --ray-client-server-port="$client" --runtime-env-agent-port="$runtime_env_agent" \
+    --num-cpus="$NUM_CPUS" --disable-usage-stats --temp-dir="$RAY_TMP" >"$HEAD_LOG" 2>&1 &
+  HEAD_PID=$!
+  echo "single_node.sh: Ray head on 127.0.0.1 (GCS port $gcs, job API port $DASH), temp dir $RAY_TMP, interpreter $PY"
+}
+
+submit() {  # submit the job to the head; prints its id, or nothing if the job API refused it
+  "$RAY" job submit --address "http://127.0.0.1:$DASH" --no-wait --working-dir . \
+    --runtime-env-json "{\"env_vars\": {\"DS_ACCELERATOR\": \"$DS_ACCELERATOR\"}}" \
+    -- "$PY" -m launch.train "${CONFIG_ARGS[@]}" "$@" "${RUN_ARGS[@]}" 2>&1 | grep -o "raysubmit_[A-Za-z0-9]*" | head -1 || true
+}
+
+# The job API answers a little after the head starts, and the first submissions are refused
+# until the dashboard agent registers ("No available agent"): retry for at most 180 s. A head
+# that dies while starting (Ray gives its raylet 30 s to register, which a loaded machine can
+# miss) is started again, at most 3 times in all.
+JOB_ID=""
+for attempt in 1 2 3; do
+  start_head
+  deadline=$((SECONDS + 180))
+  while kill -0 "$HEAD_PID" 2>/dev/null && (( SECONDS < deadline )); do
+    JOB_ID="$(submit "$@")"
+    [[ -z "$JOB_ID" ]] || break 2
+    sleep 1
+  done
+  if kill -0 "$HEAD_PID" 2>/dev/null; then
+    echo "single_node.sh: the Ray job API on 127.0.0.1:$DASH did not accept the job within 180 s" >&2
+    exit 1
+  fi
+  echo "single_node.sh: the Ray head exited while starting (attempt $attempt of 3); its log:" >&2
+  tail -5 "$HEAD_LOG" >&2
+  stop_head
+  (( attempt == 3 )) || rm -f "$HEAD_LOG"
 done
+[[ -n "$JOB_ID" ]] || { echo "single_node.sh: no Ray head could be started" >&2; exit 1; }
+ADDRESS="http://127.0.0.1:$DASH"
 echo "single_node.sh: submitted $JOB_ID to $ADDRESS"
 "$RAY" job logs --address "$ADDRESS" --follow "$JOB_ID"
 STATUS="$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1)"

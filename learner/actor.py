@@ -9,7 +9,7 @@ them with `deepspeed.zero.GatheredParameters`). `self.rank_engine` is the `RankE
 Every ray.get has a timeout: a dead or stuck rank raises, never hangs.
 
 Tested by:
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 

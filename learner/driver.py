@@ -17,7 +17,7 @@ Schedule of one sampled batch of N groups (S = N / prompts_per_step steps per ep
 - Backward of step 0 streams while later groups arrive; a step is taken once its groups are all in.
 
 Tested by:
-    PYTHONPATH=$PWD /work/main/.venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 

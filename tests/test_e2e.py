@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from launch import checkpoints
 from launch.train import main
-from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS, LoadResult, drop_long_prompts
+from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS, LoadResult
 from tests.reward_fns import digit_fraction
 
 PROMPTS, G, ITERS = 16, 4, 4
@@ -155,13 +155,14 @@ def test_refill_keeps_every_optimizer_batch_full(ray_local, tiny_model_dir, tmp_
 def test_over_long_prompts_are_skipped_at_load_and_refused_by_the_worker_and_the_run_goes_on(
         ray_local, tiny_model_dir, tmp_path, monkeypatch):
     """Both lines of defence in one run (the crash of the structure issue: the learner was told 16
-    groups and died in end_batch when a worker refused some). The load-time filter is made looser
-    (20 tokens) than the worker's rollout.max_prompt_tokens=14, so prompts of 15-20 tokens reach the
-    worker and are refused there: their slots are dropped, and every refusal is counted."""
-    def looser(result: LoadResult, count_tokens: Callable[[str], int], max_tokens: int) -> LoadResult:
-        return drop_long_prompts(result, count_tokens, 20)
+    groups and died in end_batch when a worker refused some). The load-time filter is switched off
+    for the training split only, so its word problems (longer than rollout.max_prompt_tokens=14
+    tokens) reach the worker and are refused there: their slots are dropped and every refusal is
+    counted. The held-out split keeps the load-time filter (`launch.eval.held_out_set`)."""
+    def no_filter(result: LoadResult, count_tokens: Callable[[str], int], max_tokens: int) -> LoadResult:
+        return result
 
-    monkeypatch.setattr("launch.train.drop_long_prompts", looser)
+    monkeypatch.setattr("launch.train.drop_long_prompts", no_filter)
     run_dir = tmp_path / "run"
     assert main([f"model.path={tiny_model_dir}", "train.iterations=2", f"run.dir={run_dir}", *COMMON,
                  "data.synthetic_tasks=[add,word]", "rollout.max_prompt_tokens=14", "train.checkpoint_every=0"]) == 0
@@ -171,7 +172,7 @@ def test_over_long_prompts_are_skipped_at_load_and_refused_by_the_worker_and_the
     for r, n in zip(recs, refused):
         assert r["samples_generated"] == (PROMPTS - n) * G  # the rest of the batch was sampled and learned
     assert summary["prompts_refused"] == {OVER_MAX_PROMPT_TOKENS: sum(refused)}
-    assert summary["skipped_rows"][OVER_MAX_PROMPT_TOKENS] > 0  # longer than 20: dropped at load time
+    assert summary["skipped_rows"][OVER_MAX_PROMPT_TOKENS] > 0  # held-out word problems, dropped at load time
 
 
 @pytest.mark.slow
