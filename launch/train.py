@@ -23,7 +23,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -204,15 +204,24 @@ def sample(run: Run, prompts: list[Prompt], iteration: int, report: BatchReport,
         yield from dispatch(run, call, iteration, params, report, on_driver_thread)
 
 
+RESTARTS_PER_CALL = 3
+"""A batch whose fresh workers all die again this many times stops the run (a crash loop, not bad luck)."""
+
+
 def dispatch(run: Run, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec, report: BatchReport,
              on_driver_thread: bool = True) -> Iterator[ScoredGroup]:
     """One dispatcher call; on the driver's thread, prompts left unsampled because every worker
     died are sampled again once `restart_dead_workers` has replaced them."""
     yield from run.dispatcher.run(prompts, batch_id=batch_id, params=params, report=report)
+    restarts = 0
     while on_driver_thread and report.unsampled:
+        if restarts == RESTARTS_PER_CALL:
+            raise RuntimeError(f"batch {batch_id}: every rollout worker died again after {restarts} restarts; "
+                               f"{len(report.unsampled)} prompts unsampled")
         restart_dead_workers(run)
-        left, report.unsampled = report.unsampled, []
-        yield from run.dispatcher.run(left, batch_id=batch_id, params=params, report=report)
+        left, report.unsampled, restarts = report.unsampled, [], restarts + 1
+        again = replace(params, seed=derive_seed(params.seed, "after_restart", restarts))  # not the first call's streams
+        yield from run.dispatcher.run(left, batch_id=batch_id, params=again, report=report)
 
 
 def restart_dead_workers(run: Run) -> None:

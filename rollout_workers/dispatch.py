@@ -115,8 +115,8 @@ class Dispatcher:
 
     def _run(self, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec,
              streams: list[_Stream], report: BatchReport) -> Iterator[ScoredGroup]:
-        if not any(self.alive):
-            report.unsampled.extend(prompts)
+        if self.on_worker_death == "restart" and not any(self.alive):
+            report.unsampled.extend(prompts)  # the driver restarts the workers, then samples these
             return
         self._submit(prompts, batch_id, params, streams)
         yielded: set[tuple[str, int]] = set()
