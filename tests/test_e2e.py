@@ -216,7 +216,9 @@ def test_eval_cli_gsm8k_on_the_tiny_model_skips_and_counts_over_long_prompts(ful
                              "--json", str(tmp_path / "eval.json")]) == 0
     out = json.loads((tmp_path / "eval.json").read_text())
     skipped = out["skipped_rows"][OVER_MAX_PROMPT_TOKENS]
-    # The run's eval split of GSM8K is data.eval_size = 256 problems; the tiny run takes prompts of
-    # at most rollout.max_prompt_tokens = 64 tokens, which most GSM8K problems exceed.
-    assert 0 < skipped <= 256 and out["total"] == min(4, 256 - skipped)
+    # The run's eval split of GSM8K has data.eval_size problems (the tiny-cpu preset's 400); the
+    # tiny run takes prompts of at most rollout.max_prompt_tokens = 64 tokens, which GSM8K
+    # problems (with the reasoning instruction) exceed: skipped and counted, none sampled.
+    split = yaml.safe_load((full_run / "config.yaml").read_text())["data"]["eval_size"]
+    assert 0 < skipped <= split and out["total"] == min(4, split - skipped)
     assert out["data"] == "gsm8k" and "at most 64 tokens" in out["eval_set"]
