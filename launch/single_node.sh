@@ -125,6 +125,11 @@ done
 ADDRESS="http://127.0.0.1:$DASH"
 echo "single_node.sh: submitted $JOB_ID to $ADDRESS"
 "$RAY" job logs --address "$ADDRESS" --follow "$JOB_ID"
-STATUS="$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1)"
-echo "single_node.sh: job $JOB_ID ${STATUS:-status unknown}"
-[[ "$STATUS" == SUCCEEDED ]]
+# `ray job status` ends with "Job '<id>' succeeded" (or failed / was stopped).
+STATUS="$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 || true)"
+if [[ "$STATUS" == *"Job '$JOB_ID' succeeded"* ]]; then
+  echo "single_node.sh: job $JOB_ID SUCCEEDED"
+else
+  echo "single_node.sh: job $JOB_ID did not succeed (ray job status --address $ADDRESS $JOB_ID while the head runs)" >&2
+  exit 1
+fi
