@@ -90,9 +90,15 @@ def test_single_node_script_on_a_fresh_clone_leaves_nothing_running(tmp_path):
     env["PATH"] = "/usr/bin:/bin"  # no venv on PATH: the script must find its interpreter itself
     env["OMP_NUM_THREADS"] = "1"
     run_dir = tmp_path / "run"
-    proc = subprocess.run(["bash", str(repo / "launch" / "single_node.sh"), "tiny-cpu", *TINY, f"run.dir={run_dir}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1400)
-    out = proc.stdout + proc.stderr
+    proc = subprocess.Popen(["bash", str(repo / "launch" / "single_node.sh"), "tiny-cpu", *TINY, f"run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1400)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the script's trap stops its head before it exits
+        proc.communicate(timeout=180)
+        raise
+    out = stdout + stderr
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"job raysubmit_\w+ SUCCEEDED", out), out[-4000:]
     assert f"interpreter {repo}/.venv/bin/python" in out
