@@ -77,6 +77,37 @@ def readme_cluster_command() -> list[str]:
     return shlex.split(block.group(1).replace("\\\n", " "))
 
 
+def start_head(ray_bin: str, env: dict, tmp_path: Path) -> tuple[subprocess.Popen, int, str, object]:
+    """A Ray head on loopback with free ports and its own temp dir, its job API answering; returns
+    (process, job API port, temp dir, log file). A head that dies while starting (Ray gives its
+    raylet 30 s to register, which a loaded machine can miss) is started again, 3 times at most."""
+    for attempt in range(3):
+        gcs, dash, agent_http, agent_grpc, metrics, client = (free_port() for _ in range(6))
+        ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        head_log = open(tmp_path / f"head{attempt}.log", "w")  # a file, not a pipe nobody drains
+        # --block keeps the head in the foreground, so terminating it stops exactly this cluster.
+        head = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+             # Another Ray on this machine (e.g. the test session's own) holds the agent's default
+             # ports; without an agent of its own the head answers "No available agent".
+             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--num-cpus=4",
+             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+            env=env, stdout=head_log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_job_api(dash, head, deadline_s=180)
+            return head, dash, ray_tmp, head_log
+        except (AssertionError, TimeoutError) as e:  # exited while starting / API never answered
+            head.terminate()
+            head.wait(timeout=120)
+            head_log.close()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+            if isinstance(e, TimeoutError):
+                raise
+    raise RuntimeError(f"no Ray head started in 3 attempts; logs in {tmp_path}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # head start-up, SFT warm-up and the job: ~5 min here on a loaded 2-core machine
 def test_single_node_script_on_a_fresh_clone_leaves_nothing_running(tmp_path):
@@ -124,25 +155,12 @@ def test_readme_cluster_command_line_as_written(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # the venv, activated
-    gcs, dash, agent_http, agent_grpc, metrics, client = (free_port() for _ in range(6))
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    # --block keeps the head in the foreground, so terminating it stops exactly this cluster.
-    head_log = open(tmp_path / "head.log", "w")  # a file, not a pipe nobody drains
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         # Another Ray on this machine (e.g. the test session's own) holds the agent's default
-         # ports; without an agent of its own the head answers "No available agent".
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", "--num-cpus=4",
-         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT)
+    head, dash, ray_tmp, head_log = start_head(ray_bin, env, tmp_path)
     run_dir = tmp_path / "run"
     submit = [ray_bin if c == "ray" else c for c in command[:split]]
     submit[submit.index("--address") + 1] = f"http://127.0.0.1:{dash}"
     submit += [*TINY, f"run.dir={run_dir}"]
     try:
-        wait_for_job_api(dash, head, deadline_s=180)
         poll, end = threading.Event(), time.monotonic() + 180
         while True:  # the head's dashboard agent registers a little after the job API answers
             job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
