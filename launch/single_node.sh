@@ -107,6 +107,10 @@ JOB_ID=""
 for attempt in 1 2 3; do
   start_head
   deadline=$((SECONDS + 180))
+  # `ray start --block` prints this once its node has registered; before that the head may still exit.
+  until grep -q "will now block forever" "$HEAD_LOG" || ! kill -0 "$HEAD_PID" 2>/dev/null || (( SECONDS >= deadline )); do
+    sleep 0.5
+  done
   while kill -0 "$HEAD_PID" 2>/dev/null && (( SECONDS < deadline )); do
     JOB_ID="$(submit "$@")"
     [[ -z "$JOB_ID" ]] || break 2

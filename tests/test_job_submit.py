@@ -77,6 +77,19 @@ def readme_cluster_command() -> list[str]:
     return shlex.split(block.group(1).replace("\\\n", " "))
 
 
+HEAD_READY = "will now block forever"
+"""What `ray start --block` prints once its node has registered (before that the head may still exit)."""
+
+
+def wait_for_head(log: Path, head: subprocess.Popen, deadline_s: float) -> None:
+    poll, end = threading.Event(), time.monotonic() + deadline_s
+    while HEAD_READY not in log.read_text():
+        assert head.poll() is None, f"ray head exited with {head.returncode}"
+        if time.monotonic() > end:
+            raise TimeoutError(f"Ray head did not finish starting within {deadline_s} s; log {log}")
+        poll.wait(0.5)  # poll interval, not a timing assumption
+
+
 def start_head(ray_bin: str, env: dict, tmp_path: Path) -> tuple[subprocess.Popen, int, str, object]:
     """A Ray head on loopback with free ports and its own temp dir, its job API answering; returns
     (process, job API port, temp dir, log file). A head that dies while starting (Ray gives its
@@ -96,6 +109,7 @@ def start_head(ray_bin: str, env: dict, tmp_path: Path) -> tuple[subprocess.Pope
              "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
             env=env, stdout=head_log, stderr=subprocess.STDOUT)
         try:
+            wait_for_head(tmp_path / f"head{attempt}.log", head, deadline_s=180)
             wait_for_job_api(dash, head, deadline_s=180)
             return head, dash, ray_tmp, head_log
         except (AssertionError, TimeoutError) as e:  # exited while starting / API never answered
