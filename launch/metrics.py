@@ -1,5 +1,6 @@
-"""Run outputs: metrics.jsonl (one record per iteration), TensorBoard, optional W&B, a console
-line per iteration, and plots.png at the end.
+"""Run outputs: metrics.jsonl (one record per iteration), samples.jsonl (a few completions per
+iteration: prompt, completion, gold, reward, advantage), TensorBoard, optional W&B, a console line
+per iteration, and plots.png at the end.
 
 Used by `python -m launch.train`; nothing here runs on its own.
 """
@@ -46,6 +47,7 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.wandb = None
         if use_wandb:
@@ -54,10 +56,17 @@ class MetricsLogger:
             self.wandb = wandb.init(project="dash-rl", name=run_name, config=config, dir=str(run_dir))
 
     def truncate_after(self, iteration: int) -> None:
-        """Resume continues the same stream: drop records written after the checkpoint resumed from."""
-        if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["iteration"] <= iteration]
-            self.path.write_text("".join(l + "\n" for l in kept))
+        """Resume continues the same streams: drop records written after the checkpoint resumed from."""
+        for path in (self.path, self.samples_path):
+            if path.exists():
+                kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["iteration"] <= iteration]
+                path.write_text("".join(l + "\n" for l in kept))
+
+    def log_samples(self, records: list[dict]) -> None:
+        """Append completions (one JSON object each, with an "iteration" key) to samples.jsonl."""
+        with self.samples_path.open("a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
 
     def log(self, record: dict) -> None:
         # Strict JSON: a NaN (e.g. the loss of an iteration whose every sample was filtered) is null.

@@ -21,10 +21,11 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import ray
 import torch
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from launch import checkpoints
 from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
+from launch.eval import held_out_set
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, ds_accelerator, make_placement, preflight
 from launch.sft import greedy_probe, sft_train
@@ -39,10 +41,12 @@ from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
 from learner.actor import LearnerGroup
+from learner.advantages import group_advantages
 from learner.batcher import LearnStats
-from rollout_workers.dispatch import Dispatcher
+from rollout_workers.dispatch import BatchReport, Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
+from rollout_workers.prompts import PromptCursor, drop_long_prompts, load_prompts, sft_target
+from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
 from weight_sync.endpoint import SyncError
@@ -53,13 +57,20 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: checkpoint, shut the actors down, exit."""
 
 
+class Sampled(NamedTuple):
+    """A sampled batch: its scored groups, and what the dispatcher refused or left unsampled."""
+
+    groups: list[ScoredGroup]
+    report: BatchReport
+
+
 class Prefetched(NamedTuple):
     """A batch whose sampling started during the previous iteration (train.overlap)."""
 
     num_prompts: int
     cursor_before: dict
     """Data cursor before this batch was drawn: a checkpoint taken while it is pending rewinds to it."""
-    groups: Future  # -> list[ScoredGroup]
+    sampled: Future  # -> Sampled
 
 
 class IterationResult(NamedTuple):
@@ -90,6 +101,8 @@ class Run:
     samples_generated: int = 0
     samples_kept: int = 0
     train_seconds: float = 0.0
+    prompts_refused: Counter = field(default_factory=Counter)
+    """Reason -> training prompts the rollout workers refused, whole run."""
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -100,45 +113,69 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
     trains on batch t; batch t+1 is then one policy version stale, which the record logs."""
     cfg, timer = run.cfg, PhaseTimer()
     version_learn = run.learner.policy_version
+    report = BatchReport()
     with timer.phase("generate"):
+        refill_prompts = 0
         if run.prefetched is None:
             # sample + score (workers) -> filter + learn (learner), streamed group by group, so the
             # backprop of early groups overlaps the sampling of later ones.
-            num_prompts, groups, refill_prompts = batch_prompts(cfg), [], 0
+            num_prompts, groups = batch_prompts(cfg), []
+            run.learner.begin_batch(num_prompts)
             prompts = run.cursor.next_batch(num_prompts)
-            run.learner.begin_batch(len(prompts))
-            for group in sample(run, prompts, run.iteration):
-                groups.append(group)
-                run.learner.add_groups([group])
-            # DAPO-style refill (learner.refill): a group the filter dropped whole left its slot
-            # empty; sample that many more prompts, at most learner.refill_rounds times.
-            for refill in range(1, cfg.learner.refill_rounds + 1):
-                wanted = run.learner.groups_wanted
-                if wanted == 0:
-                    break
-                refill_prompts += wanted
-                for group in sample(run, run.cursor.next_batch(wanted), run.iteration, refill):
-                    groups.append(group)
-                    run.learner.add_groups([group])
         else:  # sampled during the previous iteration's learn phase; only the rest of the wait is on the clock
-            num_prompts, groups, refill_prompts = run.prefetched.num_prompts, run.prefetched.groups.result(cfg.train.actor_timeout_s), 0
+            num_prompts, (groups, report) = run.prefetched.num_prompts, run.prefetched.sampled.result(cfg.train.actor_timeout_s)
             run.prefetched = None
             run.learner.begin_batch(num_prompts)
             run.learner.add_groups(groups)
+            prompts, report.unsampled = report.unsampled, []  # every worker died during the prefetch
+        for group in sample(run, prompts, run.iteration, report):
+            groups.append(group)
+            run.learner.add_groups([group])
+        # A prompt a worker refused (too long for the engine) never sends a group: its slot is
+        # dropped, or left empty for the refill below (learner.refill).
+        run.learner.drop_slots(sum(report.refused.values()))
+        # DAPO-style refill (learner.refill): a group the filter dropped whole left its slot
+        # empty; sample that many more prompts, at most learner.refill_rounds times.
+        for refill in range(1, cfg.learner.refill_rounds + 1):
+            wanted = run.learner.groups_wanted
+            if wanted == 0:
+                break
+            refill_prompts += wanted
+            for group in sample(run, run.cursor.next_batch(wanted), run.iteration, report, refill):
+                groups.append(group)
+                run.learner.add_groups([group])
     if prefetch_next:
         run.prefetched = start_prefetch(run, num_prompts)
     with timer.phase("learn"):
         stats = run.learner.end_batch()
     with timer.phase("generate"):  # the engines must be idle before their weights change
         if run.prefetched is not None:
-            run.prefetched.groups.result(cfg.train.actor_timeout_s)
+            run.prefetched.sampled.result(cfg.train.actor_timeout_s)
     with timer.phase("sync"):
+        # Between iterations, on the driver's thread: a restart loads the learner's weights, so it
+        # must never run on the prefetch thread while the learner is inside end_batch.
+        restart_dead_workers(run)
         sync_error = sync_engines(run)
     timer.seconds["score"] = sum(g.score_seconds for g in groups)  # inside "generate", in the workers
     record = iteration_record(run, groups, stats, timer.finish(), version_learn, refill_prompts)
+    record["prompts_refused"] = dict(report.refused)
+    run.prompts_refused.update(report.refused)
     run.samples_generated += record["samples_generated"]
     run.samples_kept += stats.samples_kept
+    run.logger.log_samples(sample_records(run, groups))
     return IterationResult(record, sync_error)
+
+
+def sample_records(run: Run, groups: list[ScoredGroup]) -> list[dict]:
+    """samples.jsonl lines of this iteration: the first completion of the first `run.log_samples`
+    groups (arrival order), with its reward and its group-relative advantage (learner.advantage)."""
+    out = []
+    for g in groups[:run.cfg.run.log_samples]:
+        advantages = group_advantages(torch.tensor([g.rewards], dtype=torch.float64), run.cfg.learner.advantage)  # (1, G)
+        out.append({"iteration": run.iteration, "policy_version": g.policy_version, "uid": g.prompt.uid,
+                    "prompt": g.prompt.text, "completion": g.completions[0].text, "gold": g.prompt.gold,
+                    "reward": g.rewards[0], "advantage": float(advantages[0, 0])})
+    return out
 
 
 def sync_engines(run: Run) -> SyncError | None:
@@ -156,13 +193,42 @@ def sync_engines(run: Run) -> SyncError | None:
     return None
 
 
-def sample(run: Run, prompts: list[Prompt], iteration: int, refill: int = 0) -> Iterator[ScoredGroup]:
-    """Scored groups of one sampled batch as they arrive. DASH samples the whole preemptive batch
-    in one engine call; standard GRPO one micro-batch of prompts per call (the paper's Sec. 3.1 baseline).
-    `refill` > 0: the k-th refill call of the iteration (its own sampling seed)."""
+def sample(run: Run, prompts: list[Prompt], iteration: int, report: BatchReport, refill: int = 0,
+           on_driver_thread: bool = True) -> Iterator[ScoredGroup]:
+    """Scored groups of one sampled batch as they arrive; refused prompts are counted in `report`.
+    DASH samples the whole preemptive batch in one engine call; standard GRPO one micro-batch of
+    prompts per call (the paper's Sec. 3.1 baseline). `refill` > 0: the k-th refill call of the
+    iteration (its own sampling seed). If every worker dies, the driver's thread restarts them and
+    samples the rest; another thread (the prefetch) leaves the rest in `report.unsampled`."""
     params = sampling_params(run.cfg, iteration, refill)
     for call in sampling_calls(run.cfg, prompts):
-        yield from run.dispatcher.run(call, batch_id=iteration, params=params)
+        yield from dispatch(run, call, iteration, params, report, on_driver_thread)
+
+
+RESTARTS_PER_CALL = 3
+"""A batch whose fresh workers all die again this many times stops the run (a crash loop, not bad luck)."""
+
+
+def dispatch(run: Run, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec, report: BatchReport,
+             on_driver_thread: bool = True) -> Iterator[ScoredGroup]:
+    """One dispatcher call; on the driver's thread, prompts left unsampled because every worker
+    died are sampled again once `restart_dead_workers` has replaced them."""
+    yield from run.dispatcher.run(prompts, batch_id=batch_id, params=params, report=report)
+    restarts = 0
+    while on_driver_thread and report.unsampled:
+        if restarts == RESTARTS_PER_CALL:
+            raise RuntimeError(f"batch {batch_id}: every rollout worker died again after {restarts} restarts; "
+                               f"{len(report.unsampled)} prompts unsampled")
+        restart_dead_workers(run)
+        left, report.unsampled, restarts = report.unsampled, [], restarts + 1
+        again = replace(params, seed=derive_seed(params.seed, "after_restart", restarts))  # not the first call's streams
+        yield from run.dispatcher.run(left, batch_id=batch_id, params=again, report=report)
+
+
+def restart_dead_workers(run: Run) -> None:
+    """Replace the dead rollout workers (train.on_worker_death=restart). Driver thread only: the
+    ranks then get the weight gathers in the same order as every other learner call."""
+    run.dispatcher.restart_dead()
 
 
 def start_prefetch(run: Run, num_prompts: int) -> Prefetched:
@@ -174,8 +240,10 @@ def start_prefetch(run: Run, num_prompts: int) -> Prefetched:
     return Prefetched(num_prompts, cursor_before, run.prefetcher.submit(sample_all, run, prompts, run.iteration + 1))
 
 
-def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> list[ScoredGroup]:
-    return list(sample(run, prompts, iteration))
+def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> Sampled:
+    """The prefetch thread's job: never restarts a worker (see `restart_dead_workers`)."""
+    report = BatchReport()
+    return Sampled(list(sample(run, prompts, iteration, report, on_driver_thread=False)), report)
 
 
 def batch_prompts(cfg: Config) -> int:
@@ -184,6 +252,7 @@ def batch_prompts(cfg: Config) -> int:
 
 
 def sampling_calls(cfg: Config, prompts: list[Prompt]) -> list[list[Prompt]]:
+    """The engine calls of one batch: all prompts at once (DASH), or micro-batch sized chunks."""
     if cfg.train.mode == "dash":
         return [prompts]
     per_call = standard_grpo_prompts_per_call(cfg)
@@ -198,9 +267,10 @@ def standard_grpo_prompts_per_call(cfg: Config) -> int:
 
 
 def sampling_params(cfg: Config, iteration: int, refill: int = 0) -> SamplingParamsSpec:
+    """Sampling of iteration `iteration`'s batch (`refill` > 0: its k-th refill call), each with its own seed."""
     r = cfg.rollout
-    return SamplingParamsSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
-                              max_new_tokens=r.max_new_tokens, seed=r.seed * 1_000_003 + iteration + 7_919_993 * refill)
+    return SamplingParamsSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                              seed=derive_seed(r.seed, "iteration", iteration, "refill", refill))
 
 
 def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float],
@@ -251,11 +321,13 @@ def evaluate(run: Run, train_seconds: float) -> dict:
     """Greedy pass@1 on the held-out prompts, through the same workers and reward function.
     Returns one point of the accuracy curve (against training wall seconds and samples)."""
     params = SamplingParamsSpec(n=1, greedy=True, max_new_tokens=run.cfg.eval.max_new_tokens, seed=0)
-    correct = 0
-    for group in run.dispatcher.run(run.eval_prompts, batch_id=-1 - run.iteration, params=params):
-        correct += group.rewards[0] >= 1.0
+    rewards, report = [], BatchReport()
+    for group in dispatch(run, run.eval_prompts, -1 - run.iteration, params, report):
+        rewards.append(group.rewards[0])
+    # A refused eval prompt counts as wrong (the load-time filter makes this 0 in a normal run).
     return {"iteration": run.iteration, "train_seconds": train_seconds, "samples_generated": run.samples_generated,
-            "accuracy": correct / len(run.eval_prompts)}
+            "accuracy": sum(r >= 1.0 for r in rewards) / len(run.eval_prompts),
+            "reward_mean": sum(rewards) / len(run.eval_prompts), "prompts_refused": dict(report.refused)}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -323,17 +395,43 @@ def needed_cpus(cfg: Config) -> int:
     return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
 
 
+def token_counter(model_path: Path) -> Callable[[str], int]:
+    """Prompt length in tokens as the engines count it (the policy's own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
+def restart_worker(new_workers: Callable[[list[int]], list], sync: SyncGroup, learner: LearnerGroup, index: int):
+    """A fresh worker for a dead one, brought to the learner's current weights through the sync
+    group (every transport, nccl included) before it samples. Called through
+    `Dispatcher.restart_dead` from `restart_dead_workers` (the driver's thread, between
+    iterations or when every worker is dead: never while the learner is inside a batch)."""
+    (worker,) = new_workers([index])
+    sync.replace_worker(index, worker, learner.policy_version)
+    return worker
+
+
 def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     train = load_prompts(cfg.data, "train")
-    evals = load_prompts(cfg.data, "eval")
+    # The tiny model's tokenizer is trained on the training prompts, so the length filter runs
+    # once the model exists (the SFT warm-up is not bound by the engine's prompt limit). Over-long
+    # prompts are dropped here and counted as skipped rows, so no worker has to refuse them.
+    model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
+    count_tokens = token_counter(model_path)
+    train = drop_long_prompts(train, count_tokens, cfg.rollout.max_prompt_tokens)
+    evals = held_out_set(cfg.data, count_tokens, cfg.rollout.max_prompt_tokens, cfg.eval.size)  # = launch.eval's
+    if not train.prompts or not evals.prompts:
+        raise ConfigError(f"no prompt of the {'train' if not train.prompts else 'eval'} split fits in "
+                          f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} "
+                          f"(skipped rows: {dict(train.skipped + evals.skipped)})")
     data_info = {"train_prompts": len(train.prompts), "eval_prompts": len(evals.prompts),
                  "skipped_rows": dict(train.skipped + evals.skipped)}
-    model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
     connect_ray(cfg)
     placement = make_placement(cfg)
     timeout = cfg.train.actor_timeout_s
-    learner_cfg = cfg.learner if cfg.train.mode == "dash" else replace(cfg.learner, filter=False)
-    learner = LearnerGroup(learner_cfg, str(model_path), cfg.rollout.max_new_tokens, timeout,
+    learner = LearnerGroup(cfg.learner, str(model_path), cfg.rollout.max_new_tokens, timeout,
                            placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset,
                            rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction,
                            sampling_temperature=cfg.rollout.temperature)
@@ -344,19 +442,12 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
                                     worker_cls=SyncedRolloutWorker, indices=indices,
                                     weight_transfer_backend=get_transport(cfg.sync.transport).vllm_backend)
 
-    def restart_worker(index: int):
-        """A fresh worker for a dead one, brought to the learner's current weights through the
-        sync group (every transport, nccl included) before it samples."""
-        (worker,) = new_workers([index])
-        sync.replace_worker(index, worker, learner.policy_version)
-        return worker
-
     dispatcher = Dispatcher(new_workers(), timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
-                            worker_factory=restart_worker)
+                            worker_factory=lambda index: restart_worker(new_workers, sync, learner, index))
     sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype, timeout)
     cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
     logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
-    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger,
+    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts, logger,
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch"))
     return run, {**data_info, **sft_info}
 
@@ -426,7 +517,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             "eval_accuracy_before_rl": evals[0]["accuracy"], "eval_accuracy_after_rl": evals[-1]["accuracy"],
             "evals": evals, "iterations": run.iteration, "wall_seconds": time.perf_counter() - start,
             "train_seconds": run.train_seconds, "samples_generated": run.samples_generated,
-            "samples_kept": run.samples_kept, "policy_version": run.version, **info,
+            "samples_kept": run.samples_kept, "policy_version": run.version,
+            "prompts_refused": dict(run.prompts_refused), **info,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_plots(run_dir, [(e["iteration"], e["accuracy"]) for e in evals])
@@ -496,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(cfg, run_dir, resume=bool(args.resume))
     except Interrupted:
         return 130
+    except ConfigError as e:  # found once the model is known (e.g. no prompt fits rollout.max_prompt_tokens)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

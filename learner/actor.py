@@ -175,6 +175,10 @@ class LearnerGroup:
         """Announce a sampled batch of `num_groups` groups: num_groups / prompts_per_step * epochs_per_batch steps."""
         self._batcher.begin_batch(num_groups)
 
+    def drop_slots(self, n: int) -> None:
+        """`n` announced groups will never come (refused prompts; see `StreamingBatcher.drop_slots`)."""
+        self._batcher.drop_slots(n)
+
     def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
         """Filter, pack and dispatch backprop as micro-batches fill; does not wait for backprop."""
         self._batcher.add_groups(groups)

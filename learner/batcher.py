@@ -217,6 +217,20 @@ class StreamingBatcher:
         """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step)."""
         self._begin(num_groups, self.pool.step)
 
+    def drop_slots(self, n: int) -> None:
+        """`n` announced groups will never arrive (their prompts were refused before sampling, e.g.
+        too long for the engine). Without refill the batch shrinks by n and its last step runs
+        short (end_batch takes every step); with refill their slots stay empty, so they count in
+        `groups_wanted`."""
+        if not self._open:
+            raise RuntimeError("drop_slots before begin_batch")
+        b = self._batch
+        if not 0 <= n <= b.num_groups - b.slots:
+            raise ValueError(f"drop_slots({n}): only {b.num_groups - b.slots} of the {b.num_groups} "
+                             "announced groups are still to come")
+        if not self.cfg.refill:
+            b.num_groups -= n
+
     def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
         """Filter, route and send full rounds; returns without waiting for the ranks."""
         if not self._open:

@@ -5,6 +5,7 @@ back as they arrive, surviving worker deaths without losing or duplicating a pro
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Sequence
 
@@ -13,9 +14,21 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.types import Prompt, ScoredGroup
-from rollout_workers.worker import RolloutRequest
+from rollout_workers.seeding import derive_seed
+from rollout_workers.worker import RefusedPrompt, RolloutRequest
 
 ON_WORKER_DEATH = ("redispatch", "restart", "raise")
+
+
+@dataclass
+class BatchReport:
+    """What one `Dispatcher.run` call did besides yielding groups (filled while it runs)."""
+
+    refused: Counter = field(default_factory=Counter)
+    """Reason -> prompts the workers refused before sampling (no group will come for them)."""
+    unsampled: list[Prompt] = field(default_factory=list)
+    """Prompts left unsampled because every worker died and, with on_worker_death="restart", the
+    restart waits for the driver (`Dispatcher.restart_dead`, on the driver's own thread)."""
 
 
 @dataclass
@@ -29,9 +42,12 @@ class Dispatcher:
     """Spreads a batch over `workers` and merges their streams of ScoredGroups.
 
     on_worker_death: "redispatch" (the dead worker's unfinished prompts go to the live ones),
-    "restart" (they go to a fresh worker from `worker_factory(index)`, which replaces it) or
-    "raise". Every wait is bounded by `timeout_s`: a worker that sends nothing for that long
-    raises TimeoutError naming it.
+    "restart" (they go to the live ones too, and the driver later replaces the dead worker with
+    `restart_dead`, which calls `worker_factory(index)`) or "raise". `run` never restarts a worker
+    itself: a restart loads the learner's weights, which must not race the learner (it may be in
+    the middle of a step while a prefetch thread samples), so the driver restarts workers between
+    iterations on its own thread. Every wait is bounded by `timeout_s`: a worker that sends nothing
+    for that long raises TimeoutError naming it.
     """
 
     def __init__(self, workers: Sequence, timeout_s: float = 600.0, on_worker_death: str = "redispatch",
@@ -55,18 +71,42 @@ class Dispatcher:
         self.duplicates_dropped = 0
         """Groups received twice for the same (uid, batch_id) and not yielded again."""
         self.skipped: list[str] = []
-        """Uids that a worker finished its stream without returning (refused: empty/too long)."""
+        """Uids that a worker refused (a RefusedPrompt) or ended its stream without returning."""
         self._requests = 0
 
-    def run(self, prompts: Sequence[Prompt], batch_id: int, params: SamplingParamsSpec) -> Iterator[ScoredGroup]:
-        """Sample every prompt once; yield each scored group as it arrives (any order)."""
+    @property
+    def dead(self) -> list[int]:
+        """Indices of the workers that died and are not restarted yet."""
+        return [i for i, a in enumerate(self.alive) if not a]
+
+    def restart_dead(self) -> list[int]:
+        """Replace every dead worker by `worker_factory(index)` (on_worker_death="restart"); returns
+        the indices restarted. Call it from the driver's thread, never while the learner is busy."""
+        if self.on_worker_death != "restart":
+            return []
+        restarted = self.dead
+        for i in restarted:
+            self.workers[i] = self.worker_factory(i)
+            self.names[i] = ray.get(self.workers[i].name.remote(), timeout=self.timeout_s)
+            self.alive[i] = True
+        return restarted
+
+    def run(self, prompts: Sequence[Prompt], batch_id: int, params: SamplingParamsSpec,
+            report: BatchReport | None = None) -> Iterator[ScoredGroup]:
+        """Sample every prompt once; yield each scored group as it arrives (any order). Refused and
+        unsampled prompts go to `report` (a fresh one when None: then nothing may be left unsampled)."""
         uids = [p.uid for p in prompts]
         if len(set(uids)) != len(uids):
             raise ValueError(f"batch {batch_id} has duplicate prompt uids; groups could not be told apart")
         streams: list[_Stream] = []
         self._requests = 0
+        own_report = report is None
+        report = BatchReport() if report is None else report
         try:
-            yield from self._run(list(prompts), batch_id, params, streams)
+            yield from self._run(list(prompts), batch_id, params, streams, report)
+            if own_report and report.unsampled:
+                raise RuntimeError(f"batch {batch_id}: every rollout worker died; {len(report.unsampled)} prompts "
+                                   "unsampled (pass a BatchReport and call restart_dead to go on)")
         finally:
             # Early exit (error, timeout, consumer stopped): ask the workers to stop sampling;
             # they check the flag between groups (threaded actors, RolloutWorker.generate).
@@ -74,7 +114,10 @@ class Dispatcher:
                 ray.cancel(s.gen)
 
     def _run(self, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec,
-             streams: list[_Stream]) -> Iterator[ScoredGroup]:
+             streams: list[_Stream], report: BatchReport) -> Iterator[ScoredGroup]:
+        if self.on_worker_death == "restart" and not any(self.alive):
+            report.unsampled.extend(prompts)  # the driver restarts the workers, then samples these
+            return
         self._submit(prompts, batch_id, params, streams)
         yielded: set[tuple[str, int]] = set()
         while streams:
@@ -85,14 +128,15 @@ class Dispatcher:
                                    "a worker is frozen")
             stream = next(s for s in streams if s.gen is ready[0])
             try:
-                group: ScoredGroup = ray.get(next(stream.gen), timeout=self.timeout_s)
+                group: ScoredGroup | RefusedPrompt = ray.get(next(stream.gen), timeout=self.timeout_s)
             except StopIteration:
                 streams.remove(stream)
                 self.skipped.extend(stream.pending)
+                report.refused.update({"not_returned": len(stream.pending)} if stream.pending else {})
                 continue
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 streams.remove(stream)
-                self._on_death(stream, e, batch_id, params, streams)
+                self._on_death(stream, e, batch_id, params, streams, report)
                 continue
             except GetTimeoutError as e:
                 raise TimeoutError(f"batch {batch_id}: worker {self.names[stream.worker]} announced a group "
@@ -100,6 +144,11 @@ class Dispatcher:
             except ray.exceptions.RayTaskError as e:
                 raise RuntimeError(f"batch {batch_id}: rollout worker {self.names[stream.worker]} failed: "
                                    f"{e.cause!r}") from e
+            if isinstance(group, RefusedPrompt):
+                if stream.pending.pop(group.uid, None) is not None:
+                    self.skipped.append(group.uid)
+                    report.refused[group.reason] += 1
+                continue
             key = (group.prompt.uid, batch_id)
             stream.pending.pop(group.prompt.uid, None)
             if group.batch_id != batch_id or key in yielded:
@@ -109,9 +158,9 @@ class Dispatcher:
             yield group
 
     def _submit(self, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec,
-                streams: list[_Stream], only: int | None = None) -> None:
+                streams: list[_Stream]) -> None:
         """Split `prompts` into one chunk per live worker, most to the least loaded (in-flight prompts)."""
-        live = [only] if only is not None else [i for i, a in enumerate(self.alive) if a]
+        live = [i for i, a in enumerate(self.alive) if a]
         if not live:
             raise RuntimeError(f"batch {batch_id}: every rollout worker has died; {len(prompts)} prompts unsampled")
         load = {i: sum(len(s.pending) for s in streams if s.worker == i) for i in live}
@@ -126,13 +175,13 @@ class Dispatcher:
             start += take
             # Each request of a batch samples from its own seed: workers must not share random streams.
             req = RolloutRequest(prompts=tuple(chunk), batch_id=batch_id,
-                                 params=replace(params, seed=params.seed + 7919 * self._requests))
+                                 params=replace(params, seed=derive_seed(params.seed, "request", self._requests)))
             self._requests += 1
             streams.append(_Stream(i, self.workers[i].generate.remote(req), {p.uid: p for p in chunk}))
         assert start == len(prompts)
 
     def _on_death(self, stream: _Stream, error: Exception, batch_id: int, params: SamplingParamsSpec,
-                  streams: list[_Stream]) -> None:
+                  streams: list[_Stream], report: BatchReport) -> None:
         self.deaths += 1
         name = self.names[stream.worker]
         if self.on_worker_death == "raise":
@@ -143,11 +192,9 @@ class Dispatcher:
         for s in lost[1:]:
             streams.remove(s)
         orphans = [p for s in lost for p in s.pending.values()]
-        if self.on_worker_death == "restart":
-            self.workers[stream.worker] = self.worker_factory(stream.worker)
-            self.names[stream.worker] = ray.get(self.workers[stream.worker].name.remote(), timeout=self.timeout_s)
-            self.alive[stream.worker] = True
-            if orphans:
-                self._submit(orphans, batch_id, params, streams, only=stream.worker)
-        elif orphans:
-            self._submit(orphans, batch_id, params, streams)
+        if not orphans:
+            return
+        if self.on_worker_death == "restart" and not any(self.alive):
+            report.unsampled.extend(orphans)  # the driver restarts the workers, then samples these
+            return
+        self._submit(orphans, batch_id, params, streams)

@@ -24,7 +24,9 @@ Sources and splits (`load_prompts(cfg, split)`, split "train" or "eval"):
   `REASONING_TEMPLATE`, i.e. the problem followed by
   "Please reason step by step, and put your final answer within \\boxed{}." (the Qwen2.5-Math prompt).
 Bad rows (undecodable, not an object, missing/empty field, no gold answer, duplicate id, prompt
-longer than `MAX_PROMPT_CHARS`) are skipped and counted by reason in `LoadResult.skipped`.
+longer than `MAX_PROMPT_CHARS`) are skipped and counted by reason in `LoadResult.skipped`. Once the
+model's tokenizer is known, `drop_long_prompts` drops (and counts) the prompts longer than the
+engine will take, so an over-long row never reaches a rollout worker.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import importlib.util
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -154,6 +156,21 @@ def _word_problem(rng: random.Random, digits: int) -> tuple[str, int]:
     paid = price * count + rng.randrange(0, 10 ** digits)
     return (f"A shop sells {item} at {price} dollars each. {name} buys {count} {item} and pays "
             f"{paid} dollars. How many dollars of change does {pronoun.lower()} get?", paid - price * count)
+
+
+OVER_MAX_PROMPT_TOKENS = "over_max_prompt_tokens"
+"""Skip reason of a prompt with more tokens than rollout.max_prompt_tokens (load time and worker)."""
+
+
+def drop_long_prompts(result: LoadResult, count_tokens: Callable[[str], int], max_tokens: int) -> LoadResult:
+    """`result` without the prompts that `count_tokens` (the policy's tokenizer) makes longer than
+    `max_tokens`; they are added to `skipped` under OVER_MAX_PROMPT_TOKENS. Run at load time so
+    that the rollout workers' own length check (a second line) refuses nothing in a normal run."""
+    kept = [p for p in result.prompts if count_tokens(p.text) <= max_tokens]
+    skipped = collections.Counter(result.skipped)
+    if len(kept) < len(result.prompts):
+        skipped[OVER_MAX_PROMPT_TOKENS] += len(result.prompts) - len(kept)
+    return LoadResult(kept, skipped)
 
 
 # ----------------------------------------------------------------------------- GSM8K / MATH
@@ -341,7 +358,7 @@ def _gsm8k_gold(answer: str) -> str | None:
 class PromptCursor:
     """Walks a prompt list in a fresh deterministic shuffle per epoch (from (seed, epoch)), wrapping
     across epochs. `state()`/`load_state()` make a resumed run draw exactly the prompts an
-    uninterrupted one would (DESIGN.md: resume covers the data cursor)."""
+    uninterrupted one would (resume covers the data cursor)."""
 
     def __init__(self, prompts: Sequence[Prompt], seed: int) -> None:
         if not prompts:

@@ -18,6 +18,7 @@ import torch
 
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import Engine, SamplingParamsSpec
+from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS
 from rollout_workers.types import Prompt, ScoredGroup
 
 
@@ -31,6 +32,17 @@ class RolloutRequest:
     """Iteration id echoed into every ScoredGroup (the driver dedupes on (uid, batch_id))."""
     params: SamplingParamsSpec
     """Sampling parameters; `params.n` is the group size G."""
+
+
+class RefusedPrompt(NamedTuple):
+    """A prompt of a request that the worker refused before sampling; sent on the same stream as
+    the ScoredGroups, so the driver can tell the learner that this group will never come."""
+
+    uid: str
+    """The refused prompt's uid."""
+    reason: str
+    """"empty", OVER_MAX_PROMPT_TOKENS (rollout.max_prompt_tokens) or "over_context" (no room for
+    max_new_tokens in the engine's context)."""
 
 
 class WorkerStats(NamedTuple):
@@ -58,12 +70,6 @@ class WorkerStats(NamedTuple):
 _ACTOR_THREADS = 4
 """Threads per worker actor: a streaming batch, a re-dispatched batch queued behind it, a weight
 update queued behind them, and one left for stats()/version()."""
-
-
-def sampling_spec(cfg: RolloutConfig, iteration: int, greedy: bool = False) -> SamplingParamsSpec:
-    """Sampling parameters of iteration `iteration` (seeded from rollout.seed; greedy for eval)."""
-    return SamplingParamsSpec(n=1 if greedy else cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1_000_003 * iteration, greedy=greedy)
 
 
 def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm",
@@ -122,13 +128,16 @@ class RolloutWorker:
             return self._engine.version
 
     @ray.method(num_returns="streaming")
-    def generate(self, request: RolloutRequest) -> Iterator[ScoredGroup]:
+    def generate(self, request: RolloutRequest) -> Iterator[ScoredGroup | RefusedPrompt]:
         """Sample the whole request in one engine call; yield each prompt's scored group as soon as
-        the engine completes it. Prompts that cannot be sampled are counted and skipped."""
+        the engine completes it. Prompts that cannot be sampled are counted and yielded first as
+        RefusedPrompt (with the reason)."""
         self._counts["batches_in_flight"] += 1
         try:
             with self._engine_lock:
-                kept = self._admissible(request)
+                kept, refused = self._admissible(request)
+                for r in refused:  # not `yield from`: Ray's streaming generator sends into it
+                    yield r
                 groups = self._engine.generate(kept, request.params)
                 for k, group in enumerate(groups):
                     if ray.get_runtime_context().is_canceled():
@@ -152,16 +161,21 @@ class RolloutWorker:
         finally:
             self._counts["batches_in_flight"] -= 1
 
-    def _admissible(self, request: RolloutRequest) -> list[Prompt]:
-        limit = min(self._cfg.max_prompt_tokens, self._engine.context - request.params.max_new_tokens)
-        kept = []
+    def _admissible(self, request: RolloutRequest) -> tuple[list[Prompt], list[RefusedPrompt]]:
+        """The prompts the engine can take, and the refused ones with their reason (the second line
+        behind the load-time `drop_long_prompts`)."""
+        context_limit = self._engine.context - request.params.max_new_tokens
+        kept, refused = [], []
         for p in request.prompts:
             n = len(self._engine.tokenizer(p.text)["input_ids"]) if p.text else 0
-            if 1 <= n <= limit:
+            reason = ("empty" if n == 0 else OVER_MAX_PROMPT_TOKENS if n > self._cfg.max_prompt_tokens
+                      else "over_context" if n > context_limit else None)
+            if reason is None:
                 kept.append(p)
             else:
                 self._counts["skipped_prompts"] += 1
-        return kept
+                refused.append(RefusedPrompt(p.uid, reason))
+        return kept, refused
 
     def close(self) -> None:
         """Stop the reward pool's processes."""

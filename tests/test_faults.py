@@ -126,3 +126,42 @@ def test_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_local, 
     assert [r["iteration"] for r in recs] == [1, 2, 3]
     assert [r["policy_version"] for r in recs] == [1, 2, 3]
     assert recs[2]["staleness_max"] == 0  # the fresh engines were synced to v2 before sampling
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_worker_death_during_prefetch_is_restarted_between_iterations_on_the_driver_thread(
+        ray_local, tiny_model_dir, tmp_path, monkeypatch):
+    """train.overlap: the only engine dies while the prefetch thread samples the next batch. The
+    restart loads the learner's weights, so it must not run on the prefetch thread while the main
+    thread is inside end_batch (under ZeRO-3 the ranks' gathers could interleave): the prefetch
+    leaves the batch unsampled, the driver's thread restarts the worker before the sync, and the
+    next iteration samples the whole batch, none lost or doubled."""
+    import threading
+
+    import launch.train as train
+
+    real_restart, real_prefetch = train.restart_worker, train.start_prefetch
+    restarted_on: list[str] = []
+
+    def recording_restart(*args, **kwargs):
+        restarted_on.append(threading.current_thread().name)
+        return real_restart(*args, **kwargs)
+
+    def prefetch_killing_the_engine(run, num_prompts):
+        if run.iteration == 1:
+            ray.kill(run.dispatcher.workers[0])
+        return real_prefetch(run, num_prompts)
+
+    monkeypatch.setattr(train, "restart_worker", recording_restart)
+    monkeypatch.setattr(train, "start_prefetch", prefetch_killing_the_engine)
+    run_dir = tmp_path / "run"
+    assert train.main([f"model.path={tiny_model_dir}", "train.iterations=3", f"run.dir={run_dir}", "eval.size=8",
+                       "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
+                       "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "train.overlap=true", "run.progress=false",
+                       "rollout.reward_fn=tests.reward_fns:odd_length"]) == 0
+    assert restarted_on == [threading.main_thread().name]
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [1, 2, 3]
+    assert [r["samples_generated"] for r in recs] == [8 * 4] * 3
+    assert [r["policy_version"] for r in recs] == [1, 2, 3]

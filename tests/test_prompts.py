@@ -16,8 +16,11 @@ import pytest
 from rollout_workers.config import DataConfig
 from rollout_workers.prompts import (
     MAX_PROMPT_CHARS,
+    OVER_MAX_PROMPT_TOKENS,
     REASONING_TEMPLATE,
+    LoadResult,
     PromptCursor,
+    drop_long_prompts,
     load_prompts,
     sft_target,
     synthetic_problems,
@@ -25,6 +28,24 @@ from rollout_workers.prompts import (
 from rollout_workers.types import Prompt
 
 # ------------------------------------------------------------------ synthetic
+
+
+def test_over_long_prompts_are_dropped_at_load_time_by_token_count(tiny_model_dir) -> None:
+    """The reproduction of the over-long-prompt crash: word problems are longer than 14 tokens of
+    the policy's tokenizer, additions are not; the long ones are dropped and counted, no other."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    count = lambda text: len(tokenizer(text)["input_ids"])
+    problems = synthetic_problems(("add", "word"), 2, 300, seed=0, split="train")
+    loaded = LoadResult(problems, collections.Counter({"no_gold": 2}))
+    kept = drop_long_prompts(loaded, count, max_tokens=14)
+    long_ones = [p for p in problems if count(p.text) > 14]
+    assert 0 < len(long_ones) < len(problems)
+    assert kept.prompts == [p for p in problems if count(p.text) <= 14]  # file order kept
+    assert kept.skipped == collections.Counter({"no_gold": 2, OVER_MAX_PROMPT_TOKENS: len(long_ones)})
+    assert loaded.skipped == collections.Counter({"no_gold": 2})  # the input is not changed
+    assert drop_long_prompts(loaded, count, max_tokens=10_000) == loaded
 
 
 def test_synthetic_is_deterministic_and_seeded() -> None:

@@ -14,11 +14,11 @@ import ray
 import torch
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.dispatch import Dispatcher
+from rollout_workers.dispatch import BatchReport, Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.rewards import score_math
 from rollout_workers.types import Prompt, ScoredGroup
-from rollout_workers.worker import RolloutRequest, make_rollout_workers, sampling_spec
+from rollout_workers.worker import RolloutRequest, make_rollout_workers
 
 PARAMS = SamplingParamsSpec(n=2, max_new_tokens=6, seed=0)
 
@@ -48,10 +48,12 @@ def workers(ray_local, tiny_model_dir):
 
 def test_every_prompt_once_streamed_and_scored(workers):
     prompts = _prompts(10, "a") + [Prompt("a-empty", "", "0"), Prompt("a-long", "9 " * 60, "0")]
-    disp = Dispatcher(workers, timeout_s=120)
-    groups = list(disp.run(prompts, batch_id=7, params=PARAMS))
+    disp, report = Dispatcher(workers, timeout_s=120), BatchReport()
+    groups = list(disp.run(prompts, batch_id=7, params=PARAMS, report=report))
     assert Counter(g.prompt.uid for g in groups) == Counter(p.uid for p in prompts[:10])
     assert sorted(disp.skipped) == ["a-empty", "a-long"]
+    # Each refusal reaches the driver with its reason (the learner is told these groups never come).
+    assert report.refused == Counter({"empty": 1, "over_max_prompt_tokens": 1}) and report.unsampled == []
     assert {g.worker for g in groups} == {"hf-0", "vllm-0"}
     for g in groups:
         assert g.batch_id == 7 and g.policy_version == 0 and g.advantages is None
@@ -125,7 +127,9 @@ def test_killed_worker_prompts_are_redispatched(ray_local, tiny_model_dir):
     ray.kill(ws[1 - victim])
 
 
-def test_restart_mode_replaces_a_killed_worker(ray_local, tiny_model_dir):
+def test_restart_mode_replaces_a_killed_worker_when_the_driver_asks(ray_local, tiny_model_dir):
+    """run() never restarts (a restart loads the learner's weights: the driver does it, on its own
+    thread, between iterations); with no worker left it hands the rest back as unsampled."""
     cfg = _cfg(gen_batch_tokens=20)
     ws = make_rollout_workers(cfg, str(tiny_model_dir), name_prefix="r")
     fresh = []
@@ -135,14 +139,17 @@ def test_restart_mode_replaces_a_killed_worker(ray_local, tiny_model_dir):
         return fresh[-1]
 
     disp = Dispatcher(ws, timeout_s=120, on_worker_death="restart", worker_factory=factory)
-    prompts = _prompts(12, "r")
-    run = disp.run(prompts, batch_id=4, params=PARAMS)
+    prompts, report = _prompts(12, "r"), BatchReport()
+    run = disp.run(prompts, batch_id=4, params=PARAMS, report=report)
     got = [next(run)]
     ray.kill(ws[0])
     got += list(run)
-    assert Counter(g.prompt.uid for g in got) == Counter(p.uid for p in prompts)
-    assert disp.deaths == 1 and disp.names == ["r-new0-0"] and disp.alive == [True]
-    assert any(g.worker == "r-new0-0" for g in got)
+    assert fresh == [] and disp.dead == [0] and disp.deaths == 1
+    assert Counter(g.prompt.uid for g in got) + Counter(p.uid for p in report.unsampled) == Counter(p.uid for p in prompts)
+    assert disp.restart_dead() == [0] and disp.names == ["r-new0-0"] and disp.alive == [True]
+    rest = list(disp.run(report.unsampled, batch_id=4, params=PARAMS))
+    assert Counter(g.prompt.uid for g in got + rest) == Counter(p.uid for p in prompts)
+    assert {g.worker for g in rest} == {"r-new0-0"}
     ray.kill(fresh[0])
 
 
@@ -170,7 +177,3 @@ def test_request_and_dispatcher_validation(workers):
     with pytest.raises(ValueError, match="worker_factory"):
         Dispatcher(workers, on_worker_death="restart")
     assert RolloutRequest(tuple(_prompts(1, "r")), 0, PARAMS).params.n == 2
-    spec = sampling_spec(_cfg(group_size=3), iteration=2)
-    assert (spec.n, spec.max_new_tokens, spec.greedy) == (3, 6, False)
-    assert sampling_spec(_cfg(), 2).seed != sampling_spec(_cfg(), 3).seed
-    assert sampling_spec(_cfg(), 0, greedy=True).n == 1

@@ -22,6 +22,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, 
 
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
+from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Completion, Prompt
 
 
@@ -105,7 +106,7 @@ class HFEngine(Engine):
         version = self._version
         self.completed_prompts = 0
         for c, idx in enumerate(self.chunks([len(e) for e in encoded], params.n, params.max_new_tokens)):
-            rows = self.sample_token_ids([encoded[i] for i in idx], params, seed=params.seed + 1_000_003 * c)
+            rows = self.sample_token_ids([encoded[i] for i in idx], params, seed=derive_seed(params.seed, "chunk", c))
             self.completed_prompts += len(idx)
             for j, i in enumerate(idx):
                 group = tuple(rows[j * params.n:(j + 1) * params.n])
@@ -136,7 +137,7 @@ class HFEngine(Engine):
         processors.append(recorder)
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._seed * 7919 + seed)
+            torch.manual_seed(derive_seed(self._seed, seed))
             sequences = self._model.generate(
                 **batch, max_new_tokens=params.max_new_tokens, logits_processor=processors,
                 eos_token_id=list(self._eos_ids), pad_token_id=self._tokenizer.pad_token_id,

@@ -37,6 +37,7 @@ from transformers import AutoConfig
 
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
+from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Completion, Prompt
 
 
@@ -130,7 +131,7 @@ class VLLMEngine(Engine):
         sampling = [self._vllm.SamplingParams(
             n=1 if params.greedy else params.n, temperature=0.0 if params.greedy else params.temperature,
             top_p=1.0 if params.greedy else params.top_p, max_tokens=params.max_new_tokens, logprobs=0,
-            seed=params.seed + i) for i in range(len(encoded))]
+            seed=derive_seed(params.seed, "prompt", i)) for i in range(len(encoded))]
         # enqueue() renders and queues every request (it sets output_kind=FINAL_ONLY) and returns
         # the internal request ids, in prompt order.
         internal_ids = self.llm.enqueue([self._inputs_mod.TokensPrompt(prompt_token_ids=list(ids)) for ids in encoded],
