@@ -7,8 +7,6 @@ Used by `python -m launch.train`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from learner.actor import LearnerRank
@@ -49,20 +47,6 @@ class SyncedRolloutWorker(RolloutWorker):
         On any failure the engine keeps its previous weights and version."""
         received = self._receiver.receive(version)
         return self.update_weights(received.named_tensors, received.version)
-
-    # vLLM's native weight transfer (sync.transport nccl/ipc): learner rank 0 drives these through
-    # weight_sync.vllm_transport; they forward to the engine's VLLMWeightSyncClient.
-    def vllm_init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._engine.sync_client().init_weight_transfer_engine(init_info)
-
-    def vllm_start_weight_update(self) -> None:
-        self._engine.sync_client().start_weight_update()
-
-    def vllm_update_weights(self, update_info: dict[str, Any]) -> None:
-        self._engine.sync_client().update_weights(update_info)
-
-    def vllm_finish_weight_update(self, version: str) -> None:
-        self._engine.sync_client().finish_weight_update(version)
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The engine's current weights (for equality checks after a sync)."""

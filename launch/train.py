@@ -309,6 +309,12 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": extra} if extra else None)
 
 
+VLLM_WEIGHT_PATH = {"gloo": "reload", "ray": "reload", "nccl": "nccl", "ipc": "ipc"}
+"""sync.transport -> the vLLM engine's weight path (rollout_workers.engines.vllm_engine): gloo and
+ray deliver named tensors that the worker hands to vLLM's `reload_weights`; nccl and ipc are vLLM's
+own transfers."""
+
+
 def needed_cpus(cfg: Config) -> int:
     return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
 
@@ -331,7 +337,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
         return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],
                                     num_gpus_per_worker=placement.gpu_fraction * cfg.rollout.tensor_parallel_size,
                                     worker_cls=SyncedRolloutWorker, indices=indices,
-                                    weight_transfer_backend="nccl" if cfg.sync.transport == "nccl" else "ipc")
+                                    weight_transfer_backend=VLLM_WEIGHT_PATH[cfg.sync.transport])
 
     def restart_worker(index: int):
         """A fresh worker for a dead one, brought to the learner's current weights before it samples."""
