@@ -50,7 +50,7 @@ from transformers import AutoConfig
 
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
-from rollout_workers.engines.vllm_reload import RELOAD_EXTENSION
+from rollout_workers.engines.vllm_reload import RELOAD_EXTENSION, ReloadWeightsExtension
 from rollout_workers.types import Completion, Prompt
 
 SUPPORTED_VLLM = {"reload": ("0.32", "0.33"), "ipc": ("0.33",), "nccl": ("0.33",)}
@@ -232,7 +232,7 @@ class VLLMEngine(Engine):
         cast = [(n, t.detach().to(dtype=self._dtype).contiguous()) for n, t in weights.items()]
         if self._backend == "reload":
             try:
-                self.llm.collective_rpc("dash_reload_weights", args=(cast,))
+                self.llm.collective_rpc(ReloadWeightsExtension.dash_reload_weights.__name__, args=(cast,))
             except BaseException as e:
                 self._weights_lost = f"reload of version {int(version)} failed midway ({e!r})"
                 raise
@@ -319,11 +319,23 @@ class VLLMEngine(Engine):
         return VLLMSyncClient(self)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The model's parameters as vLLM holds them (tests only). Real vLLM fuses layers
-        (qkv_proj, gate_up_proj) and its CPU backend empties repacked linear weights, so only some
-        names (embeddings, norms) equal checkpoint names and values; the fake keeps them all."""
-        (params, *_) = self.llm.collective_rpc("dash_named_parameters")
-        yield from params.items()
+        """The weights the engine computes with, by checkpoint name (tests: a sync must leave them
+        bit-equal to the learner's). vLLM fuses layers (qkv_proj = q, k, v rows; gate_up_proj =
+        gate, up rows) and pads the vocabulary: both are undone with the checkpoint's shapes."""
+        (mapping, params), *_ = self.llm.collective_rpc(ReloadWeightsExtension.dash_effective_weights.__name__)
+        shapes = {**self._optional, **self._expected}
+        for name, tensor in params.items():
+            module, _, leaf = name.rpartition(".")
+            parent, _, fused = module.rpartition(".")
+            if fused in mapping:
+                row = 0
+                for part in mapping[fused]:
+                    part_name = f"{parent}.{part}.{leaf}"
+                    rows = shapes[part_name][0]
+                    yield part_name, tensor[row:row + rows]
+                    row += rows
+            elif name in shapes:
+                yield name, tensor[tuple(slice(0, d) for d in shapes[name])]
 
     def sleep(self, level: int = 1) -> None:
         """Free accelerator memory while a colocated learner trains (needs enable_sleep_mode)."""

@@ -7,7 +7,14 @@ runs the model's own `load_weights` on the new checkpoint-named tensors and then
 become size-0 parameters plus a packed copy) are repacked from the new values. Calling
 `model.load_weights` directly does not: it writes into the emptied parameters and fails.
 
-This module imports nothing of vLLM: vLLM imports it by name inside its worker process.
+One more step on the CPU backend: a layer that kept its weight but packed a private copy for its
+GEMM kernel (`cpu_linear`) is not re-processed when it receives no weight of its own. The tied
+`lm_head` of a model with `tie_word_embeddings` is such a layer (its weight *is* the embedding's):
+after `reload_weights` it would go on computing logits with the old embedding. Such kernels are
+re-dispatched from the current weight after every reload (measured: without it, logprobs after a
+sync were off by ~4 nats from a teacher-forced pass of the new weights).
+
+vLLM imports this module by name inside its worker process (so it imports vLLM lazily).
 
     PYTHONPATH=$PWD python -m pytest -q -m vllm tests/test_vllm_real.py
 """
@@ -25,10 +32,32 @@ class ReloadWeightsExtension:
     def dash_reload_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         """Load a complete, already validated checkpoint-named weight set; returns how many tensors."""
         self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+        stale = [m for m in self.model_runner.get_model().modules()
+                 if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None and m.weight.numel() > 0]
+        if stale:  # only the CPU backend sets cpu_linear
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            for module in stale:
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
         return len(named_tensors)
 
-    def dash_named_parameters(self) -> dict[str, torch.Tensor]:
-        """The model's parameters by vLLM's (fused) names, copied to CPU; the CPU backend's repacked
-        linear layers show up as size-0 tensors here (their values live in the packed copy)."""
+    def dash_effective_weights(self) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+        """(the model's packed_modules_mapping, {vLLM parameter name: values on CPU}) of the weights
+        the engine computes with. Where the CPU backend keeps a packed copy for a GEMM kernel
+        (`cpu_linear`; the parameter is then size 0, or a tied weight), the values are read back
+        through that kernel applied to an identity matrix (x = I gives I @ W.T = W.T; in fp32
+        every product is 0*w or 1*w and every sum adds zeros, so they come back exactly as the
+        kernel holds them, stale or not)."""
         model = self.model_runner.get_model()
-        return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for module_name, module in model.named_modules():
+                for name, p in module.named_parameters(recurse=False):
+                    full = f"{module_name}.{name}" if module_name else name
+                    if name == "weight" and hasattr(module, "cpu_linear"):
+                        k = int(module.input_size_per_partition) if p.numel() == 0 else p.shape[1]
+                        eye = torch.eye(k, dtype=p.dtype, device=p.device)
+                        out[full] = module.cpu_linear(eye, p, None).t().to("cpu", copy=True)
+                    else:
+                        out[full] = p.detach().to("cpu", copy=True)
+        return dict(getattr(model, "packed_modules_mapping", {})), out

@@ -84,8 +84,12 @@ class LLMEngine:
                 lps = None if sp.logprobs is None else [
                     {t: Logprob(logprob=lp, rank=None, decoded_token=tok.decode([t]))}
                     for t, lp in zip(c.token_ids, c.logprobs_sampler)]
+                # vLLM detokenizes incrementally (v1/engine/detokenizer.py): bytes of a character
+                # still incomplete when the completion ends are never emitted, where a one-shot
+                # decode shows them as U+FFFD (tests/test_vllm_real.py compares the two).
+                text = tok.decode(c.token_ids, skip_special_tokens=sp.skip_special_tokens).rstrip("\ufffd")
                 comps.append(CompletionOutput(
-                    index=k, text=tok.decode(c.token_ids, skip_special_tokens=sp.skip_special_tokens),
+                    index=k, text=text,
                     token_ids=list(c.token_ids), cumulative_logprob=sum(c.logprobs_sampler), logprobs=lps,
                     finish_reason=c.finish_reason, stop_reason=None,
                     weight_versions=[WeightVersionSpan(self.weight_version, 0, len(c.token_ids))]))
