@@ -259,6 +259,11 @@ def validate(cfg: Config) -> None:
     elif cfg.train.placement in ("colocated", "disaggregated"):
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
+    if r.enable_sleep_mode and (r.engine != "vllm" or cfg.train.placement != "colocated" or cfg.train.overlap):
+        # The engines sleep from the end of sampling to the sync (launch.train): only a colocated
+        # learner gains the memory, and an overlapped batch samples during that time.
+        raise ConfigError("rollout.enable_sleep_mode=true needs rollout.engine=vllm, train.placement=colocated "
+                          "and train.overlap=false")
     if cfg.sync.transport in ("nccl", "ipc") and r.engine != "vllm":
         raise ConfigError(f"sync.transport={cfg.sync.transport} is vLLM's native path; use rollout.engine=vllm or sync.transport=gloo")
     if cfg.sync.transport == "ipc" and cfg.train.placement != "colocated":

@@ -63,7 +63,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     """vLLM: GPUs per engine (placement bundles per worker)."""
     gpu_memory_utilization: float = 0.5
-    """vLLM: fraction of GPU memory for weights + KV cache (CPU build: fraction of RAM for the KV cache)."""
+    """vLLM on GPU: fraction of GPU memory for weights + KV cache (the CPU build uses cpu_kv_cache_mb)."""
     cpu_kv_cache_mb: int = 512
     """vLLM's CPU build only: KV-cache RAM per engine in MiB (on GPU, gpu_memory_utilization sizes the cache)."""
     enable_prefix_caching: bool = True

@@ -41,6 +41,7 @@ def test_wrong_type_names_key_and_type():
     (["rollout.engine=vllm", "sync.transport=nccl"], r"rollout\.engine=vllm without GPUs .* needs sync\.transport=gloo or ray"),
     (["rollout.engine=vllm", "rollout.tensor_parallel_size=2"], r"rollout\.tensor_parallel_size=1 \(got sync\.transport=gloo, rollout\.tensor_parallel_size=2\)"),
     (["train.placement=colocated"], r"train\.placement=colocated places actors on GPUs"),
+    (["rollout.engine=vllm", "rollout.enable_sleep_mode=true"], r"rollout\.enable_sleep_mode=true needs rollout\.engine=vllm, train\.placement=colocated"),
     (["rollout.prompts_per_generation=24", "learner.prompts_per_step=16"], r"must be a multiple of learner\.prompts_per_step"),
     (["model.path=/nonexistent/model"], r"model\.path '/nonexistent/model' does not exist"),
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),
