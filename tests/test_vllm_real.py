@@ -166,27 +166,38 @@ def assert_serves(engine: VLLMEngine, weights: dict[str, torch.Tensor]) -> None:
     assert not unequal
 
 
+def train_args(model_dir: Path, run_dir: Path) -> list[str]:
+    return [f"model.path={model_dir}", "rollout.engine=vllm", "rollout.cpu_kv_cache_mb=64", "train.iterations=3",
+            "eval.size=8", "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
+            "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "sync.timeout_s=60", "run.progress=false",
+            "rollout.reward_fn=tests.reward_fns:odd_length", f"run.dir={run_dir}"]
+
+
 @pytest.mark.slow
 def test_dash_loop_with_real_vllm_engines(ray_local, model_dir, tmp_path):
-    """`python -m launch.train rollout.engine=vllm`: real vLLM engine actors, DeepSpeed learner,
-    gloo sync, 3 iterations, then a real engine actor killed during the sync of iteration 2 stops
-    the run with the named SyncError and a checkpoint from which --resume finishes it."""
+    """`python -m launch.train rollout.engine=vllm`: a real vLLM engine actor, a DeepSpeed learner,
+    gloo sync into vLLM's reload path, 3 iterations, each sampled by the previous one's weights."""
+    from launch.train import main
+
+    run_dir = tmp_path / "run"
+    assert main(train_args(model_dir, run_dir)) == 0
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["policy_version"], r["staleness_max"]) for r in recs] == [(1, 1, 0), (2, 2, 0), (3, 3, 0)]
+    assert "engine: vllm" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_vllm_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_local, model_dir, tmp_path,
+                                                                          monkeypatch):
+    """A real vLLM engine actor killed at the weight sync of iteration 2: the driver names it, writes
+    a complete checkpoint and stops; --resume brings a fresh vLLM engine to the learner's weights."""
     import ray
 
     from launch import checkpoints
     from launch.sync_group import SyncGroup
     from launch.train import main
     from weight_sync.endpoint import SyncError
-
-    args = [f"model.path={model_dir}", "rollout.engine=vllm", "rollout.cpu_kv_cache_mb=64", "train.iterations=3",
-            "eval.size=8", "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
-            "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "sync.timeout_s=60", "run.progress=false",
-            "rollout.reward_fn=tests.reward_fns:odd_length"]
-    run_dir = tmp_path / "run"
-    assert main(args + [f"run.dir={run_dir}"]) == 0
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["iteration"], r["policy_version"]) for r in recs] == [(1, 1), (2, 2), (3, 3)]
-    assert "engine: vllm" in (run_dir / "config.yaml").read_text()
 
     real_sync = SyncGroup.sync
 
@@ -195,16 +206,15 @@ def test_dash_loop_with_real_vllm_engines(ray_local, model_dir, tmp_path):
             ray.kill(self.workers[0])
         return real_sync(self, version)
 
-    killed_dir = tmp_path / "killed"
-    SyncGroup.sync = sync_killing_an_engine
-    try:
-        with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
-            main(args + [f"run.dir={killed_dir}"])
-    finally:
-        SyncGroup.sync = real_sync
-    last = checkpoints.latest_complete(killed_dir)
+    monkeypatch.setattr(SyncGroup, "sync", sync_killing_an_engine)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
+        main(train_args(model_dir, run_dir))
+    last = checkpoints.latest_complete(run_dir)
     state = json.loads((last / "driver_state.json").read_text())
     assert (last.name, state["stopped_by"], state["version"]) == ("iter_000002", "weight sync failure", 2)
-    assert main(["--resume", str(killed_dir)]) == 0
-    recs = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["iteration"], r["policy_version"], r["staleness_max"]) for r in recs][-1] == (3, 3, 0)
+    monkeypatch.setattr(SyncGroup, "sync", real_sync)
+    assert main(["--resume", str(run_dir)]) == 0
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["policy_version"]) for r in recs] == [(1, 1), (2, 2), (3, 3)]
+    assert recs[2]["staleness_max"] == 0  # the fresh engine was synced to v2 before sampling
