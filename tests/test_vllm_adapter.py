@@ -82,7 +82,7 @@ def test_reload_path_end_to_end(engine):
     """gloo / ray sync into vLLM: all-or-nothing, version stamped, prefix cache reset."""
     before = dict(engine.named_weights())
     resets = engine.llm.prefix_cache_resets
-    new = {n: torch.randn_like(t) * 0.05 for n, t in before.items()}
+    new = random_weights(before)
     with pytest.raises(ValueError, match="missing"):
         engine.update_weights(list(new.items())[1:], version=3)
     assert engine.version == 0 and all(torch.equal(t, before[n]) for n, t in engine.named_weights())
@@ -92,6 +92,11 @@ def test_reload_path_end_to_end(engine):
     assert all(torch.equal(after[n], new[n]) for n in new)
     groups = list(engine.generate(PROMPTS[:1], SamplingParamsSpec(n=2, max_new_tokens=4)))
     assert groups[0].policy_version == 3
+
+
+def random_weights(current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new checkpoint-named set; the tiny model ties lm_head to the embedding, so it has none."""
+    return {n: torch.randn_like(t) * 0.05 for n, t in current.items() if n != "lm_head.weight"}
 
 
 def ipc_update_info(weights: dict[str, torch.Tensor]) -> dict:
@@ -111,17 +116,18 @@ def ipc_engine(tiny_model_dir, monkeypatch) -> VLLMEngine:
 
 def test_ipc_update_handshake_end_to_end(ipc_engine):
     assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
-    new = {n: torch.randn_like(t) * 0.05 for n, t in ipc_engine.named_weights()}
+    new = random_weights(dict(ipc_engine.named_weights()))
     ipc_engine.update_weights(new.items(), version=4)
     assert ipc_engine.version == 4 and ipc_engine.llm.get_weight_version() == "4"
     assert ipc_engine.llm.prefix_cache_resets == 1
-    assert all(torch.equal(t, new[n]) for n, t in ipc_engine.named_weights())
+    served = dict(ipc_engine.named_weights())
+    assert all(torch.equal(served[n], new[n]) for n in new)
 
 
 def test_failed_native_update_refuses_to_sample_until_a_complete_update(ipc_engine):
     """A native update that fails after start_weight_update (when real vLLM has moved its layers to
     the meta device) must never let the engine generate on what is left."""
-    new = {n: torch.randn_like(t) * 0.05 for n, t in ipc_engine.named_weights()}
+    new = random_weights(dict(ipc_engine.named_weights()))
     ipc_engine.start_update()
     bad = ipc_update_info(new)
     bad["shapes"] = bad["shapes"][1:]
