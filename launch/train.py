@@ -146,6 +146,9 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
                 run.learner.add_groups([group])
     if prefetch_next:
         run.prefetched = start_prefetch(run, num_prompts)
+    if cfg.rollout.enable_sleep_mode:  # colocated: free the GPUs for the learner until the sync
+        with timer.phase("sync"):
+            ray.get([w.sleep.remote() for w in run.dispatcher.workers], timeout=cfg.train.actor_timeout_s)
     with timer.phase("learn"):
         stats = run.learner.end_batch()
     with timer.phase("generate"):  # the engines must be idle before their weights change
@@ -181,6 +184,8 @@ def sample_records(run: Run, groups: list[ScoredGroup]) -> list[dict]:
 def sync_engines(run: Run) -> SyncError | None:
     """Bring the engines to the learner's weights. A failed sync is returned, not raised: the
     learner's step is done, so the iteration is logged and checkpointed before the run stops."""
+    if run.cfg.rollout.enable_sleep_mode:  # asleep since sampling (a restarted worker starts awake)
+        ray.get([w.wake_up.remote() for w in run.dispatcher.workers], timeout=run.cfg.train.actor_timeout_s)
     if run.sync.workers != run.dispatcher.workers:  # a worker was restarted: rebuild the side group
         run.sync.set_workers(run.dispatcher.workers, run.dispatcher.names)
     if run.learner.policy_version == run.version:  # no optimizer step (all filtered) = nothing to send
@@ -389,6 +394,8 @@ def connect_ray(cfg: Config) -> None:
         # to merge a ray.init env that sets the same keys: add only what the job did not set.
         extra = {k: v for k, v in env.items() if v and k not in os.environ}
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": extra} if extra else None)
+
+
 
 
 def needed_cpus(cfg: Config) -> int:

