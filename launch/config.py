@@ -281,6 +281,7 @@ def validate(cfg: Config) -> None:
     elif cfg.train.placement in ("colocated", "disaggregated"):
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
+    validate_transport(cfg)
     if r.enable_sleep_mode and (r.engine != "vllm" or cfg.train.placement != "colocated" or cfg.train.overlap):
         # The engines sleep from the end of sampling to the sync (launch.train): only a colocated
         # learner gains the memory, and an overlapped batch samples during that time.

@@ -37,7 +37,7 @@ def test_wrong_type_names_key_and_type():
 @pytest.mark.parametrize("overrides, message", [
     (["learner.micro_batch_tokens=50"], r"learner\.micro_batch_tokens \(50\) is smaller than rollout\.max_prompt_tokens"),
     (["learner.filter_threshold=-0.1"], r"learner\.filter_threshold must be >= 0"),
-    (["train.num_gpus=4", "rollout.num_workers=3", "rollout.tensor_parallel_size=2"], r"need 6 GPUs but train\.num_gpus is 4"),
+    (["train.num_gpus=4", "rollout.num_workers=3", "learner.num_ranks=3", "learner.gpus_per_rank=1"], r"need 6 GPUs but train\.num_gpus is 4"),
     (["rollout.engine=vllm", "sync.transport=nccl"], r"rollout\.engine=vllm without GPUs .* needs sync\.transport=gloo or ray"),
     (["rollout.engine=vllm", "rollout.tensor_parallel_size=2"], r"rollout\.tensor_parallel_size=1 \(got sync\.transport=gloo, rollout\.tensor_parallel_size=2\)"),
     (["train.placement=colocated"], r"train\.placement=colocated places actors on GPUs"),
