@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from launch.bench_dash import FULL, OURS, PRESET, QUICK, contender_overrides, shared_overrides, summarize, table, write_plot
-from launch.bench_peers import (PHASES, at_target, compare_curves, ratio, seconds_to_target, sft_curve,
+from launch.bench.dash import FULL, OURS, PRESET, QUICK, contender_overrides, shared_overrides, summarize, table, write_plot
+from launch.bench.peers import (PHASES, at_target, compare_curves, ratio, seconds_to_target, sft_curve,
                                 trl_grpo_curve)
 from rollout_workers.prompts import synthetic_problems
 
@@ -127,7 +127,7 @@ def test_sft_curve_smoke(tiny_model_dir):
 
 
 def test_readme_table_renders_missing_targets_as_dashes():
-    from launch.bench import render_table
+    from launch.bench.cli import render_table
 
     results = {
         "learner": {"tokens_per_second": 3200.0, "bare_torch_tokens_per_second": 3300.0, "grad_rel_error": 1e-6,

@@ -1,9 +1,9 @@
 """Benchmark: the transformers engine's generation throughput (tokens/s) against batch size, on
 the tiny default model and on a ~30M-param model. The curve is why DASH samples one big batch:
-tokens/s grows many-fold from batch 1 to batch 256 (DESIGN.md, arXiv 2505.17218 Sec. 4).
+tokens/s grows many-fold from batch 1 to batch 256 (arXiv 2505.17218 Sec. 4).
 
-    python -m launch.bench_engine --json runs/bench_engine.json
-    python -m launch.bench_engine --batch-sizes 1 16 --max-new-tokens 16 --models tiny
+    python -m launch.bench.engine --json runs/bench_engine.json
+    python -m launch.bench.engine --batch-sizes 1 16 --max-new-tokens 16 --models tiny
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """DASH against standard GRPO, TRL's GRPOTrainer, SFT and two ablations, on one machine in one run.
 
     python -m launch.bench dash --quick --json runs/bench/dash.json        # ~15 min on 2 CPU cores
-    python -m launch.bench_dash --json runs/bench/dash.json                # the full budget
-    python -m launch.bench_dash --json /tmp/d.json --prompts 32 --only standard_grpo,dash \\
+    python -m launch.bench.dash --json runs/bench/dash.json                # the full budget
+    python -m launch.bench.dash --json /tmp/d.json --prompts 32 --only standard_grpo,dash \\
         --set model.sft_steps=20                                           # a smoke run
 
 Every contender starts from the same SFT-warmed tiny model (built once, `prepare_model`, into
@@ -16,7 +16,7 @@ optimizer step:
 | standard_grpo      | train.mode=standard_grpo learner.filter=false (one micro-batch per engine call)|
 | dash_no_filter     | dash with learner.filter=false                                                |
 | dash_no_preemptive | dash with rollout.prompts_per_generation = learner.prompts_per_step           |
-| trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench_peers)    |
+| trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench.peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
 
 Task: the embedded default's 2-digit addition (the tiny-cpu preset, whose settings every contender
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from launch.bench_peers import PHASES, PeerCurve, compare_curves, ratio
+from launch.bench.peers import PHASES, PeerCurve, compare_curves, ratio
 
 PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides)."""
@@ -157,7 +157,7 @@ def run_ours(name: str, plan: Plan, model_dir: Path, bench_dir: Path, extra: lis
 
 
 def run_peer(name: str, plan: Plan, model_dir: Path, cfg, budget_s: float, n_evals: int) -> dict:
-    from launch.bench_peers import sft_curve, trl_grpo_curve
+    from launch.bench.peers import sft_curve, trl_grpo_curve
     from rollout_workers.prompts import load_prompts
 
     train_prompts = load_prompts(cfg.data, "train").prompts
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     bench_dir = Path(args.dir or out.parent / f"dash-{time.strftime('%Y%m%d-%H%M%S')}")
-    # The DeepSpeed shm op compiles once per machine when this cache is shared (see DESIGN.md).
+    # The DeepSpeed shm op compiles once per machine when this cache is shared (the shared cache keeps one compiled copy).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dash_rl_torch_extensions"))
     t0 = time.perf_counter()
     result = run_bench(plan, bench_dir, args.only.split(","), list(args.set), args.budget_s or None, args.quick)

@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from launch.bench_dash import fmt
+from launch.bench.dash import fmt
 
-BENCHES = {"learner": "launch.bench_learner", "engine": "launch.bench_engine", "sync": "launch.bench_sync",
-           "dash": "launch.bench_dash"}
+BENCHES = {"learner": "launch.bench.learner", "engine": "launch.bench.engine", "sync": "launch.bench.sync",
+           "dash": "launch.bench.dash"}
 
 
 def machine() -> str:
@@ -89,6 +89,3 @@ def render_table(r: dict, machine_name: str, date: str) -> str:
     head = f"Measured on {machine_name}, {date}.\n\n| what | measured | command |\n|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | `{c}` |" for a, b, c in rows) + "\n"
 
-
-if __name__ == "__main__":
-    sys.exit(main())
