@@ -1,9 +1,11 @@
-"""DASH against standard GRPO, TRL's GRPOTrainer, SFT and two ablations, on one machine in one run.
+"""DASH against standard GRPO, TRL's GRPOTrainer, SFT and two ablations, on one machine in one run,
+each contender with several seeds, in two regimes.
 
-    python -m launch.bench dash --quick --json runs/bench/dash.json        # ~15 min on 2 CPU cores
-    python -m launch.bench.dash --json runs/bench/dash.json                # the full budget
-    python -m launch.bench.dash --json /tmp/d.json --prompts 32 --only standard_grpo,dash \\
-        --set model.sft_steps=20                                           # a smoke run
+    python -m launch.bench dash --quick --regime reasoning --seeds 3 \\
+        --contenders dash,standard_grpo,trl_grpo --json runs/bench/reasoning.json   # the bars' command
+    python -m launch.bench dash --quick --regime tiny --seeds 3 --json runs/bench/tiny.json
+    python -m launch.bench.dash --json /tmp/d.json --prompts 32 --seeds 1 \\
+        --contenders standard_grpo,dash --set model.sft_steps=20                    # a smoke run
 
 Every contender starts from the same SFT-warmed tiny model (built once, `prepare_model`, into
 <dir>/start/sft_model, then passed as `model.path=`), on the same synthetic task, the same held-out
@@ -19,45 +21,59 @@ optimizer step:
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench.peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
 
-Task: the embedded default's 2-digit addition (the tiny-cpu preset, whose settings every contender
-starts from); the shared start is its SFT warm-up, which stops once greedy accuracy on training
-problems reaches model.sft_stop_accuracy (tiny models learn carries abruptly, so a fixed step
-count gives an unreliable start).
+Regimes (`--regime`):
+- tiny: the embedded default's 2-digit addition (8-token answers `\\boxed{57}`), as the tiny-cpu
+  preset runs it;
+- reasoning: the synthetic "chain" task (rollout_workers/prompts.py): 4-6 step additions and
+  subtractions whose completions are worked solutions of 51-89 tokens ending in `\\boxed{}`, with
+  difficulty mixed so that many groups are all right or all wrong after the warm start (the JSON's
+  `start_groups` measures it), as on MATH with small models.
+The warm-up stops once greedy accuracy on training problems reaches model.sft_stop_accuracy.
 
-Budget. `launch.train` has no wall-clock cap, so our four contenders get the same number of
-training *prompts* (`--prompts`), hence the same number of optimizer steps: an iteration takes
+Seeds. `--seeds N` runs every contender with seeds 0..N-1 (train/rollout/learner seeds for ours,
+TRL's seed), round-robin: seed 0 of every contender, then seed 1 of every contender, ..., so slow
+phases of a shared machine hit every contender alike. The data, the eval set and the start are
+the same for every seed.
+
+Budget. `launch.train` has no wall-clock cap, so our contenders get the same number of training
+*prompts* (`--prompts`), hence the same number of optimizer steps: an iteration takes
 rollout.prompts_per_generation prompts in dash mode and learner.prompts_per_step prompts otherwise,
 so iterations = prompts / that. They evaluate every `--eval-every-prompts` prompts. The two peers
 have no such knob in common with us, so they get a time budget: the longest training time of our
-contenders (capped by --budget-s), evaluating at the same number of points.
+contenders in the same seed round (capped by --budget-s), evaluating at the same number of points.
 
-Target = the best accuracy standard_grpo reaches in its budget; seconds_to_target = training
-seconds (evaluation excluded) at a contender's first evaluation at or above it. Ratios are
-dash's seconds to target over standard_grpo's and over TRL's (lower is better; null when either is
-missing or the denominator is 0, e.g. when standard_grpo never beats the start).
-Orchestration overhead = time/other / time/total over all iterations (wall minus generation with
-scoring and streamed learning, the learner's tail, and sync), from each run's metrics.jsonl.
+Target and ratios (launch/bench/stats.py): target = start + 0.5 x (lowest median best accuracy of
+dash / standard_grpo / trl_grpo - start); seconds_to_target = training seconds (evaluation
+excluded) at a run's first evaluation at or above it. Per contender the JSON gives median, min and
+max over seeds of seconds to target and final accuracy, and the medians of samples_per_second
+(generated samples per training second) and tokens_per_second; `ratio_dash_vs_standard_grpo` and
+`ratio_dash_vs_trl` are ratios of median seconds to target (lower is better; null when a median is
+missing). Phases: per seed, seconds per `time/*` key of metrics.jsonl summed over iterations; the
+JSON gives their medians. Orchestration overhead = time/other / time/total.
 
-Writes the JSON, bench.png next to it (accuracy against training seconds and against samples
-generated, a line per contender) and prints a table.
+Writes the JSON, a plot next to it (same name, .png: accuracy against training seconds and against samples
+generated, a line per contender and seed) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from launch.bench.peers import PHASES, PeerCurve, compare_curves, ratio
+from launch.bench.peers import PHASES, PeerCurve
+from launch.bench.stats import aggregate
 
 PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
+REGIMES = ("tiny", "reasoning")
 
 
 class Plan(NamedTuple):
@@ -79,15 +95,31 @@ class Plan(NamedTuple):
     """Learning rate of every RL contender (TRL included)."""
     eval_size: int
     """Held-out problems."""
+    task: str
+    """Synthetic task (data.synthetic_tasks): "add" (tiny) or "chain" (reasoning)."""
     digits: int
-    """Synthetic addition operand digits (the task)."""
+    """Synthetic operand digits."""
     train_size: int
     """Distinct synthetic training problems."""
+    max_prompt_tokens: int
+    """rollout.max_prompt_tokens (the longest prompt of the task fits)."""
+    micro_batch_tokens: int
+    """learner.micro_batch_tokens: standard GRPO's "one micro-batch per engine call" must hold at
+    least one group of the longest prompt + completion."""
 
 
-FULL = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
-            max_new_tokens=16, lr=1e-4, eval_size=400, digits=2, train_size=6000)
-QUICK = FULL._replace(prompts=512)
+TINY = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
+            max_new_tokens=16, lr=1e-4, eval_size=400, task="add", digits=2, train_size=6000, max_prompt_tokens=64,
+            micro_batch_tokens=2048)
+TINY_QUICK = TINY._replace(prompts=512)
+REASONING = Plan(prompts=1024, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
+                 max_new_tokens=96, lr=1e-4, eval_size=200, task="chain", digits=2, train_size=6000,
+                 max_prompt_tokens=48, micro_batch_tokens=2048)
+REASONING_QUICK = REASONING._replace(prompts=256, eval_every_prompts=64)
+PLANS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK, ("reasoning", False): REASONING,
+         ("reasoning", True): REASONING_QUICK}
+"""(regime, quick) -> plan. REASONING_QUICK is sized so that the bars' command (3 seeds of dash,
+standard_grpo and trl_grpo) ends within 45 minutes on 2 shared cores."""
 
 
 def shared_overrides(plan: Plan) -> list[str]:
@@ -95,12 +127,14 @@ def shared_overrides(plan: Plan) -> list[str]:
     return [f"rollout.group_size={plan.group_size}", f"rollout.max_new_tokens={plan.max_new_tokens}",
             f"eval.max_new_tokens={plan.max_new_tokens}", f"learner.prompts_per_step={plan.prompts_per_step}",
             f"rollout.prompts_per_generation={plan.prompts_per_generation}", f"learner.lr={plan.lr}",
-            f"eval.size={plan.eval_size}", f"data.eval_size={plan.eval_size}", "data.synthetic_tasks=add",
-            f"data.synthetic_digits={plan.digits}", f"data.synthetic_train_size={plan.train_size}", "run.progress=false"]
+            f"eval.size={plan.eval_size}", f"data.eval_size={plan.eval_size}", f"data.synthetic_tasks=[{plan.task}]",
+            f"data.synthetic_digits={plan.digits}", f"data.synthetic_train_size={plan.train_size}",
+            f"rollout.max_prompt_tokens={plan.max_prompt_tokens}",
+            f"learner.micro_batch_tokens={plan.micro_batch_tokens}", "run.progress=false"]
 
 
-def contender_overrides(name: str, plan: Plan) -> list[str]:
-    """What makes each of our contenders what it is, plus its iteration count and eval cadence."""
+def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
+    """What makes each of our contenders what it is, its seeds, iteration count and eval cadence."""
     variant = {
         "dash": [],
         "standard_grpo": ["train.mode=standard_grpo", "learner.filter=false"],
@@ -111,12 +145,15 @@ def contender_overrides(name: str, plan: Plan) -> list[str]:
         name, plan.prompts_per_step)
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)
-    return variant + [f"train.iterations={iterations}", f"eval.every={every}"]
+    return variant + [f"train.iterations={iterations}", f"eval.every={every}", f"train.seed={seed}",
+                      f"rollout.seed={seed}", f"learner.seed={seed}"]
 
 
 def phase_totals(records: Sequence[dict]) -> dict[str, float]:
-    """Seconds per phase summed over a run's metrics.jsonl records (score runs inside generate)."""
-    return {k: sum(r.get(f"time/{k}", 0.0) for r in records) for k in (*PHASES, "total")}
+    """Seconds per `time/*` key summed over a run's metrics.jsonl records (score runs inside
+    generate), e.g. {"generate", "score", "learn", "sync", "other", "total", ...}."""
+    keys = sorted({k for r in records for k in r if k.startswith("time/")})
+    return {k.removeprefix("time/"): sum(r.get(k, 0.0) for r in records) for k in keys}
 
 
 def overhead(phases: dict[str, float | None]) -> float | None:
@@ -129,7 +166,7 @@ def overhead(phases: dict[str, float | None]) -> float | None:
 # ----------------------------------------------------------------------------- running
 
 
-def run_ours(name: str, plan: Plan, model_dir: Path, bench_dir: Path, extra: list[str]) -> dict:
+def run_ours(name: str, seed: int, plan: Plan, model_dir: Path, bench_dir: Path, extra: list[str]) -> dict:
     import random
 
     import torch
@@ -138,25 +175,28 @@ def run_ours(name: str, plan: Plan, model_dir: Path, bench_dir: Path, extra: lis
     from launch.metrics import read_metrics
     from launch.train import prepare_run_dir, train
 
-    run_dir = bench_dir / name
+    run_dir = bench_dir / f"{name}-seed{seed}"
     if run_dir.exists():
         raise FileExistsError(f"{run_dir} exists: give a fresh --dir (a bench run never resumes or mixes runs)")
-    overrides = shared_overrides(plan) + extra + contender_overrides(name, plan) + [
-        f"model.path={model_dir}", f"run.dir={run_dir}", f"run.name=bench-{name}"]
+    overrides = shared_overrides(plan) + extra + contender_overrides(name, plan, seed) + [
+        f"model.path={model_dir}", f"run.dir={run_dir}", f"run.name=bench-{name}-seed{seed}"]
     cfg = load_config(PRESET, overrides)
     prepare_run_dir(cfg)
     random.seed(cfg.train.seed)  # as `python -m launch.train` does: every contender starts from the same RNG
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     summary = train(cfg, run_dir)
-    phases = phase_totals(read_metrics(run_dir))
+    records = read_metrics(run_dir)
     curve = [{k: e[k] for k in ("train_seconds", "samples_generated", "accuracy")} for e in summary["evals"]]
-    return {"curve": curve, "phases": phases, "overrides": overrides, "iterations": summary["iterations"],
-            "train_seconds": summary["train_seconds"], "wall_seconds": time.perf_counter() - t0,
-            "samples_generated": summary["samples_generated"], "samples_kept": summary["samples_kept"]}
+    generated = sum(r["samples_generated"] for r in records)
+    return {"seed": seed, "curve": curve, "phases": phase_totals(records), "overrides": overrides,
+            "iterations": summary["iterations"], "train_seconds": summary["train_seconds"],
+            "wall_seconds": time.perf_counter() - t0, "samples_generated": summary["samples_generated"],
+            "tokens_generated": sum(r["tokens_generated"] for r in records), "samples_kept": summary["samples_kept"],
+            "kept_fraction": sum(r["samples_kept"] for r in records) / max(1, generated)}
 
 
-def run_peer(name: str, plan: Plan, model_dir: Path, cfg, budget_s: float, n_evals: int) -> dict:
+def run_peer(name: str, seed: int, plan: Plan, model_dir: Path, cfg, budget_s: float, n_evals: int) -> dict:
     from launch.bench.peers import sft_curve, trl_grpo_curve
     from rollout_workers.prompts import load_prompts
 
@@ -166,19 +206,32 @@ def run_peer(name: str, plan: Plan, model_dir: Path, cfg, budget_s: float, n_eva
     t0 = time.perf_counter()
     if name == "trl_grpo":
         result: PeerCurve = trl_grpo_curve(model_dir, train_prompts, eval_prompts, plan.group_size, plan.max_new_tokens,
-                                           plan.lr, plan.prompts_per_step, budget_s, every, cfg.train.seed,
+                                           plan.lr, plan.prompts_per_step, budget_s, every, seed,
                                            eval_max_new_tokens=cfg.eval.max_new_tokens,
                                            temperature=cfg.rollout.temperature)
     else:
         result = sft_curve(model_dir, train_prompts, eval_prompts, budget_s, every, cfg.model.sft_lr,
-                           cfg.model.sft_batch_size, cfg.train.seed, max_new_tokens=cfg.eval.max_new_tokens)
-    return {"curve": result.points, "phases": result.phases, "time_budget_s": budget_s,
+                           cfg.model.sft_batch_size, seed, max_new_tokens=cfg.eval.max_new_tokens)
+    return {"seed": seed, "curve": result.points, "phases": result.phases, "time_budget_s": budget_s,
             "train_seconds": result.points[-1]["train_seconds"], "wall_seconds": time.perf_counter() - t0,
-            "samples_generated": result.points[-1]["samples_generated"]}
+            "samples_generated": result.points[-1]["samples_generated"], "tokens_generated": result.tokens_generated}
 
 
-def run_bench(plan: Plan, bench_dir: Path, only: Sequence[str], extra: list[str], budget_cap_s: float | None,
-              quick: bool) -> dict:
+def start_groups(model_dir: Path, cfg, plan: Plan, n_prompts: int = 64) -> dict:
+    """The warm start's group mix on `n_prompts` training problems (G samples each, the RL
+    contenders' temperature): the share of all-right and all-wrong groups."""
+    from launch.bench.peers import group_mix
+    from rollout_workers.prompts import load_prompts
+
+    t0 = time.perf_counter()
+    prompts = load_prompts(cfg.data, "train").prompts[:n_prompts]
+    mix = group_mix(model_dir, prompts, plan.group_size, plan.max_new_tokens, cfg.rollout.temperature, cfg.train.seed)
+    return {**mix._asdict(), "uniform": mix.all_right + mix.all_wrong, "prompts": len(prompts),
+            "seconds": time.perf_counter() - t0}
+
+
+def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, contenders: Sequence[str], extra: list[str],
+              budget_cap_s: float | None, quick: bool) -> dict:
     from launch.config import load_config
     from rollout_workers.prompts import load_prompts
 
@@ -194,51 +247,68 @@ def run_bench(plan: Plan, bench_dir: Path, only: Sequence[str], extra: list[str]
         model_dir, sft_info = prepare_model(cfg, start_dir, load_prompts(cfg.data, "train").prompts)
         sft_info = {**sft_info, "wall_seconds": time.perf_counter() - t0}
     print(f"shared start: {model_dir} {sft_info}", flush=True)
+    groups = start_groups(model_dir, cfg, plan)
+    print(f"start groups: {groups}", flush=True)
 
-    results: dict[str, dict] = {}
-    if any(name in only for name in OURS):
-        import ray
-
-        started_ray = not ray.is_initialized()
-        for name in OURS:
-            if name in only:
-                print(f"\n=== {name}", flush=True)
-                results[name] = run_ours(name, plan, model_dir, bench_dir, extra)
-        if started_ray and ray.is_initialized():
-            ray.shutdown()  # the peers run in this process; free the cluster's memory first
+    runs: dict[str, list[dict]] = {n: [] for n in CONTENDERS if n in contenders}
     n_evals = max(1, plan.prompts // plan.eval_every_prompts)
-    budget = max((r["train_seconds"] for r in results.values()), default=budget_cap_s or 60.0)
-    if budget_cap_s:
-        budget = min(budget, budget_cap_s)
-    for name in PEERS:
-        if name in only:
-            print(f"\n=== {name} ({budget:.0f} s budget)", flush=True)
-            results[name] = run_peer(name, plan, model_dir, cfg, budget, n_evals)
-    return summarize(results, plan, quick, str(model_dir), sft_info)
+    for seed in range(seeds):
+        ours = [n for n in OURS if n in contenders]
+        if ours:
+            import ray
+
+            started_ray = not ray.is_initialized()
+            for name in ours:
+                print(f"\n=== {name} seed {seed}", flush=True)
+                runs[name].append(run_ours(name, seed, plan, model_dir, bench_dir, extra))
+            if started_ray and ray.is_initialized():
+                ray.shutdown()  # the peers run in this process; free the cluster's memory first
+        budget = max((runs[n][-1]["train_seconds"] for n in ours), default=budget_cap_s or 60.0)
+        if budget_cap_s:
+            budget = min(budget, budget_cap_s)
+        for name in PEERS:
+            if name in contenders:
+                print(f"\n=== {name} seed {seed} ({budget:.0f} s budget)", flush=True)
+                runs[name].append(run_peer(name, seed, plan, model_dir, cfg, budget, n_evals))
+    return summarize(runs, plan, regime, seeds, quick, str(model_dir), sft_info, groups)
 
 
-def summarize(results: dict[str, dict], plan: Plan, quick: bool, model_dir: str, sft_info: dict) -> dict:
-    """The bench JSON: target, per-contender seconds/samples to target, ratios, phases, curves."""
-    curves = {n: r["curve"] for n, r in results.items()}
-    out = {"quick": quick, "plan": plan._asdict(), "start_model": model_dir, "start_sft": sft_info,
-           "target_accuracy": None, "ratio_dash_vs_standard_grpo": None, "ratio_dash_vs_trl": None,
-           "phase_note": "score runs inside generate for our contenders (streamed scoring); TRL's learn "
-                         "includes its own bookkeeping (other=null: not separable)",
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(runs: dict[str, list[dict]], plan: Plan, regime: str, seeds: int, quick: bool, model_dir: str,
+              sft_info: dict, groups: dict) -> dict:
+    """The bench JSON: target, per-contender spreads over seeds, rates, median phases, ratios, runs."""
+    agg = aggregate({n: [r["curve"] for r in rs] for n, rs in runs.items()})
+    out = {"regime": regime, "seeds": seeds, "quick": quick, "plan": plan._asdict(), "start_model": model_dir,
+           "start_sft": sft_info, "start_groups": groups, "start_accuracy": agg.start_accuracy,
+           "target_rule": "start + 0.5 x (lowest median best accuracy of dash / standard_grpo / trl_grpo - start)",
+           "target_accuracy": agg.target_accuracy,
+           "ratio_dash_vs_standard_grpo": agg.ratio_dash_vs_standard_grpo, "ratio_dash_vs_trl": agg.ratio_dash_vs_trl,
+           "phase_note": "seconds summed over a run, median over seeds; score runs inside generate for our "
+                         "contenders (streamed scoring, summed worker-seconds); TRL's learn includes its own "
+                         "bookkeeping (other=null: not separable)",
            "contenders": {}}
-    cmp = compare_curves(curves) if "standard_grpo" in curves else None
-    for name, r in results.items():
+    for name, rs in runs.items():
+        for r, to_target in zip(rs, agg.per_seed_seconds_to_target[name]):
+            r["seconds_to_target"] = to_target
+            r["orchestration_overhead"] = overhead(r["phases"])
+        phase_keys = sorted({k for r in rs for k in r["phases"]})
         out["contenders"][name] = {
-            "seconds_to_target": cmp.seconds_to_target[name] if cmp else None,
-            "samples_to_target": cmp.samples_to_target[name] if cmp else None,
-            "final_accuracy": r["curve"][-1]["accuracy"],
-            "orchestration_overhead": overhead(r["phases"]),
-            **r,
+            "seconds_to_target": agg.seconds_to_target[name]._asdict(),
+            "final_accuracy": agg.final_accuracy[name]._asdict(),
+            "best_accuracy": agg.best_accuracy[name]._asdict(),
+            "samples_per_second": _median([r["samples_generated"] / r["train_seconds"] if r["train_seconds"] else None
+                                           for r in rs]),
+            "tokens_per_second": _median([r["tokens_generated"] / r["train_seconds"] if r["train_seconds"] else None
+                                          for r in rs]),
+            "train_seconds": _median([r["train_seconds"] for r in rs]),
+            "phases": {k: _median([r["phases"].get(k) for r in rs]) for k in phase_keys},
+            "kept_fraction": _median([r.get("kept_fraction") for r in rs]),
+            "runs": rs,
         }
-    if cmp:
-        out["target_accuracy"] = cmp.target_accuracy
-        dash = cmp.seconds_to_target.get("dash")
-        out["ratio_dash_vs_standard_grpo"] = ratio(dash, cmp.seconds_to_target.get("standard_grpo"))
-        out["ratio_dash_vs_trl"] = ratio(dash, cmp.seconds_to_target.get("trl_grpo"))
     return out
 
 
@@ -246,26 +316,28 @@ def summarize(results: dict[str, dict], plan: Plan, quick: bool, model_dir: str,
 
 
 def write_plot(result: dict, path: Path) -> Path:
-    """bench.png: accuracy against training seconds (left) and samples generated (right)."""
+    """The plot: accuracy against training seconds (left) and samples generated (right), a line
+    per contender and seed (one colour per contender)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (by_time, by_samples) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, c in result["contenders"].items():
-        xs = [p["train_seconds"] for p in c["curve"]]
-        ys = [p["accuracy"] for p in c["curve"]]
-        by_time.plot(xs, ys, marker="o", label=name)
-        if name != "sft":  # SFT generates nothing
-            by_samples.plot([p["samples_generated"] for p in c["curve"]], ys, marker="o", label=name)
+    for k, (name, c) in enumerate(result["contenders"].items()):
+        for j, run in enumerate(c["runs"]):
+            ys = [p["accuracy"] for p in run["curve"]]
+            style = dict(color=f"C{k}", marker="o", markersize=3, linewidth=1, label=name if j == 0 else None)
+            by_time.plot([p["train_seconds"] for p in run["curve"]], ys, **style)
+            if name != "sft":  # SFT generates nothing
+                by_samples.plot([p["samples_generated"] for p in run["curve"]], ys, **style)
     for ax, label in ((by_time, "training seconds (eval excluded)"), (by_samples, "samples generated")):
         if result["target_accuracy"] is not None:
             ax.axhline(result["target_accuracy"], color="grey", linestyle="--", linewidth=1, label="target")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out greedy accuracy")
         ax.legend(fontsize=8)
-    fig.suptitle("DASH bench" + (" (--quick)" if result["quick"] else ""))
+    fig.suptitle(f"DASH bench, {result['regime']} regime, {result['seeds']} seeds" + (" (--quick)" if result["quick"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -276,18 +348,31 @@ def fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def fmt_spread(s: dict, spec: str = ".1f") -> str:
+    """"median (min-max)" of a Spread dict, with how many seeds had a value when not all did."""
+    if s["median"] is None and s["count"] == 0:
+        return f"- (0/{s['of']})"
+    text = f"{fmt(s['median'], spec)} ({fmt(s['min'], spec)}-{fmt(s['max'], spec)})"
+    return text if s["count"] == s["of"] else f"{text} [{s['count']}/{s['of']}]"
+
+
 def table(result: dict) -> str:
-    head = ("| contender | final acc | s to target | samples to target | train s | generate | score | learn | sync "
-            "| other | overhead |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    """Markdown: per contender medians (min-max) over seeds, rates, and median phase seconds."""
+    head = ("| contender | s to target | final acc | samples/s | tokens/s | train s | generate | score | learn | sync "
+            "| other | kept |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for name, c in result["contenders"].items():
         p = c["phases"]
-        rows.append(f"| {name} | {c['final_accuracy']:.3f} | {fmt(c['seconds_to_target'])} | {fmt(c['samples_to_target'], 'd')} "
-                    f"| {c['train_seconds']:.1f} | {fmt(p['generate'])} | {fmt(p['score'])} | {fmt(p['learn'])} "
-                    f"| {fmt(p['sync'])} | {fmt(p['other'])} | {fmt(c['orchestration_overhead'], '.1%')} |")
-    tail = (f"\ntarget accuracy (best of standard_grpo) {fmt(result['target_accuracy'], '.3f')}; "
-            f"dash/standard_grpo seconds to target {fmt(result['ratio_dash_vs_standard_grpo'], '.2f')}; "
-            f"dash/trl {fmt(result['ratio_dash_vs_trl'], '.2f')}\n")
+        rows.append(f"| {name} | {fmt_spread(c['seconds_to_target'])} | {fmt_spread(c['final_accuracy'], '.3f')} "
+                    f"| {fmt(c['samples_per_second'], '.0f')} | {fmt(c['tokens_per_second'], '.0f')} "
+                    f"| {fmt(c['train_seconds'])} | {fmt(p.get('generate'))} | {fmt(p.get('score'))} | {fmt(p.get('learn'))} "
+                    f"| {fmt(p.get('sync'))} | {fmt(p.get('other'))} | {fmt(c.get('kept_fraction'), '.2f')} |")
+    g = result["start_groups"]
+    tail = (f"\nregime {result['regime']}, {result['seeds']} seeds; start accuracy {fmt(result['start_accuracy'], '.3f')}; "
+            f"start groups all-right {g['all_right']:.2f} / all-wrong {g['all_wrong']:.2f}; "
+            f"target {fmt(result['target_accuracy'], '.3f')} ({result['target_rule']}); "
+            f"dash/standard_grpo {fmt(result['ratio_dash_vs_standard_grpo'], '.2f')}; "
+            f"dash/trl {fmt(result['ratio_dash_vs_trl'], '.2f')} (ratios of medians)\n")
     return head + "\n".join(rows) + "\n" + tail
 
 
@@ -296,39 +381,47 @@ def table(result: dict) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.bench dash", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", required=True, help="where to write the result (bench.png goes next to it)")
-    p.add_argument("--quick", action="store_true", help=f"{QUICK.prompts} prompts per contender (~15 min on 2 cores)")
-    p.add_argument("--dir", default="", help="run directories (default: <json dir>/dash-<time>)")
-    p.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders (standard_grpo defines the target)")
+    p.add_argument("--json", required=True, help="where to write the result (the plot goes next to it, same name, .png)")
+    p.add_argument("--regime", choices=REGIMES, default="tiny",
+                   help="tiny: 2-digit addition, 8-token answers; reasoning: worked multi-step solutions of 51-89 tokens")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller budget: {TINY_QUICK.prompts} (tiny) / {REASONING_QUICK.prompts} (reasoning) prompts per contender")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per contender, run round-robin (medians are reported)")
+    p.add_argument("--dir", default="", help="run directories (default: <json dir>/dash-<regime>-<time>)")
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated contenders (default: all)")
     p.add_argument("--prompts", type=int, default=0, help="training prompts per RL contender (overrides the plan)")
     p.add_argument("--eval-every-prompts", type=int, default=0, help="evaluation cadence in prompts (overrides the plan)")
     p.add_argument("--budget-s", type=float, default=0.0, help="cap on the peers' time budget (0 = none)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra config override for every contender and the shared start (repeatable)")
     args = p.parse_args(list(argv))
-    unknown = [n for n in args.only.split(",") if n not in CONTENDERS]
+    names = args.contenders.split(",")
+    unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
-        p.error(f"--only: unknown contenders {unknown}; choose from {list(CONTENDERS)}")
+        p.error(f"--contenders: unknown contenders {unknown}; choose from {list(CONTENDERS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    plan = QUICK if args.quick else FULL
+    plan = PLANS[(args.regime, args.quick)]
     if args.prompts:
         plan = plan._replace(prompts=args.prompts)
     if args.eval_every_prompts:
         plan = plan._replace(eval_every_prompts=args.eval_every_prompts)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    bench_dir = Path(args.dir or out.parent / f"dash-{time.strftime('%Y%m%d-%H%M%S')}")
-    # The DeepSpeed shm op compiles once per machine when this cache is shared (the shared cache keeps one compiled copy).
+    bench_dir = Path(args.dir or out.parent / f"dash-{args.regime}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # The DeepSpeed shm op compiles once per machine when this cache is shared between runs.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dash_rl_torch_extensions"))
     t0 = time.perf_counter()
-    result = run_bench(plan, bench_dir, args.only.split(","), list(args.set), args.budget_s or None, args.quick)
+    result = run_bench(plan, args.regime, args.seeds, bench_dir, args.contenders.split(","), list(args.set),
+                       args.budget_s or None, args.quick)
     result["wall_seconds"] = time.perf_counter() - t0
     result["runs_dir"] = str(bench_dir)
-    result["plot"] = str(write_plot(result, out.parent / "bench.png"))
+    result["plot"] = str(write_plot(result, out.with_suffix(".png")))
     out.write_text(json.dumps(result, indent=2))
     print("\n" + table(result), flush=True)
     print(f"wrote {out} and {result['plot']} ({result['wall_seconds']:.0f} s)", flush=True)
