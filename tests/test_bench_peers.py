@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from launch.bench.dash import (OURS, PLANS, PRESET, contender_overrides, fmt_spread, phase_totals, shared_overrides,
-                               summarize, table, write_plot)
+                               start_key, summarize, table, write_plot)
 from launch.bench.peers import PHASES, group_mix, sft_curve, trl_grpo_curve
 from rollout_workers.prompts import synthetic_problems
 
@@ -80,6 +80,16 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
     assert seen["dash_no_filter"][2:] == (False, "dash", plan.prompts_per_generation)
     assert seen["dash_no_preemptive"][2:] == (True, "dash", plan.prompts_per_step)
     assert {PLANS[(r, q)].task for r, q in PLANS} == {"add", "chain"}
+
+
+def test_warm_start_is_shared_across_budgets_and_reused_only_with_the_same_settings():
+    def key(regime: str, quick: bool, extra: tuple[str, ...] = ()) -> str:
+        return start_key(regime, shared_overrides(PLANS[(regime, quick)]) + list(extra))
+
+    assert key("reasoning", True) == key("reasoning", False) and key("tiny", True) == key("tiny", False)
+    assert key("tiny", True).startswith("tiny-") and key("reasoning", True).startswith("reasoning-")
+    assert key("reasoning", True) != key("reasoning", True, ("model.sft_steps=5",))
+    assert key("tiny", True)[5:] != key("reasoning", True)[10:]
 
 
 def test_phase_totals_sum_every_time_key():

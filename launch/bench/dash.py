@@ -8,7 +8,8 @@ each contender with several seeds, in two regimes.
         --contenders standard_grpo,dash --set model.sft_steps=20                    # a smoke run
 
 Every contender starts from the same SFT-warmed tiny model (built once, `prepare_model`, into
-<dir>/start/sft_model, then passed as `model.path=`), on the same synthetic task, the same held-out
+<--starts-dir>/<regime>-<hash of its settings>/sft_model and reused by later runs with the same
+settings, then passed as `model.path=`), on the same synthetic task, the same held-out
 eval set (greedy pass@1, `eval.size` problems), the same G, lengths, learning rate and prompts per
 optimizer step:
 
@@ -57,6 +58,7 @@ generated, a line per contender and seed) and prints a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -106,15 +108,19 @@ class Plan(NamedTuple):
     micro_batch_tokens: int
     """learner.micro_batch_tokens: standard GRPO's "one micro-batch per engine call" must hold at
     least one group of the longest prompt + completion."""
+    sft_steps: int
+    """model.sft_steps: most warm-up steps of the shared start."""
+    sft_stop_accuracy: float
+    """model.sft_stop_accuracy: the warm-up stops at this greedy accuracy on training problems."""
 
 
 TINY = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
             max_new_tokens=16, lr=1e-4, eval_size=400, task="add", digits=2, train_size=6000, max_prompt_tokens=64,
-            micro_batch_tokens=2048)
+            micro_batch_tokens=2048, sft_steps=1500, sft_stop_accuracy=0.3)
 TINY_QUICK = TINY._replace(prompts=512)
 REASONING = Plan(prompts=1024, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
                  max_new_tokens=96, lr=1e-4, eval_size=200, task="chain", digits=2, train_size=6000,
-                 max_prompt_tokens=48, micro_batch_tokens=2048)
+                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=600, sft_stop_accuracy=0.2)
 REASONING_QUICK = REASONING._replace(prompts=256, eval_every_prompts=64)
 PLANS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK, ("reasoning", False): REASONING,
          ("reasoning", True): REASONING_QUICK}
@@ -130,7 +136,8 @@ def shared_overrides(plan: Plan) -> list[str]:
             f"eval.size={plan.eval_size}", f"data.eval_size={plan.eval_size}", f"data.synthetic_tasks=[{plan.task}]",
             f"data.synthetic_digits={plan.digits}", f"data.synthetic_train_size={plan.train_size}",
             f"rollout.max_prompt_tokens={plan.max_prompt_tokens}",
-            f"learner.micro_batch_tokens={plan.micro_batch_tokens}", "run.progress=false"]
+            f"learner.micro_batch_tokens={plan.micro_batch_tokens}", f"model.sft_steps={plan.sft_steps}",
+            f"model.sft_stop_accuracy={plan.sft_stop_accuracy}", "run.progress=false"]
 
 
 def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
@@ -230,14 +237,22 @@ def start_groups(model_dir: Path, cfg, plan: Plan, n_prompts: int = 64) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, contenders: Sequence[str], extra: list[str],
-              budget_cap_s: float | None, quick: bool) -> dict:
+def start_key(regime: str, overrides: Sequence[str]) -> str:
+    """Name of the shared start's directory: the regime and a hash of every override it is built with."""
+    return f"{regime}-{hashlib.sha256(chr(10).join(overrides).encode()).hexdigest()[:12]}"
+
+
+def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, starts_dir: Path, contenders: Sequence[str],
+              extra: list[str], budget_cap_s: float | None, quick: bool) -> dict:
     from launch.config import load_config
     from rollout_workers.prompts import load_prompts
 
-    start_dir = bench_dir / "start"
+    # The warm start depends only on these overrides (not on the budget or the seeds), so a bench
+    # run reuses the one an earlier run built with the same ones (prepare_model resumes from it).
+    start_overrides = shared_overrides(plan) + extra
+    start_dir = starts_dir / start_key(regime, start_overrides)
     start_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(PRESET, shared_overrides(plan) + extra + [f"run.dir={start_dir}"])
+    cfg = load_config(PRESET, start_overrides + [f"run.dir={start_dir}"])
     if cfg.model.path:
         model_dir, sft_info = Path(cfg.model.path), {}
     else:
@@ -245,7 +260,7 @@ def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, contenders: 
 
         t0 = time.perf_counter()
         model_dir, sft_info = prepare_model(cfg, start_dir, load_prompts(cfg.data, "train").prompts)
-        sft_info = {**sft_info, "wall_seconds": time.perf_counter() - t0}
+        sft_info = {**sft_info, "wall_seconds": time.perf_counter() - t0, "dir": str(start_dir)}
     print(f"shared start: {model_dir} {sft_info}", flush=True)
     groups = start_groups(model_dir, cfg, plan)
     print(f"start groups: {groups}", flush=True)
@@ -388,6 +403,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help=f"smaller budget: {TINY_QUICK.prompts} (tiny) / {REASONING_QUICK.prompts} (reasoning) prompts per contender")
     p.add_argument("--seeds", type=int, default=1, help="seeds per contender, run round-robin (medians are reported)")
     p.add_argument("--dir", default="", help="run directories (default: <json dir>/dash-<regime>-<time>)")
+    p.add_argument("--starts-dir", default="runs/bench/starts",
+                   help="where shared warm starts are kept, one per regime and settings (reused by later runs)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated contenders (default: all)")
     p.add_argument("--prompts", type=int, default=0, help="training prompts per RL contender (overrides the plan)")
     p.add_argument("--eval-every-prompts", type=int, default=0, help="evaluation cadence in prompts (overrides the plan)")
@@ -417,8 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The DeepSpeed shm op compiles once per machine when this cache is shared between runs.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dash_rl_torch_extensions"))
     t0 = time.perf_counter()
-    result = run_bench(plan, args.regime, args.seeds, bench_dir, args.contenders.split(","), list(args.set),
-                       args.budget_s or None, args.quick)
+    result = run_bench(plan, args.regime, args.seeds, bench_dir, Path(args.starts_dir), args.contenders.split(","),
+                       list(args.set), args.budget_s or None, args.quick)
     result["wall_seconds"] = time.perf_counter() - t0
     result["runs_dir"] = str(bench_dir)
     result["plot"] = str(write_plot(result, out.with_suffix(".png")))
