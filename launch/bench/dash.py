@@ -58,6 +58,8 @@ generated, a line per contender and seed) and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -65,7 +67,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from launch.bench.peers import PHASES, PeerCurve
 from launch.bench.stats import aggregate
@@ -112,16 +114,18 @@ class Plan(NamedTuple):
     """model.sft_steps: most warm-up steps of the shared start."""
     sft_stop_accuracy: float
     """model.sft_stop_accuracy: the warm-up stops at this greedy accuracy on training problems."""
+    sft_batch_size: int
+    """model.sft_batch_size of the warm-up."""
 
 
 TINY = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
             max_new_tokens=16, lr=1e-4, eval_size=400, task="add", digits=2, train_size=6000, max_prompt_tokens=64,
-            micro_batch_tokens=2048, sft_steps=1500, sft_stop_accuracy=0.3)
+            micro_batch_tokens=2048, sft_steps=1500, sft_stop_accuracy=0.3, sft_batch_size=64)
 TINY_QUICK = TINY._replace(prompts=512)
 REASONING = Plan(prompts=1024, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
-                 max_new_tokens=96, lr=1e-4, eval_size=200, task="chain", digits=2, train_size=6000,
-                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=600, sft_stop_accuracy=0.2)
-REASONING_QUICK = REASONING._replace(prompts=256, eval_every_prompts=64)
+                 max_new_tokens=96, lr=1e-4, eval_size=100, task="chain", digits=2, train_size=6000,
+                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=300, sft_stop_accuracy=0.2, sft_batch_size=32)
+REASONING_QUICK = REASONING._replace(prompts=128, eval_every_prompts=64)
 PLANS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK, ("reasoning", False): REASONING,
          ("reasoning", True): REASONING_QUICK}
 """(regime, quick) -> plan. REASONING_QUICK is sized so that the bars' command (3 seeds of dash,
@@ -137,7 +141,8 @@ def shared_overrides(plan: Plan) -> list[str]:
             f"data.synthetic_digits={plan.digits}", f"data.synthetic_train_size={plan.train_size}",
             f"rollout.max_prompt_tokens={plan.max_prompt_tokens}",
             f"learner.micro_batch_tokens={plan.micro_batch_tokens}", f"model.sft_steps={plan.sft_steps}",
-            f"model.sft_stop_accuracy={plan.sft_stop_accuracy}", "run.progress=false"]
+            f"model.sft_stop_accuracy={plan.sft_stop_accuracy}", f"model.sft_batch_size={plan.sft_batch_size}",
+            "run.progress=false"]
 
 
 def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
@@ -237,13 +242,39 @@ def start_groups(model_dir: Path, cfg, plan: Plan, n_prompts: int = 64) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+START_LOCK_TIMEOUT_S = 7200.0
+"""How long a bench waits for another one that is building the same warm start."""
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout_s: float) -> Iterator[None]:
+    """Hold an exclusive flock on `path`; TimeoutError naming it after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: another bench held the warm start for over {timeout_s:.0f} s") from None
+                time.sleep(1.0)  # polling a lock held by another process: there is nothing to wait on
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def start_key(regime: str, overrides: Sequence[str]) -> str:
     """Name of the shared start's directory: the regime and a hash of every override it is built with."""
     return f"{regime}-{hashlib.sha256(chr(10).join(overrides).encode()).hexdigest()[:12]}"
 
 
 def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, starts_dir: Path, contenders: Sequence[str],
-              extra: list[str], budget_cap_s: float | None, quick: bool) -> dict:
+              extra: list[str], budget_cap_s: float | None, quick: bool,
+              on_progress: Callable[[dict], None] = lambda partial: None) -> dict:
+    """Build (or reuse) the shared start, then every contender's seeds round-robin. After each run
+    `on_progress` gets the summary of the runs so far (a bench cut short still leaves its numbers)."""
     from launch.config import load_config
     from rollout_workers.prompts import load_prompts
 
@@ -259,13 +290,26 @@ def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, starts_dir: 
         from launch.train import prepare_model
 
         t0 = time.perf_counter()
-        model_dir, sft_info = prepare_model(cfg, start_dir, load_prompts(cfg.data, "train").prompts)
+        with _exclusive(start_dir / ".lock", START_LOCK_TIMEOUT_S):  # another bench may be building this start
+            model_dir, sft_info = prepare_model(cfg, start_dir, load_prompts(cfg.data, "train").prompts)
         sft_info = {**sft_info, "wall_seconds": time.perf_counter() - t0, "dir": str(start_dir)}
     print(f"shared start: {model_dir} {sft_info}", flush=True)
     groups = start_groups(model_dir, cfg, plan)
     print(f"start groups: {groups}", flush=True)
 
     runs: dict[str, list[dict]] = {n: [] for n in CONTENDERS if n in contenders}
+
+    def so_far() -> dict:
+        done = {n: rs for n, rs in runs.items() if rs}
+        if not done:
+            return {"regime": regime, "seeds": seeds, "quick": quick, "plan": plan._asdict(), "start_model": str(model_dir),
+                    "start_sft": sft_info, "start_groups": groups, "contenders": {}}
+        return summarize(done, plan, regime, seeds, quick, str(model_dir), sft_info, groups)
+
+    def progress() -> None:
+        on_progress(so_far())
+
+    progress()
     n_evals = max(1, plan.prompts // plan.eval_every_prompts)
     for seed in range(seeds):
         ours = [n for n in OURS if n in contenders]
@@ -276,6 +320,7 @@ def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, starts_dir: 
             for name in ours:
                 print(f"\n=== {name} seed {seed}", flush=True)
                 runs[name].append(run_ours(name, seed, plan, model_dir, bench_dir, extra))
+                progress()
             if started_ray and ray.is_initialized():
                 ray.shutdown()  # the peers run in this process; free the cluster's memory first
         budget = max((runs[n][-1]["train_seconds"] for n in ours), default=budget_cap_s or 60.0)
@@ -285,7 +330,8 @@ def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, starts_dir: 
             if name in contenders:
                 print(f"\n=== {name} seed {seed} ({budget:.0f} s budget)", flush=True)
                 runs[name].append(run_peer(name, seed, plan, model_dir, cfg, budget, n_evals))
-    return summarize(runs, plan, regime, seeds, quick, str(model_dir), sft_info, groups)
+                progress()
+    return so_far()
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -405,6 +451,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dir", default="", help="run directories (default: <json dir>/dash-<regime>-<time>)")
     p.add_argument("--starts-dir", default="runs/bench/starts",
                    help="where shared warm starts are kept, one per regime and settings (reused by later runs)")
+    p.add_argument("--start-only", action="store_true",
+                   help="build (or reuse) the shared warm start, measure its group mix, and stop")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated contenders (default: all)")
     p.add_argument("--prompts", type=int, default=0, help="training prompts per RL contender (overrides the plan)")
     p.add_argument("--eval-every-prompts", type=int, default=0, help="evaluation cadence in prompts (overrides the plan)")
@@ -434,14 +482,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # The DeepSpeed shm op compiles once per machine when this cache is shared between runs.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dash_rl_torch_extensions"))
     t0 = time.perf_counter()
-    result = run_bench(plan, args.regime, args.seeds, bench_dir, Path(args.starts_dir), args.contenders.split(","),
-                       list(args.set), args.budget_s or None, args.quick)
+    partial_path = out.with_suffix(".partial.json")
+
+    def write_partial(partial: dict) -> None:
+        partial_path.write_text(json.dumps({**partial, "partial": True, "wall_seconds": time.perf_counter() - t0}, indent=2))
+
+    result = run_bench(plan, args.regime, args.seeds, bench_dir, Path(args.starts_dir),
+                       [] if args.start_only else args.contenders.split(","), list(args.set), args.budget_s or None,
+                       args.quick, write_partial)
     result["wall_seconds"] = time.perf_counter() - t0
     result["runs_dir"] = str(bench_dir)
-    result["plot"] = str(write_plot(result, out.with_suffix(".png")))
+    if result["contenders"]:
+        result["plot"] = str(write_plot(result, out.with_suffix(".png")))
+        print("\n" + table(result), flush=True)
     out.write_text(json.dumps(result, indent=2))
-    print("\n" + table(result), flush=True)
-    print(f"wrote {out} and {result['plot']} ({result['wall_seconds']:.0f} s)", flush=True)
+    print(f"wrote {out} ({result['wall_seconds']:.0f} s)", flush=True)
     return result
 
 
