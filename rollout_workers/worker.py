@@ -2,6 +2,10 @@
 preemptive batch (DASH, arXiv 2505.17218 Sec. 4: every prompt of an optimizer step in one engine
 call) and streams back scored groups as the engine completes them.
 
+Scoring is off the engine's critical path: the engine runs on its own thread (`GroupFeed`) and
+keeps sampling the rest of the batch while the actor's thread scores the groups it has finished
+(the reward pool works in separate processes) and streams them out, in engine order.
+
 Advantages are left None: the learner computes them in one place.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_worker.py
@@ -9,10 +13,11 @@ Advantages are left None: the learner computes them in one place.
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from dataclasses import dataclass
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Generic, Iterator, NamedTuple, Sequence, TypeVar
 
 import ray
 import torch
@@ -64,13 +69,84 @@ class WorkerStats(NamedTuple):
     score_seconds: float
     """Wall seconds spent scoring completions (inside the generate stream)."""
     first_yield_progress: tuple[int, int]
-    """(prompts the engine had completed, prompts in the batch) when the last batch's first group was
-    yielded; first < second means groups leave before the batch ends."""
+    """(prompts the engine had completed, prompts in the batch) when the last batch's first group
+    left the engine for scoring; first < second means groups leave before the batch ends."""
 
 
 _ACTOR_THREADS = 4
 """Threads per worker actor: a streaming batch, a re-dispatched batch queued behind it, a weight
-update queued behind them, and one left for stats()/version()."""
+update queued behind them, and one left for stats()/version(). (A batch's engine thread is extra.)"""
+ENGINE_STOP_TIMEOUT_S = 600.0
+"""How long closing a batch waits for its engine thread to finish the chunk it is sampling."""
+_POLL_S = 0.5
+"""How often a scorer waiting for the engine's next group checks whether the batch was cancelled."""
+
+T = TypeVar("T")
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+_END = object()
+
+
+class GroupFeed(Generic[T]):
+    """Runs a generator (the engine's `generate`) on its own thread, so that it keeps producing
+    while the consumer works on what it already produced; iterating the feed yields the items in
+    production order and re-raises the generator's exception. `on_item(k)` runs on the producer
+    thread as item k leaves the generator. Use as a context manager: leaving it (batch done,
+    cancelled, or failed) stops the producer after its current item, closes the generator on its
+    own thread, and waits for it (ENGINE_STOP_TIMEOUT_S) so the engine is free again."""
+
+    def __init__(self, source: Generator[T, None, None], on_item: Callable[[int], None] | None = None,
+                 cancelled: Callable[[], bool] = lambda: False, name: str = "engine") -> None:
+        self._source = source
+        self._on_item = on_item
+        self._cancelled = cancelled
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"{name}-feed", daemon=True)
+
+    def __enter__(self) -> "GroupFeed[T]":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=ENGINE_STOP_TIMEOUT_S)
+        if self._thread.is_alive():
+            raise RuntimeError(f"{self._thread.name}: the engine did not stop within {ENGINE_STOP_TIMEOUT_S:.0f} s")
+
+    def _pump(self) -> None:
+        try:
+            for k, item in enumerate(self._source):
+                if self._on_item is not None:
+                    self._on_item(k)
+                self._queue.put(item)
+                if self._stop.is_set():
+                    break
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._queue.put(_Failed(e))
+        finally:
+            try:
+                self._source.close()  # a generator is closed on the thread that runs it
+            finally:
+                self._queue.put(_END)
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._cancelled():
+                    return
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
 
 
 def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm",
@@ -227,36 +303,47 @@ class RolloutWorker:
         the engine completes it. Prompts that cannot be sampled are counted and yielded first as
         RefusedPrompt (with the reason)."""
         self._counts["batches_in_flight"] += 1
+        cancelled = ray.get_runtime_context().is_canceled
+
+        def first_progress(k: int) -> None:
+            if k == 0:
+                self._first_yield_progress = (self._engine.completed_prompts, len(kept))
+
         try:
             self._acquire_engine("generate")
             try:
                 kept, refused = self._admissible(request)
                 for r in refused:  # not `yield from`: Ray's streaming generator sends into it
                     yield r
-                groups = self._engine.generate(kept, request.params)
-                for k, group in enumerate(groups):
-                    if ray.get_runtime_context().is_canceled():
-                        groups.close()  # the driver gave up on this batch: stop sampling it
-                        return
-                    if k == 0:
-                        self._first_yield_progress = (self._engine.completed_prompts, len(kept))
-                    t0 = time.perf_counter()
-                    scored = self._rewards.score([c.text for c in group.completions],
-                                                 [group.prompt.gold] * len(group.completions))
-                    score_seconds = time.perf_counter() - t0
-                    self._score_seconds += score_seconds
-                    self._counts["prompts"] += 1
-                    self._counts["completions"] += len(group.completions)
-                    self._counts["reward_timeouts"] += scored.timeouts
-                    self._counts["reward_errors"] += scored.errors
-                    yield ScoredGroup(prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
-                                      completions=group.completions, rewards=tuple(scored.rewards),
-                                      policy_version=group.policy_version, batch_id=request.batch_id,
-                                      worker=self._name, score_seconds=score_seconds)
+                # The engine samples on the feed's thread while this one scores: leaving the block
+                # (done, cancelled by the driver, or failed) stops the engine before the lock is released.
+                with GroupFeed(self._engine.generate(kept, request.params), first_progress, cancelled,
+                               self._name) as groups:
+                    for scored in self._score_stream(groups, request.batch_id, cancelled):
+                        yield scored
             finally:
                 self._engine_lock.release()
         finally:
             self._counts["batches_in_flight"] -= 1
+
+    def _score_stream(self, groups: Iterator, batch_id: int, cancelled: Callable[[], bool]) -> Iterator[ScoredGroup]:
+        """Score each group the engine finished, in engine order, and yield it."""
+        for group in groups:
+            if cancelled():
+                return  # the driver gave up on this batch: the feed stops the engine
+            t0 = time.perf_counter()
+            scored = self._rewards.score([c.text for c in group.completions],
+                                         [group.prompt.gold] * len(group.completions))
+            score_seconds = time.perf_counter() - t0
+            self._score_seconds += score_seconds
+            self._counts["prompts"] += 1
+            self._counts["completions"] += len(group.completions)
+            self._counts["reward_timeouts"] += scored.timeouts
+            self._counts["reward_errors"] += scored.errors
+            yield ScoredGroup(prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
+                              completions=group.completions, rewards=tuple(scored.rewards),
+                              policy_version=group.policy_version, batch_id=batch_id,
+                              worker=self._name, score_seconds=score_seconds)
 
     def _admissible(self, request: RolloutRequest) -> tuple[list[Prompt], list[RefusedPrompt]]:
         """The prompts the engine can take, and the refused ones with their reason (the second line

@@ -1,16 +1,14 @@
-"""The bench's curve arithmetic (hand-made curves) and smoke runs of its two peers.
+"""The DASH bench's JSON, table and plot over seeds (hand-made runs), its plans, and smoke runs of its peers.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_bench_peers.py
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from launch.bench_dash import FULL, OURS, PRESET, QUICK, contender_overrides, shared_overrides, summarize, table, write_plot
-from launch.bench_peers import (PHASES, at_target, compare_curves, ratio, seconds_to_target, sft_curve,
-                                trl_grpo_curve)
+from launch.bench.dash import (OURS, PLANS, PRESET, contender_overrides, fmt_spread, phase_totals, shared_overrides,
+                               start_key, summarize, table, write_plot)
+from launch.bench.peers import PHASES, group_mix, sft_curve, trl_grpo_curve
 from rollout_workers.prompts import synthetic_problems
 
 
@@ -18,79 +16,96 @@ def curve(*points: tuple[float, int, float]) -> list[dict]:
     return [{"train_seconds": s, "samples_generated": n, "accuracy": a} for s, n, a in points]
 
 
-# standard_grpo peaks at 0.60 at 20 s, then dips: the target is its best, not its last.
-STANDARD = curve((0, 0, 0.30), (10, 100, 0.50), (20, 200, 0.60), (30, 300, 0.55))
-DASH = curve((0, 0, 0.30), (4, 128, 0.60), (8, 256, 0.70))  # reaches the target exactly at 4 s
-TRL = curve((0, 0, 0.30), (10, 80, 0.59), (20, 160, 0.58))  # never reaches it
-SFT = curve((0, 0, 0.30), (5, 0, 0.65), (10, 0, 0.50))  # crosses first at 5 s, then falls back
+START = (0, 0, 0.30)
+PHASES_OURS = {"generate": 6.0, "score": 1.0, "learn": 2.0, "sync": 0.5, "other": 1.5, "total": 10.0}
+PHASES_PEER = {"generate": 3.0, "score": 1.0, "learn": 6.0, "sync": 0.0, "other": None, "total": 10.0}
+GROUPS = {"all_right": 0.25, "all_wrong": 0.125, "sample_accuracy": 0.5, "uniform": 0.375, "prompts": 8, "seconds": 1.0}
 
 
-def test_compare_curves_target_and_first_crossing():
-    cmp = compare_curves({"standard_grpo": STANDARD, "dash": DASH, "trl_grpo": TRL, "sft": SFT})
-    assert cmp.target_accuracy == 0.60
-    assert cmp.seconds_to_target == {"standard_grpo": 20, "dash": 4, "trl_grpo": None, "sft": 5}
-    assert cmp.samples_to_target == {"standard_grpo": 200, "dash": 128, "trl_grpo": None, "sft": 0}
-    assert cmp.final_accuracy == {"standard_grpo": 0.55, "dash": 0.70, "trl_grpo": 0.58, "sft": 0.50}
+def run(seed: int, c: list[dict], train_seconds: float, samples: int, tokens: int, phases: dict) -> dict:
+    return {"seed": seed, "curve": c, "phases": phases, "train_seconds": train_seconds, "samples_generated": samples,
+            "tokens_generated": tokens}
 
 
-def test_target_at_start_and_ratio_edge_cases():
-    flat = curve((0, 0, 0.4), (10, 100, 0.3))
-    assert seconds_to_target(flat, 0.4) == 0
-    assert at_target(flat, 0.41, "samples_generated") is None
-    assert ratio(4.0, 20.0) == 0.2
-    assert ratio(None, 20.0) is None and ratio(4.0, None) is None
-    assert ratio(0.0, 0.0) is None  # standard_grpo never improved on the start: undefined, not 0 or inf
-    with pytest.raises(ValueError, match="baseline 'standard_grpo'"):
-        compare_curves({"dash": DASH})
-    with pytest.raises(ValueError, match="empty curve"):
-        compare_curves({"standard_grpo": STANDARD, "dash": []})
+def bench_runs() -> dict[str, list[dict]]:
+    # medians of best: dash 0.70, standard 0.50, trl 0.60 -> target 0.30 + 0.5 x 0.20 = 0.40
+    return {
+        "dash": [run(0, curve(START, (4, 128, 0.45), (8, 256, 0.70)), 8.0, 256, 2560, PHASES_OURS),
+                 run(1, curve(START, (5, 128, 0.50), (10, 256, 0.70)), 10.0, 256, 3072, PHASES_OURS),
+                 run(2, curve(START, (6, 128, 0.35), (12, 256, 0.75)), 12.0, 256, 2048, PHASES_OURS)],
+        "standard_grpo": [run(s, curve(START, (10, 100, 0.40 + s / 100), (20, 200, 0.50)), 20.0, 200, 2000, PHASES_OURS)
+                          for s in range(3)],
+        "trl_grpo": [run(s, curve(START, (10, 80, 0.35), (20, 160, 0.60)), 20.0, 160, 1600, PHASES_PEER)
+                     for s in range(3)],
+    }
 
 
-def test_summarize_ratios_and_overhead():
-    phases = {"generate": 6.0, "score": 1.0, "learn": 2.0, "sync": 0.5, "other": 1.5, "total": 10.0}
-    results = {name: {"curve": c, "phases": phases, "train_seconds": c[-1]["train_seconds"]}
-               for name, c in (("standard_grpo", STANDARD), ("dash", DASH), ("trl_grpo", TRL))}
-    out = summarize(results, plan=QUICK, quick=True, model_dir="m", sft_info={})
-    assert out["target_accuracy"] == 0.60
-    assert math.isclose(out["ratio_dash_vs_standard_grpo"], 4 / 20, rel_tol=1e-12)
-    assert out["ratio_dash_vs_trl"] is None
-    assert out["contenders"]["dash"]["seconds_to_target"] == 4
-    assert out["contenders"]["trl_grpo"]["seconds_to_target"] is None
-    assert out["contenders"]["dash"]["orchestration_overhead"] == pytest.approx(0.15, abs=1e-12)
-    assert out["quick"] is True
+def test_summarize_gives_spreads_rates_and_ratios_of_medians():
+    plan = PLANS[("reasoning", True)]
+    out = summarize(bench_runs(), plan, "reasoning", 3, True, "m", {}, GROUPS)
+    assert (out["regime"], out["seeds"], out["quick"]) == ("reasoning", 3, True)
+    assert out["target_accuracy"] == pytest.approx(0.40, abs=1e-12)
+    dash = out["contenders"]["dash"]
+    assert dash["seconds_to_target"] == {"median": 5, "min": 4, "max": 12, "count": 3, "of": 3}
+    assert dash["final_accuracy"] == {"median": 0.70, "min": 0.70, "max": 0.75, "count": 3, "of": 3}
+    assert dash["samples_per_second"] == pytest.approx(25.6, abs=1e-12)  # median of 32, 25.6, 21.33
+    assert dash["tokens_per_second"] == pytest.approx(307.2, abs=1e-12)  # median of 320, 307.2, 170.67
+    assert [r["seconds_to_target"] for r in dash["runs"]] == [4, 5, 12]
+    assert out["contenders"]["standard_grpo"]["seconds_to_target"]["median"] == 10
+    assert out["contenders"]["trl_grpo"]["seconds_to_target"]["median"] == 20
+    assert out["ratio_dash_vs_standard_grpo"] == pytest.approx(5 / 10, abs=1e-12)
+    assert out["ratio_dash_vs_trl"] == pytest.approx(5 / 20, abs=1e-12)
+    assert dash["phases"] == PHASES_OURS and dash["runs"][0]["orchestration_overhead"] == pytest.approx(0.15)
+    assert out["contenders"]["trl_grpo"]["phases"]["other"] is None
 
 
-@pytest.mark.parametrize("plan", [QUICK, FULL])
-def test_our_contenders_get_equal_prompts_and_valid_configs(plan):
+@pytest.mark.parametrize("regime,quick", sorted(PLANS))
+def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
     from launch.config import load_config
 
+    plan = PLANS[(regime, quick)]
     seen = {}
     for name in OURS:
-        cfg = load_config(PRESET, shared_overrides(plan) + contender_overrides(name, plan))
+        cfg = load_config(PRESET, shared_overrides(plan) + contender_overrides(name, plan, seed=2))
         per_iteration = cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
         seen[name] = (cfg.train.iterations * per_iteration, cfg.eval.every * per_iteration, cfg.learner.filter,
                       cfg.train.mode, cfg.rollout.prompts_per_generation)
         assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.learner.lr, cfg.eval.size) == (
             plan.group_size, plan.max_new_tokens, plan.lr, plan.eval_size)
+        assert cfg.data.synthetic_tasks == (plan.task,) and cfg.data.seed == 0  # same problems for every seed
+        assert (cfg.train.seed, cfg.rollout.seed, cfg.learner.seed) == (2, 2, 2)
     assert {v[:2] for v in seen.values()} == {(plan.prompts, plan.eval_every_prompts)}
     assert seen["dash"][2:] == (True, "dash", plan.prompts_per_generation)
     assert seen["standard_grpo"][2:4] == (False, "standard_grpo")
     assert seen["dash_no_filter"][2:] == (False, "dash", plan.prompts_per_generation)
     assert seen["dash_no_preemptive"][2:] == (True, "dash", plan.prompts_per_step)
+    assert {PLANS[(r, q)].task for r, q in PLANS} == {"add", "chain"}
+
+
+def test_warm_start_is_shared_across_budgets_and_reused_only_with_the_same_settings():
+    def key(regime: str, quick: bool, extra: tuple[str, ...] = ()) -> str:
+        return start_key(regime, shared_overrides(PLANS[(regime, quick)]) + list(extra))
+
+    assert key("tiny", True) == key("tiny", False)  # the budget is not part of the start
+    assert key("reasoning", True) != key("reasoning", False)  # the quick plan's warm-up is shorter
+    assert key("tiny", True).startswith("tiny-") and key("reasoning", True).startswith("reasoning-")
+    assert key("reasoning", True) != key("reasoning", True, ("model.sft_steps=5",))
+    assert key("tiny", True)[5:] != key("reasoning", True)[10:]
+
+
+def test_phase_totals_sum_every_time_key():
+    records = [{"time/generate": 1.0, "time/learn": 2.0, "loss": 0.1}, {"time/generate": 0.5, "time/sync": 0.25}]
+    assert phase_totals(records) == {"generate": 1.5, "learn": 2.0, "sync": 0.25}
 
 
 def test_table_and_plot(tmp_path):
-    phases = {"generate": 6.0, "score": 1.0, "learn": 2.0, "sync": 0.5, "other": 1.5, "total": 10.0}
-    peer = {"generate": 3.0, "score": 1.0, "learn": 6.0, "sync": 0.0, "other": None, "total": 10.0}
-    results = {"standard_grpo": {"curve": STANDARD, "phases": phases, "train_seconds": 30.0},
-               "dash": {"curve": DASH, "phases": phases, "train_seconds": 8.0},
-               "trl_grpo": {"curve": TRL, "phases": peer, "train_seconds": 20.0},
-               "sft": {"curve": SFT, "phases": peer, "train_seconds": 10.0}}
-    out = summarize(results, plan=QUICK, quick=True, model_dir="m", sft_info={})
+    out = summarize(bench_runs(), PLANS[("tiny", True)], "tiny", 3, True, "m", {}, GROUPS)
     text = table(out)
-    assert "| dash | 0.700 | 4.0 | 128 | 8.0 | 6.0 | 1.0 | 2.0 | 0.5 | 1.5 | 15.0% |" in text
-    assert "| trl_grpo | 0.580 | - | - | 20.0 | 3.0 | 1.0 | 6.0 | 0.0 | - | - |" in text
-    assert "dash/standard_grpo seconds to target 0.20" in text
+    assert "| dash | 5.0 (4.0-12.0) | 0.700 (0.700-0.750) | 26 | 307 | 10.0 | 6.0 | 1.0 | 2.0 | 0.5 | 1.5 | - |" in text
+    assert "| trl_grpo | 20.0 (20.0-20.0) | 0.600 (0.600-0.600) | 8 | 80 | 20.0 | 3.0 | 1.0 | 6.0 | 0.0 | - | - |" in text
+    assert "dash/standard_grpo 0.50; dash/trl 0.25 (ratios of medians)" in text
+    assert fmt_spread({"median": None, "min": 7.0, "max": 7.0, "count": 1, "of": 3}) == "- (7.0-7.0) [1/3]"
+    assert fmt_spread({"median": None, "min": None, "max": None, "count": 0, "of": 3}) == "- (0/3)"
     png = write_plot(out, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -112,6 +127,7 @@ def test_trl_grpo_curve_smoke(tiny_model_dir):
     # Every TRL step generates prompts_per_step x G = 4 completions, all of which are scored.
     assert samples[0] == 0 and samples[-1] > 0 and all(n % 4 == 0 for n in samples), samples
     assert set(result.phases) == {*PHASES, "total"}
+    assert result.tokens_generated >= samples[-1]  # at least one token per scored completion
     assert result.phases["total"] == result.points[-1]["train_seconds"]
     assert 0 < result.phases["generate"] < result.phases["total"]
 
@@ -126,20 +142,32 @@ def test_sft_curve_smoke(tiny_model_dir):
     assert result.phases["learn"] == result.phases["total"] == result.points[-1]["train_seconds"]
 
 
+def test_group_mix_counts_uniform_groups(tiny_model_dir):
+    prompts = synthetic_problems(("add",), 3, 6, 0, "train")
+    mix = group_mix(tiny_model_dir, prompts, group_size=4, max_new_tokens=8, temperature=1.0, seed=0)
+    # An untrained model gets (almost) nothing right: every group is all-wrong.
+    assert 0.0 <= mix.all_right <= mix.all_right + mix.all_wrong <= 1.0
+    assert mix.all_right == mix.sample_accuracy == 0.0 and mix.all_wrong == 1.0
+
+
 def test_readme_table_renders_missing_targets_as_dashes():
-    from launch.bench import render_table
+    from launch.bench.cli import render_table
 
     results = {
         "learner": {"tokens_per_second": 3200.0, "bare_torch_tokens_per_second": 3300.0, "grad_rel_error": 1e-6,
                     "filtered_forward_calls": 0},
         "engine": {"models": {"tiny": {"batch_sizes": [1, 4], "tokens_per_second": [800.0, 2300.0], "params": 150000}}},
         "sync": {"models": [{"model": "5M", "bytes": 17.1e6, "seconds": 0.0089, "memcpy_seconds": 0.0014, "max_abs_diff": 0.0}]},
-        "dash": {"quick": True, "target_accuracy": None, "ratio_dash_vs_standard_grpo": None, "ratio_dash_vs_trl": 0.5,
-                 "contenders": {"dash": {"seconds_to_target": None, "final_accuracy": 0.5}}},
+        "dash": {"quick": True, "regime": "tiny", "seeds": 3, "target_accuracy": None,
+                 "ratio_dash_vs_standard_grpo": None, "ratio_dash_vs_trl": 0.5,
+                 "contenders": {"dash": {"seconds_to_target": {"median": None, "min": None, "max": None, "count": 0, "of": 3},
+                                         "final_accuracy": {"median": 0.5, "min": 0.4, "max": 0.6, "count": 3, "of": 3},
+                                         "samples_per_second": 100.0}}},
     }
     text = render_table(results, "2 cores", "2026-11-26")
     assert "| learner backprop, 5M model | 3200 tok/s vs bare torch 3300 tok/s (0.97x)" in text
     assert "| tiny engine" not in text and "1: 800, 4: 2300" in text
-    assert "| dash: seconds to target - | - s; final accuracy 0.500 | `python -m launch.bench dash --quick` |" in text
-    assert "| ratio dash / standard_grpo (seconds to target) | - |" in text
-    assert "| ratio dash / trl GRPOTrainer | 0.50 |" in text
+    assert ("| dash: seconds to target -, median (min-max) of 3 seeds | - (0/3) s; final accuracy 0.500 (0.400-0.600); "
+            "100 samples/s | `python -m launch.bench dash --regime tiny --seeds 3 --quick` |") in text
+    assert "| ratio dash / standard_grpo (median seconds to target) | - |" in text
+    assert "| ratio dash / trl GRPOTrainer (median seconds to target) | 0.50 |" in text

@@ -1,7 +1,7 @@
 """Learner benchmark: DASH backprop throughput through the DeepSpeed learner vs a bare PyTorch loop
 doing the same work, plus the exactness error and the forward passes spent on filtered samples.
 
-    python -m launch.bench_learner --json /tmp/bench_learner.json [--repeats 3]
+    python -m launch.bench.learner --json /tmp/bench_learner.json [--repeats 3]
     python -m launch.bench learner --json runs/bench/learner.json
 
 Model: the ~5M-param Qwen2 of `launch.tiny_model.build_tiny_model(hidden_size=256, layers=4, heads=4)`
@@ -90,7 +90,7 @@ def bare_torch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
 
 
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_learner")
+    parser = argparse.ArgumentParser(prog="python -m launch.bench.learner")
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--micro-batch-tokens", type=int, default=1024)

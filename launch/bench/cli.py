@@ -3,7 +3,7 @@
     python -m launch.bench learner --json runs/bench/learner.json
     python -m launch.bench engine  --json runs/bench/engine.json
     python -m launch.bench sync    --json runs/bench/sync.json
-    python -m launch.bench dash [--quick] --json runs/bench/dash.json
+    python -m launch.bench dash [--quick] [--regime tiny|reasoning] [--seeds N] --json runs/bench/dash.json
     python -m launch.bench all [--quick] [--skip dash]   # all of the above + the README table (runs/bench/table.md)
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from launch.bench_dash import fmt
+from launch.bench.dash import fmt, fmt_spread
 
-BENCHES = {"learner": "launch.bench_learner", "engine": "launch.bench_engine", "sync": "launch.bench_sync",
-           "dash": "launch.bench_dash"}
+BENCHES = {"learner": "launch.bench.learner", "engine": "launch.bench.engine", "sync": "launch.bench.sync",
+           "dash": "launch.bench.dash"}
 
 
 def machine() -> str:
@@ -85,15 +85,14 @@ def render_table(r: dict, machine_name: str, date: str) -> str:
                      "python -m launch.bench sync"))
     if "dash" in r:
         d = r["dash"]
-        cmd = "python -m launch.bench dash" + (" --quick" if d.get("quick") else "")
+        cmd = (f"python -m launch.bench dash --regime {d['regime']} --seeds {d['seeds']}"
+               + (" --quick" if d["quick"] else ""))
         for name, c in d["contenders"].items():
-            rows.append((f"{name}: seconds to target {fmt(d['target_accuracy'], '.3f')}",
-                         f"{fmt(c['seconds_to_target'])} s; final accuracy {c['final_accuracy']:.3f}", cmd))
-        rows.append(("ratio dash / standard_grpo (seconds to target)", fmt(d["ratio_dash_vs_standard_grpo"], ".2f"), cmd))
-        rows.append(("ratio dash / trl GRPOTrainer", fmt(d["ratio_dash_vs_trl"], ".2f"), cmd))
+            rows.append((f"{name}: seconds to target {fmt(d['target_accuracy'], '.3f')}, median (min-max) of {d['seeds']} seeds",
+                         f"{fmt_spread(c['seconds_to_target'])} s; final accuracy {fmt_spread(c['final_accuracy'], '.3f')}; "
+                         f"{fmt(c['samples_per_second'], '.0f')} samples/s", cmd))
+        rows.append(("ratio dash / standard_grpo (median seconds to target)", fmt(d["ratio_dash_vs_standard_grpo"], ".2f"), cmd))
+        rows.append(("ratio dash / trl GRPOTrainer (median seconds to target)", fmt(d["ratio_dash_vs_trl"], ".2f"), cmd))
     head = f"Measured on {machine_name}, {date}.\n\n| what | measured | command |\n|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | `{c}` |" for a, b, c in rows) + "\n"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

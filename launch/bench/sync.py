@@ -1,6 +1,6 @@
 """Weight-sync benchmark: the gloo CPU transport between two processes, against a memcpy.
 
-    python -m launch.bench_sync --json /tmp/bench_sync.json [--repeats 5] [--bucket-mb 64]
+    python -m launch.bench.sync --json /tmp/bench_sync.json [--repeats 5] [--bucket-mb 64]
 
 For the ~5M (hidden 256, 4 layers) and ~30M (hidden 512, 8 layers) tiny Qwen2 models: `bytes`
 on the wire (fp32), `seconds` (median learner-side `WeightSender.sync`, the rendezvous excluded),

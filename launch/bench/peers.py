@@ -38,6 +38,8 @@ class PeerCurve(NamedTuple):
     """Curve points {"train_seconds", "samples_generated", "accuracy"}, in time order (first = start)."""
     phases: dict[str, float | None]
     """Seconds per phase (PHASES keys plus "total"); None where the peer's loop does not separate it."""
+    tokens_generated: int
+    """Completion tokens sampled during training (0 for SFT)."""
 
 
 def curve_point(train_seconds: float, samples_generated: int, accuracy: float) -> dict:
@@ -46,9 +48,10 @@ def curve_point(train_seconds: float, samples_generated: int, accuracy: float) -
 
 
 @torch.no_grad()
-def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
-                    max_new_tokens: int, pool: RewardPool, batch_size: int = 64) -> float:
-    """Greedy pass@1: the fraction of prompts whose greedy completion scores >= 1."""
+def decode(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], max_new_tokens: int,
+           batch_size: int = 64, samples: int = 1, temperature: float | None = None) -> list[str]:
+    """Completion texts, prompt-major (`samples` per prompt): greedy when `temperature` is None,
+    else sampled at that temperature (top_p 1, no top-k, as the bench's RL contenders sample)."""
     was_training = model.training
     model.eval()
     eos = model.generation_config.eos_token_id
@@ -60,14 +63,50 @@ def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         for i in range(0, len(prompts), batch_size):
             batch = tokenizer([p.text for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True)
             width = batch["input_ids"].shape[1]
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
-            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)  # (B, T) new tokens only
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=temperature is not None,
+                                 temperature=temperature, top_p=1.0 if temperature else None, top_k=0 if temperature else None,
+                                 num_return_sequences=samples, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)  # (B * samples, T) new tokens only
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+    return texts
+
+
+def greedy_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                    max_new_tokens: int, pool: RewardPool, batch_size: int = 64) -> float:
+    """Greedy pass@1: the fraction of prompts whose greedy completion scores >= 1."""
+    texts = decode(model, tokenizer, prompts, max_new_tokens, batch_size)
     rewards = pool.score(texts, [p.gold for p in prompts]).rewards
     return sum(r >= 1.0 for r in rewards) / max(1, len(prompts))
+
+
+class GroupMix(NamedTuple):
+    """How a model's sampled groups split: the share the gradient filter would drop outright."""
+
+    all_right: float
+    """Fraction of groups whose G completions all score >= 1."""
+    all_wrong: float
+    """Fraction of groups whose G completions all score < 1."""
+    sample_accuracy: float
+    """Fraction of all sampled completions that score >= 1."""
+
+
+def group_mix(model_dir: Path, prompts: Sequence[Prompt], group_size: int, max_new_tokens: int, temperature: float,
+              seed: int) -> GroupMix:
+    """Sample G completions per prompt from `model_dir` and count all-right and all-wrong groups
+    (zero reward variance: no GRPO gradient, arXiv 2505.17218 Sec. 5)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = decode(model, tokenizer, prompts, max_new_tokens, batch_size=16, samples=group_size,
+                   temperature=temperature)
+    with RewardPool() as pool:
+        rewards = pool.score(texts, [p.gold for p in prompts for _ in range(group_size)]).rewards
+    right = [[r >= 1.0 for r in rewards[i * group_size:(i + 1) * group_size]] for i in range(len(prompts))]
+    n = max(1, len(prompts))
+    return GroupMix(sum(all(g) for g in right) / n, sum(not any(g) for g in right) / n,
+                    sum(map(sum, right)) / max(1, len(rewards)))
 
 
 class _GenerateTimer:
@@ -131,17 +170,19 @@ def trl_grpo_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompt
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = Dataset.from_list([{"prompt": p.text, "gold": p.gold} for p in train_prompts])
     points: list[dict] = []
-    scoring = {"samples": 0, "seconds": 0.0}
+    scoring = {"samples": 0, "tokens": 0, "seconds": 0.0}
     generate_timer = _GenerateTimer(model)
     clock = _Clock()
 
     with RewardPool() as pool, tempfile.TemporaryDirectory(prefix="trl-bench-") as out_dir:
-        def reward_math(completions: list[str], gold: list[str], **_kwargs) -> list[float]:
-            # TRL passes dataset columns as keyword lists aligned with `completions`.
+        def reward_math(completions: list[str], gold: list[str], completion_ids: list[list[int]],
+                        **_kwargs) -> list[float]:
+            # TRL passes dataset columns (and the sampled token ids) as keyword lists aligned with `completions`.
             t0 = time.perf_counter()
             rewards = pool.score(completions, gold).rewards
             scoring["seconds"] += time.perf_counter() - t0
             scoring["samples"] += len(completions)
+            scoring["tokens"] += sum(len(ids) for ids in completion_ids)
             return rewards
 
         def evaluate() -> float:
@@ -189,7 +230,7 @@ def trl_grpo_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompt
     # the sampler is the trained model itself).
     phases = {"generate": generate_timer.seconds, "score": scoring["seconds"],
               "learn": total - generate_timer.seconds - scoring["seconds"], "sync": 0.0, "other": None, "total": total}
-    return PeerCurve(points, phases)
+    return PeerCurve(points, phases, scoring["tokens"])
 
 
 # ----------------------------------------------------------------------------- SFT at equal time
@@ -220,56 +261,4 @@ def sft_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompts: Se
             spent += stats.seconds
             segment += 1
             points.append(curve_point(spent, 0, greedy_accuracy(model, tokenizer, eval_prompts, max_new_tokens, pool)))
-    return PeerCurve(points, {"generate": 0.0, "score": 0.0, "learn": spent, "sync": 0.0, "other": 0.0, "total": spent})
-
-
-# ----------------------------------------------------------------------------- curve arithmetic
-
-
-def at_target(curve: Sequence[dict], target: float, key: str) -> float | int | None:
-    """`point[key]` of the first point (in curve order = time order) whose accuracy reaches
-    `target`; None if none does."""
-    for point in curve:
-        if point["accuracy"] >= target:
-            return point[key]
-    return None
-
-
-def seconds_to_target(curve: Sequence[dict], target: float) -> float | None:
-    """Training seconds at which the curve first reaches `target` (None if never)."""
-    return at_target(curve, target, "train_seconds")
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """numerator / denominator, None when either is missing or the denominator is 0 (undefined)."""
-    if numerator is None or denominator is None or denominator == 0:
-        return None
-    return numerator / denominator
-
-
-class Comparison(NamedTuple):
-    """Seconds (and samples) to the baseline's best accuracy, for every contender."""
-
-    target_accuracy: float
-    """The best accuracy the baseline reaches on its curve (start point included)."""
-    seconds_to_target: dict[str, float | None]
-    """Contender -> training seconds at its first point >= target (None if never reached)."""
-    samples_to_target: dict[str, int | None]
-    """Contender -> samples generated by then (None if never reached)."""
-    final_accuracy: dict[str, float]
-    """Contender -> accuracy at its last point."""
-
-
-def compare_curves(curves: dict[str, Sequence[dict]], baseline: str = "standard_grpo") -> Comparison:
-    """Target = the baseline's best accuracy within its budget; then each contender's first
-    crossing of it, in training seconds and in samples generated."""
-    if baseline not in curves or not curves[baseline]:
-        raise ValueError(f"the baseline {baseline!r} has no curve (contenders: {sorted(curves)})")
-    empty = [name for name, c in curves.items() if not c]
-    if empty:
-        raise ValueError(f"contenders with an empty curve: {empty}")
-    target = max(p["accuracy"] for p in curves[baseline])
-    return Comparison(target,
-                      {n: seconds_to_target(c, target) for n, c in curves.items()},
-                      {n: at_target(c, target, "samples_generated") for n, c in curves.items()},
-                      {n: c[-1]["accuracy"] for n, c in curves.items()})
+    return PeerCurve(points, {"generate": 0.0, "score": 0.0, "learn": spent, "sync": 0.0, "other": 0.0, "total": spent}, 0)

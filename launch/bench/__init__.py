@@ -1,0 +1,4 @@
+"""Benchmarks (one module per bench; the command line is launch/bench/cli.py).
+
+    python -m launch.bench all [--quick] [--skip dash]
+"""

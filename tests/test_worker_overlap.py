@@ -1,0 +1,98 @@
+"""Scoring off the engine's critical path: `GroupFeed` runs the engine's generator on its own
+thread, so the engine keeps sampling while the worker scores what it finished.
+
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_worker_overlap.py
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import pytest
+
+from rollout_workers.worker import GroupFeed
+
+WAIT_S = 30.0
+"""Deadlock guard only: a correct feed answers at once; a serial one never would."""
+
+
+def test_engine_produces_the_next_group_while_the_consumer_scores():
+    produced_second = threading.Event()
+
+    def engine() -> Iterator[int]:
+        yield 0
+        produced_second.set()  # runs only if the engine advances while item 0 is being consumed
+        yield 1
+        yield 2
+
+    seen = []
+    with GroupFeed(engine()) as feed:
+        for item in feed:
+            if item == 0:
+                # "Scoring" group 0 waits for the engine to have produced group 1: a serial loop
+                # (score, then advance the engine) never gets there.
+                assert produced_second.wait(WAIT_S)
+            seen.append(item)
+    assert seen == [0, 1, 2]  # production order, each item exactly once
+
+
+def test_progress_callback_runs_as_items_leave_the_engine():
+    calls = []
+    with GroupFeed((c for c in "abc"), on_item=lambda k: calls.append((k, threading.current_thread().name)),
+                   name="w") as feed:
+        assert list(feed) == ["a", "b", "c"]
+    assert calls == [(0, "w-feed"), (1, "w-feed"), (2, "w-feed")]
+
+
+def test_engine_error_is_raised_after_the_groups_before_it():
+    def engine() -> Iterator[int]:
+        yield 0
+        yield 1
+        raise ValueError("engine broke")
+
+    seen = []
+    with pytest.raises(ValueError, match="engine broke"):
+        with GroupFeed(engine()) as feed:
+            for item in feed:
+                seen.append(item)
+    assert seen == [0, 1]
+
+
+def test_leaving_early_stops_and_closes_the_engine_on_its_thread():
+    state = {"advanced_to": -1, "closed_on": None}
+    gate = threading.Event()
+
+    def engine() -> Iterator[int]:
+        try:
+            for k in range(1000):
+                state["advanced_to"] = k
+                yield k
+                gate.wait(WAIT_S)  # the engine is slow: one chunk per release
+        finally:
+            state["closed_on"] = threading.current_thread().name
+
+    with GroupFeed(engine(), name="w") as feed:
+        for item in feed:
+            assert item == 0
+            break  # the driver gave up on the batch
+        gate.set()
+    assert state["closed_on"] == "w-feed"  # generator closed where it ran, before the feed's exit returned
+    assert state["advanced_to"] <= 1  # stopped after the chunk in progress, not run to the end
+
+
+def test_cancel_while_waiting_for_the_engine_ends_the_stream():
+    release = threading.Event()
+    cancelled = threading.Event()
+
+    def engine() -> Iterator[int]:
+        yield 0
+        release.wait(WAIT_S)  # a long chunk
+        yield 1
+
+    seen = []
+    with GroupFeed(engine(), cancelled=cancelled.is_set) as feed:
+        for item in feed:
+            seen.append(item)
+            cancelled.set()  # the driver cancels while the engine samples the next chunk
+        release.set()
+    assert seen == [0]
