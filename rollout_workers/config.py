@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rollout_workers.rewards import ANSWER_FORMATS
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -71,7 +73,11 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
     reward_fn: str = "rollout_workers.rewards:score_math"
-    """Reward function as "module:function", called (completion: str, gold: str) -> float."""
+    """Reward function as "module:function", called (completion: str, gold: str, answer_format: str) -> float."""
+    answer_format: str = "boxed"
+    """Where the reward reads the final answer: "boxed" (last \\boxed{}, else `#### N`), "gsm8k"
+    (`#### N` only) or "last_number" (boxed, else `#### N`, else the last number of the text);
+    the chat-template instruction asks for the same format."""
     format_reward: float = 0.0
     """Extra reward for a completion with a parseable final answer (0 = off)."""
     reward_timeout_s: float = 5.0
@@ -84,6 +90,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("transformers", "vllm"))
         _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("rollout.answer_format", self.answer_format, ANSWER_FORMATS)
         for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",
                     "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size",
                     "reward_processes"):
