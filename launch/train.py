@@ -42,7 +42,7 @@ from learner.actor import LearnerGroup
 from learner.driver import LearnStats
 from rollout_workers.dispatch import Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.prompts import PromptCursor, load_prompts, sft_target
+from rollout_workers.prompts import PromptCursor, load_prompts, prompts_for_model, sft_target
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
 from weight_sync.endpoint import SyncError
@@ -319,6 +319,8 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     data_info = {"train_prompts": len(train.prompts), "eval_prompts": len(evals.prompts),
                  "skipped_rows": dict(train.skipped + evals.skipped)}
     model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
+    train_prompts, eval_prompts = (prompts_for_model(split.prompts, str(model_path), cfg.data.chat_template,
+                                                     cfg.rollout.answer_format) for split in (train, evals))
     connect_ray(cfg)
     placement = make_placement(cfg)
     timeout = cfg.train.actor_timeout_s
@@ -343,9 +345,9 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     dispatcher = Dispatcher(new_workers(), timeout_s=timeout, on_worker_death=cfg.train.on_worker_death,
                             worker_factory=restart_worker)
     sync = SyncGroup(cfg.sync, learner.rank_actors, dispatcher.workers, dispatcher.names, cfg.rollout.dtype, timeout)
-    cursor = PromptCursor(train.prompts, seed=cfg.data.seed)
+    cursor = PromptCursor(train_prompts, seed=cfg.data.seed)
     logger = MetricsLogger(run_dir, cfg.run.wandb, cfg.run.name, to_dict(cfg))
-    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, evals.prompts[:cfg.eval.size], logger,
+    run = Run(cfg, run_dir, placement, dispatcher, learner, sync, cursor, eval_prompts[:cfg.eval.size], logger,
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch"))
     return run, {**data_info, **sft_info}
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from rollout_workers.rewards import ANSWER_FORMATS
 
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+"""`data.chat_template`: "auto" uses the tokenizer's chat template when it has one."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -28,9 +31,13 @@ class DataConfig:
     """Held-out eval problems (synthetic eval split is disjoint from train)."""
     seed: int = 0
     """Seed for synthetic generation and for the per-epoch shuffle of the training cursor."""
+    chat_template: str = "auto"
+    """Wrap prompts (train and eval) in the tokenizer's chat template, with a system turn asking for
+    the answer in rollout.answer_format: "auto" (when the tokenizer has one), "on" or "off"."""
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "gsm8k", "math"))
+        _one_of("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         for t in self.synthetic_tasks:
             _one_of("data.synthetic_tasks", t, ("add", "mul", "word"))
         _positive("data.synthetic_digits", self.synthetic_digits)
