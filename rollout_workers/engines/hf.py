@@ -35,7 +35,7 @@ class HFEngine(Engine):
     """A transformers causal LM that samples groups of completions."""
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 gen_batch_tokens: int = 65536, seed: int = 0) -> None:
+                 gen_batch_tokens: int = 65536, seed: int = 0, shared_prefill: bool = True) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"HFEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if gen_batch_tokens < 1:
@@ -49,6 +49,8 @@ class HFEngine(Engine):
         self._model.eval()
         self._gen_batch_tokens = gen_batch_tokens
         self._seed = seed
+        self._shared_prefill = shared_prefill
+        """False: `num_return_sequences=G`, each prompt prefilled G times (launch.bench_prefill's baseline)."""
         self._version = 0
         self.context = int(self._model.config.max_position_embeddings)
         eos = self._model.generation_config.eos_token_id
@@ -139,16 +141,18 @@ class HFEngine(Engine):
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
         processors.append(recorder)
-        inputs = dict(batch)
-        if not params.greedy and params.n > 1:
-            inputs = self._shared_prefill(batch["input_ids"], batch["attention_mask"], params.n)
+        inputs, copies = dict(batch), 1
+        if not params.greedy and self._shared_prefill:
+            inputs = self._prefill_once(batch["input_ids"], batch["attention_mask"], params.n)
+        elif not params.greedy:
+            copies = params.n  # generate() repeats each prompt row, prefill included
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._seed * 7919 + seed)
             sequences = self._model.generate(
                 **inputs, max_new_tokens=params.max_new_tokens, logits_processor=processors,
                 eos_token_id=list(self._eos_ids), pad_token_id=self._tokenizer.pad_token_id,
-                num_return_sequences=1, return_dict_in_generate=False, **neutral, **sampling)
+                num_return_sequences=copies, return_dict_in_generate=False, **neutral, **sampling)
         new_tokens = sequences[:, width:]  # (B*G, T)
         logprobs_sampler = recorder.result(sequences)  # (B*G, T)
         is_eos = torch.isin(new_tokens, torch.tensor(self._eos_ids, device=new_tokens.device))  # (B*G, T)
@@ -165,7 +169,7 @@ class HFEngine(Engine):
             completions = [c for c in completions for _ in range(params.n)]
         return completions
 
-    def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict:
+    def _prefill_once(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict:
         """generate() inputs for `n` samples per prompt whose prompt KV cache is computed once.
 
         `input_ids`/`attention_mask` are the left-padded prompts, (B, P). All but the last prompt
