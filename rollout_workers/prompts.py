@@ -400,7 +400,7 @@ def _gsm8k_gold(answer: str) -> str | None:
 class PromptCursor:
     """Walks a prompt list in a fresh deterministic shuffle per epoch (from (seed, epoch)), wrapping
     across epochs. `state()`/`load_state()` make a resumed run draw exactly the prompts an
-    uninterrupted one would (DESIGN.md: resume covers the data cursor)."""
+    uninterrupted one would."""
 
     def __init__(self, prompts: Sequence[Prompt], seed: int) -> None:
         if not prompts:

@@ -7,7 +7,7 @@ main thread of a process, and sympy can hang in C on hostile input (a power towe
 number with hundreds of millions of digits). So every reward call runs in a pool process, where
 (1) an interval timer interrupts Python-level work after `timeout_s`, and (2) the caller kills and
 recreates the pool when a process does not answer within `timeout_s` plus a grace period. Either
-way the sample scores 0 and is counted (DESIGN.md invariant: bad model output never hangs a run).
+way the sample scores 0 and is counted (bad model output never hangs a run).
 
 Answer formats (`rollout.answer_format`, `ANSWER_FORMATS`), i.e. where the final answer is read:
 - "boxed": the last `\\boxed{...}` (linear brace scan), else the number after a GSM8K `#### N`;
