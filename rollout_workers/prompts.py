@@ -174,9 +174,9 @@ def use_chat_template(mode: str, tokenizer) -> bool:
     naming `data.chat_template` otherwise), "auto" uses it when present, "off" never."""
     if mode not in CHAT_TEMPLATE_MODES:
         raise ValueError(f"data.chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {mode!r}")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    has_template = bool(tokenizer.chat_template)
     if mode == "on" and not has_template:
-        raise ValueError(f"data.chat_template=on but the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} "
+        raise ValueError(f"data.chat_template=on but the tokenizer {tokenizer.name_or_path!r} "
                          "has no chat template; use auto or off")
     return mode == "on" or (mode == "auto" and has_template)
 
