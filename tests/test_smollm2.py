@@ -108,12 +108,14 @@ def test_preset_loads_wherever_the_model_is(tmp_path) -> None:
 @pytest.mark.slow
 def test_preset_runs_one_iteration_on_a_standin(ray_local, smollm2_standin_dir, tmp_path) -> None:
     """The shipped preset starts and finishes an iteration (its data sizes fit its task; chat prompts
-    fit rollout.max_prompt_tokens); only the model, the iteration count and the eval size differ."""
+    fit rollout.max_prompt_tokens); only the model, the iteration count, the eval size and the
+    completion length differ (a random model writes max-length completions)."""
     from launch.train import main
 
     run_dir = tmp_path / "run"
     assert main(["--config", "smollm2-135m", f"model.path={smollm2_standin_dir}", f"run.dir={run_dir}",
-                 "train.iterations=1", "eval.size=8", "run.progress=false"]) == 0
+                 "train.iterations=1", "eval.size=4", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
+                 "run.progress=false"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 1
     assert 0.0 <= summary["eval_accuracy_before_rl"] <= 1.0 and 0.0 <= summary["eval_accuracy_after_rl"] <= 1.0
