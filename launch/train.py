@@ -45,7 +45,7 @@ from learner.advantages import group_advantages
 from learner.batcher import LearnStats
 from rollout_workers.dispatch import BatchReport, Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.prompts import PromptCursor, drop_long_prompts, load_prompts, sft_target
+from rollout_workers.prompts import LoadResult, PromptCursor, drop_long_prompts, load_prompts, prompts_for_model, sft_target
 from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
@@ -427,8 +427,10 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     # prompts are dropped here and counted as skipped rows, so no worker has to refuse them.
     model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
     count_tokens = token_counter(model_path)
-    train = drop_long_prompts(train, count_tokens, cfg.rollout.max_prompt_tokens)
-    evals = held_out_set(cfg.data, count_tokens, cfg.rollout.max_prompt_tokens, cfg.eval.size)  # = launch.eval's
+    # Prompts as the model sees them (its chat template, data.chat_template) before they are counted.
+    to_model = lambda prompts: prompts_for_model(prompts, str(model_path), cfg.data.chat_template, cfg.rollout.answer_format)
+    train = drop_long_prompts(LoadResult(to_model(train.prompts), train.skipped), count_tokens, cfg.rollout.max_prompt_tokens)
+    evals = held_out_set(cfg.data, to_model, count_tokens, cfg.rollout.max_prompt_tokens, cfg.eval.size)  # = launch.eval's
     if not train.prompts or not evals.prompts:
         raise ConfigError(f"no prompt of the {'train' if not train.prompts else 'eval'} split fits in "
                           f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} "

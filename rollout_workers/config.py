@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rollout_workers.rewards import ANSWER_FORMATS
+
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+"""`data.chat_template`: "auto" uses the tokenizer's chat template when it has one."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -27,9 +32,13 @@ class DataConfig:
     """Held-out eval problems (synthetic eval split is disjoint from train)."""
     seed: int = 0
     """Seed for synthetic generation and for the per-epoch shuffle of the training cursor."""
+    chat_template: str = "auto"
+    """Wrap prompts (train and eval) in the tokenizer's chat template, with a system turn asking for
+    the answer in rollout.answer_format: "auto" (when the tokenizer has one), "on" or "off"."""
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, ("synthetic", "gsm8k", "math"))
+        _one_of("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         for t in self.synthetic_tasks:
             _one_of("data.synthetic_tasks", t, ("add", "mul", "word", "chain"))
         _positive("data.synthetic_digits", self.synthetic_digits)
@@ -74,7 +83,11 @@ class RolloutConfig:
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
     reward_fn: str = "rollout_workers.rewards:score_math"
-    """Reward function as "module:function", called (completion: str, gold: str) -> float."""
+    """Reward function as "module:function", called (completion: str, gold: str, answer_format: str) -> float."""
+    answer_format: str = "boxed"
+    """Where the reward reads the final answer: "boxed" (last \\boxed{}, else `#### N`), "gsm8k"
+    (`#### N` only) or "last_number" (boxed, else `#### N`, else the last number of the text);
+    the chat-template instruction asks for the same format."""
     format_reward: float = 0.0
     """Extra reward for a completion with a parseable final answer (0 = off)."""
     reward_timeout_s: float = 5.0
@@ -89,6 +102,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ("transformers", "vllm"))
         _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("rollout.answer_format", self.answer_format, ANSWER_FORMATS)
         for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",
                     "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size", "cpu_kv_cache_mb",
                     "reward_processes"):

@@ -25,6 +25,10 @@ Sources and splits (`load_prompts(cfg, split)`, split "train" or "eval"):
   `\\boxed{}` of the solution (not the package's pre-normalised `answer` field). Prompt:
   `REASONING_TEMPLATE`, i.e. the problem followed by
   "Please reason step by step, and put your final answer within \\boxed{}." (the Qwen2.5-Math prompt).
+Chat template (`chat_prompts`, `data.chat_template`): for an instruct model the driver rewraps every
+prompt, train and eval alike, as the tokenizer's chat: a system turn asking for the final answer in
+the format the reward reads (`CHAT_INSTRUCTIONS[rollout.answer_format]`) and a user turn holding the
+bare problem; the text ends with the assistant header (`add_generation_prompt`).
 Bad rows (undecodable, not an object, missing/empty field, no gold answer, duplicate id, prompt
 longer than `MAX_PROMPT_CHARS`) are skipped and counted by reason in `LoadResult.skipped`. Once the
 model's tokenizer is known, `drop_long_prompts` drops (and counts) the prompts longer than the
@@ -39,11 +43,12 @@ import importlib.util
 import json
 import random
 import re
+from dataclasses import replace
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rollout_workers.config import DataConfig
+from rollout_workers.config import CHAT_TEMPLATE_MODES, DataConfig
 from rollout_workers.rewards import extract_final_answer
 from rollout_workers.types import Prompt
 
@@ -53,6 +58,12 @@ REASONING_TEMPLATE = "{problem}\nPlease reason step by step, and put your final 
 """Prompt of GSM8K/MATH problems for real models."""
 MAX_PROMPT_CHARS = 4096
 """Rows whose templated prompt is longer are skipped (the longest MATH test problem is 2,828 chars)."""
+CHAT_INSTRUCTIONS = {
+    "boxed": "Solve the math problem. Put your final answer within \\boxed{}.",
+    "gsm8k": "Solve the math problem step by step. On the last line write '#### ' followed by the final number.",
+    "last_number": "Solve the math problem. End your reply with 'The answer is N.', where N is the final number.",
+}
+"""System turn of chat prompts, by `rollout.answer_format`: ask for the answer where the reward reads it."""
 SYNTHETIC_EVAL_BUCKETS = 16
 """1/16 of all synthetic problems (by question hash) are reserved for the eval split."""
 SPLITS = ("train", "eval")
@@ -213,6 +224,55 @@ def drop_long_prompts(result: LoadResult, count_tokens: Callable[[str], int], ma
     if len(kept) < len(result.prompts):
         skipped[OVER_MAX_PROMPT_TOKENS] += len(result.prompts) - len(kept)
     return LoadResult(kept, skipped)
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+def use_chat_template(mode: str, tokenizer) -> bool:
+    """Whether prompts get the chat template: "on" requires the tokenizer to have one (clear error
+    naming `data.chat_template` otherwise), "auto" uses it when present, "off" never."""
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"data.chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {mode!r}")
+    has_template = bool(tokenizer.chat_template)
+    if mode == "on" and not has_template:
+        raise ValueError(f"data.chat_template=on but the tokenizer {tokenizer.name_or_path!r} "
+                         "has no chat template; use auto or off")
+    return mode == "on" or (mode == "auto" and has_template)
+
+
+def problem_of(prompt: Prompt) -> str:
+    """The bare problem inside a prompt made by this module (`TINY_TEMPLATE` or `REASONING_TEMPLATE`)."""
+    text = prompt.text
+    head, tail = TINY_TEMPLATE.split("{question}")
+    if text.startswith(head) and text.endswith(tail):
+        return text[len(head):len(text) - len(tail)]
+    tail = REASONING_TEMPLATE.split("{problem}")[1].format()
+    if text.endswith(tail):
+        return text[:-len(tail)]
+    raise ValueError(f"prompt {prompt.uid!r} was not made by TINY_TEMPLATE or REASONING_TEMPLATE")
+
+
+def prompts_for_model(prompts: Sequence[Prompt], model_path: str, chat_template: str,
+                      answer_format: str) -> list[Prompt]:
+    """`prompts` as the model at `model_path` should see them: chats when `use_chat_template` says
+    so (its tokenizer decides under "auto"), else unchanged."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not use_chat_template(chat_template, tokenizer):
+        return list(prompts)
+    return chat_prompts(prompts, tokenizer, answer_format)
+
+
+def chat_prompts(prompts: Sequence[Prompt], tokenizer, answer_format: str) -> list[Prompt]:
+    """`prompts` rewritten as chats (module docstring); uid and gold unchanged."""
+    if answer_format not in CHAT_INSTRUCTIONS:
+        raise ValueError(f"rollout.answer_format must be one of {list(CHAT_INSTRUCTIONS)}, got {answer_format!r}")
+    system = {"role": "system", "content": CHAT_INSTRUCTIONS[answer_format]}
+    return [replace(p, text=tokenizer.apply_chat_template([system, {"role": "user", "content": problem_of(p)}],
+                                                          tokenize=False, add_generation_prompt=True))
+            for p in prompts]
 
 
 # ----------------------------------------------------------------------------- GSM8K / MATH

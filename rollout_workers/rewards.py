@@ -7,13 +7,21 @@ main thread of a process, and sympy can hang in C on hostile input (a power towe
 number with hundreds of millions of digits). So every reward call runs in a pool process, where
 (1) an interval timer interrupts Python-level work after `timeout_s`, and (2) the caller kills and
 recreates the pool when a process does not answer within `timeout_s` plus a grace period. Either
-way the sample scores 0 and is counted (DESIGN.md invariant: bad model output never hangs a run).
+way the sample scores 0 and is counted (bad model output never hangs a run).
 
-Security: model output is never given to eval/exec/sympify/parse_expr or a shell. The final answer is
-cut out of the completion here (last `\\boxed{...}` by a linear brace scan, else a GSM8K `#### N`)
-and handed to math-verify wrapped in `\\boxed{}` with only `LatexExtractionConfig`, i.e. only the
-ANTLR LaTeX parser of latex2sympy2 reads it. math-verify's `ExprExtractionConfig` is deliberately
-not used: it calls sympy's `parse_expr` (which evaluates Python) on plain-text matches.
+Answer formats (`rollout.answer_format`, `ANSWER_FORMATS`), i.e. where the final answer is read:
+- "boxed": the last `\\boxed{...}` (linear brace scan), else the number after a GSM8K `#### N`;
+- "gsm8k": only the number after the last `#### N`;
+- "last_number": as "boxed", else the last plain number of the text ("The answer is 42."), for
+  small instruct models that do not box their answers.
+
+Security: model output is never given to eval/exec/sympify/parse_expr or a shell. When the answer
+and the gold are both plain numbers (integers, decimals, `a/b`; `PLAIN_NUMBER_RE`) they are compared
+exactly with `fractions.Fraction` (a parser of digit strings, not of expressions), without sympy:
+the fast path (math-verify costs ~ms per sample). Anything else goes to math-verify wrapped in
+`\\boxed{}` with only `LatexExtractionConfig`, i.e. only the ANTLR LaTeX parser of latex2sympy2
+reads it. math-verify's `ExprExtractionConfig` is deliberately not used: it calls sympy's
+`parse_expr` (which evaluates Python) on plain-text matches.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
+from fractions import Fraction
 from typing import NamedTuple
 
 MAX_COMPLETION_SCAN_CHARS = 1_000_000
@@ -44,35 +53,68 @@ MAX_EXPONENT_LITERAL_DIGITS = 5
 """An integer exponent with more digits (e.g. `9^{9999999}`) is rejected: sympy evaluates it."""
 MAX_FACTORIAL_DIGITS = 5
 """`n!` with n of more digits is rejected (sympy computes the factorial)."""
+ANSWER_FORMATS = ("boxed", "gsm8k", "last_number")
+"""Where the final answer is read from a completion (module docstring)."""
 STARTUP_TIMEOUT_S = 120.0
 """How long a fresh pool may take to start its processes and import the reward function."""
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K_RE = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
+PLAIN_NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?", re.ASCII)
+"""A plain number: optional minus (not after a word or `)`, so `5-3` ends in 3), digits with
+optional thousands commas, optional decimal part or `/denominator`. The last match in a text is the
+`last_number` answer; an answer or gold that fully matches (after stripping outer spaces and a
+leading `$`) is compared exactly by `Fraction`, without math-verify. No nested quantifiers over
+the same characters, so matching is linear; ASCII digits only."""
+MAX_NUMBER_CHARS = 100
+"""A plain number longer than this is not compared on the fast path (it goes to math-verify)."""
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 _INT_LITERAL_RE = re.compile(r"\s*[+-]?\s*(\d+)\s*")
 _BIG_FACTORIAL_RE = re.compile(r"\d{%d,}\s*!" % (MAX_FACTORIAL_DIGITS + 1))
 
 
-def extract_final_answer(completion: str) -> str | None:
-    """The completion's final answer as LaTeX, or None when it has none.
+def extract_final_answer(completion: str, answer_format: str = "boxed") -> str | None:
+    """The completion's final answer as LaTeX, or None when it has none (formats: module docstring).
 
-    The content of the LAST `\\boxed{...}` wins (nested braces handled by a linear scan capped at
-    `MAX_ANSWER_CHARS`; an unbalanced or over-long last box means no answer). Without a box, the
-    number after the last GSM8K-style `####`, thousands commas removed.
+    A box's content is cut by a linear brace scan capped at `MAX_ANSWER_CHARS` (an unbalanced or
+    over-long last box means no answer); GSM8K and plain numbers lose their thousands commas.
     """
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
     text = completion[-MAX_COMPLETION_SCAN_CHARS:]
-    last_box = None
-    for last_box in _BOXED_RE.finditer(text):
-        pass
-    if last_box is not None:
-        return _braced_content(text, last_box.end())
+    if answer_format != "gsm8k":
+        last_box = None
+        for last_box in _BOXED_RE.finditer(text):
+            pass
+        if last_box is not None:
+            return _braced_content(text, last_box.end())
     marker = text.rfind("####")
-    if marker < 0:
+    if marker >= 0:
+        number = _GSM8K_RE.match(text, marker, min(len(text), marker + MAX_ANSWER_CHARS))
+        if number:
+            return number.group(1).replace(",", "")
+    if answer_format != "last_number":
         return None
-    number = _GSM8K_RE.match(text, marker, min(len(text), marker + MAX_ANSWER_CHARS))
-    return number.group(1).replace(",", "") if number else None
+    # Only the tail is searched: it bounds the work on hostile input (a number straddling the cut
+    # would be read from the cut on, but a number that long is not an answer the reward accepts).
+    last = None
+    for last in PLAIN_NUMBER_RE.finditer(text, max(0, len(text) - MAX_ANSWER_CHARS)):
+        pass
+    return last.group(0).replace(",", "") if last else None
+
+
+def plain_number(text: str) -> Fraction | None:
+    """`text` as an exact rational when it is a plain number ("42", "-7.50", "1,234", "$18", "3/4"),
+    else None. Only digit strings reach `Fraction`; nothing is evaluated."""
+    cleaned = text.strip().removeprefix("\\$").removeprefix("$").lstrip()
+    if len(cleaned) > MAX_NUMBER_CHARS or not PLAIN_NUMBER_RE.fullmatch(cleaned):
+        return None
+    cleaned = cleaned.replace(",", "")
+    numerator, _, denominator = cleaned.partition("/")
+    if denominator and int(denominator) == 0:
+        return None
+    return Fraction(numerator) / (int(denominator) if denominator else 1)
 
 
 def _braced_content(text: str, start: int) -> str | None:
@@ -137,7 +179,8 @@ def _safe_exponent(exponent: str, has_power: bool) -> bool:
     return not (has_power and not re.search(r"[A-Za-z]", _LATEX_COMMAND_RE.sub("", exponent)))
 
 
-def _parse_latex(answer: str) -> list:
+def parse_latex(answer: str) -> list:
+    """math-verify parse of `answer` wrapped in `\\boxed{}`, LaTeX parser only (module docstring)."""
     from math_verify import LatexExtractionConfig, parse
 
     # Timeouts off: they use signal.alarm; the pool bounds the time instead (module docstring).
@@ -145,36 +188,43 @@ def _parse_latex(answer: str) -> list:
                  parsing_timeout=None)
 
 
-def score_math(completion: str, gold: str) -> float:
-    """1.0 when the completion's final answer equals `gold` mathematically, else 0.0.
+def score_math(completion: str, gold: str, answer_format: str = "boxed") -> float:
+    """1.0 when the completion's final answer (read as `answer_format` says) equals `gold`
+    mathematically, else 0.0.
 
-    `gold` is LaTeX without the box (e.g. "579", "\\frac{1}{2}", "[1,2)"). Equivalence is
-    math-verify's: `\\frac12` = `0.5`, `x=5` = `5`, `1,450,000` = `1450000`, interval ends and
-    tuple order matter. Has no time limit of its own: run it through `RewardPool`.
+    `gold` is LaTeX without the box (e.g. "579", "\\frac{1}{2}", "[1,2)"). Two plain numbers are
+    compared exactly (`plain_number`); otherwise equivalence is math-verify's: `\\frac12` = `0.5`,
+    `x=5` = `5`, `1,450,000` = `1450000`, interval ends and tuple order matter. Has no time limit
+    of its own: run it through `RewardPool`.
     """
     if "\x00" in completion:
         return 0.0
-    answer = extract_final_answer(completion)
+    answer = extract_final_answer(completion, answer_format)
     if answer is None or not is_safe_answer(answer) or not is_safe_answer(gold):
         return 0.0
+    answer_number, gold_number = plain_number(answer), plain_number(gold)
+    if answer_number is not None and gold_number is not None:
+        return 1.0 if answer_number == gold_number else 0.0
     from math_verify import verify
 
-    gold_parsed = _parse_latex(gold)
-    answer_parsed = _parse_latex(answer)
+    gold_parsed = parse_latex(gold)
+    answer_parsed = parse_latex(answer)
     if not gold_parsed or not answer_parsed:
         return 0.0
     return 1.0 if verify(gold_parsed, answer_parsed, timeout_seconds=None) else 0.0
 
 
-def has_final_answer(completion: str) -> bool:
+def has_final_answer(completion: str, answer_format: str = "boxed") -> bool:
     """Whether the completion states a final answer that parses as math (for the format reward)."""
     if "\x00" in completion:
         return False
-    answer = extract_final_answer(completion)
+    answer = extract_final_answer(completion, answer_format)
     if answer is None or not is_safe_answer(answer):
         return False
+    if plain_number(answer) is not None:
+        return True
     # math-verify falls back to returning the raw string when its LaTeX parser fails.
-    return any(not isinstance(parsed, str) for parsed in _parse_latex(answer))
+    return any(not isinstance(parsed, str) for parsed in parse_latex(answer))
 
 
 def resolve_reward_fn(path: str) -> Callable[[str, str], float]:
@@ -230,7 +280,7 @@ def _worker_check(reward_fn: str) -> int:
     return os.getpid()
 
 
-def _worker_score(reward_fn: str, completion: str, gold: str, timeout_s: float,
+def _worker_score(reward_fn: str, completion: str, gold: str, answer_format: str, timeout_s: float,
                   format_reward: float) -> tuple[float, str]:
     """Runs in a pool process (its main thread, so signals work). Returns (reward, status)."""
     fired = []
@@ -243,8 +293,8 @@ def _worker_score(reward_fn: str, completion: str, gold: str, timeout_s: float,
     try:
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            value = resolve_reward_fn(reward_fn)(completion, gold)
-            if format_reward and has_final_answer(completion):
+            value = resolve_reward_fn(reward_fn)(completion, gold, answer_format)
+            if format_reward and has_final_answer(completion, answer_format):
                 value = value + format_reward
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)  # an alarm racing this line is caught below
@@ -274,14 +324,17 @@ class RewardPool:
     """
 
     def __init__(self, reward_fn: str = "rollout_workers.rewards:score_math", processes: int = 1,
-                 timeout_s: float = 5.0, format_reward: float = 0.0) -> None:
+                 timeout_s: float = 5.0, format_reward: float = 0.0, answer_format: str = "boxed") -> None:
         if ":" not in reward_fn:
             raise ValueError(f"reward function {reward_fn!r} must look like 'module:function'")
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
         self.reward_fn = reward_fn
+        self.answer_format = answer_format
         self.processes = processes
         self.timeout_s = timeout_s
         self.format_reward = format_reward
@@ -335,7 +388,8 @@ class RewardPool:
         self._start()
 
     def _submit(self, completion: str, gold: str) -> cf.Future:
-        args = (_worker_score, self.reward_fn, completion, gold, self.timeout_s, self.format_reward)
+        args = (_worker_score, self.reward_fn, completion, gold, self.answer_format, self.timeout_s,
+                self.format_reward)
         try:
             return self._executor.submit(*args)
         except BrokenProcessPool:  # a process died while idle (e.g. the OOM killer)

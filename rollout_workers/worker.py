@@ -191,7 +191,7 @@ class RolloutWorker:
         self._name = name
         self._engine = make_engine(cfg, model_path, vllm_module, weight_transfer_backend)
         self._rewards = RewardPool(cfg.reward_fn, processes=cfg.reward_processes, timeout_s=cfg.reward_timeout_s,
-                                   format_reward=cfg.format_reward)
+                                   format_reward=cfg.format_reward, answer_format=cfg.answer_format)
         # Threaded actor (make_rollout_workers): stats()/version() answer while a batch streams;
         # the engine serves one generate() or weight update at a time, in arrival order. A native
         # vLLM update spans several calls (vllm_start_weight_update .. vllm_finish_weight_update) and

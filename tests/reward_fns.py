@@ -1,4 +1,5 @@
 """Reward functions for tests/test_rewards.py, loaded by import path inside the RewardPool processes.
+Signature of every reward function: (completion, gold, answer_format) -> float.
 
 Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_rewards.py`
 """
@@ -10,12 +11,12 @@ import signal
 NOT_CALLABLE = 3
 
 
-def exact(completion: str, gold: str) -> float:
+def exact(completion: str, gold: str, answer_format: str) -> float:
     """1.0 when the completion is exactly the gold string."""
     return 1.0 if completion == gold else 0.0
 
 
-def misbehave(completion: str, gold: str) -> float:
+def misbehave(completion: str, gold: str, answer_format: str) -> float:
     """Scores like `exact`, but misbehaves on marker completions:
     "SPIN" loops in Python (the in-process timer ends it); "DEAF" ignores SIGALRM and loops, as code
     stuck in C would (only the caller's kill-and-recreate ends it); "CRASH" kills its own process
@@ -34,10 +35,10 @@ def misbehave(completion: str, gold: str) -> float:
     special = {"NAN": float("nan"), "INF": float("inf"), "STR": "1.0"}
     if completion in special:
         return special[completion]
-    return exact(completion, gold)
+    return exact(completion, gold, answer_format)
 
 
-def odd_length(completion: str, gold: str) -> float:
+def odd_length(completion: str, gold: str, answer_format: str) -> float:
     """1.0 for an odd-length completion: mixed rewards within a group even from an untrained model,
     so every batch takes an optimizer step (tests/test_e2e.py's overlap runs)."""
     return float(len(completion) % 2)

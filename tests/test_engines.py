@@ -131,3 +131,21 @@ def test_bad_input_is_refused_clearly(engine):
         list(engine.generate([too_long], params))
     with pytest.raises(ValueError, match="group size G"):
         SamplingParamsSpec(n=0)
+
+
+def test_prompt_is_prefilled_once_per_group_not_per_sample(engine):
+    """Shared prefill: the prompt tokens go through the model for B rows, never B x G."""
+    calls: list[tuple[int, int]] = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        prompts, n = PROMPTS[:2], 4
+        params = SamplingParamsSpec(n=n, max_new_tokens=4, seed=1)  # both prompts fit one chunk
+        width = max(len(engine.tokenizer(p.text)["input_ids"]) for p in prompts)
+        groups = list(engine.generate(prompts, params))
+    finally:
+        hook.remove()
+    assert [len(g.completions) for g in groups] == [n, n]
+    assert calls[0] == (2, width - 1)  # one prefill of the prompts, all but their last token
+    assert all(rows == 2 * n and length == 1 for rows, length in calls[1:])  # then one token per step
+    assert len(calls) >= 2

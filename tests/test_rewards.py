@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from fractions import Fraction
 
 import pytest
 
@@ -16,6 +17,7 @@ from rollout_workers.rewards import (
     extract_final_answer,
     has_final_answer,
     is_safe_answer,
+    plain_number,
     resolve_reward_fn,
     score_math,
 )
@@ -85,6 +87,79 @@ def test_no_answer_forms() -> None:
     assert has_final_answer(boxed("5")) and has_final_answer("#### 5")
 
 
+@pytest.mark.parametrize("completion,gold,answer_format,expected", [
+    ("The answer is 124.", "124", "last_number", 1.0),
+    ("The answer is 124.", "124", "boxed", 0.0),
+    ("The answer is 124.", "124", "gsm8k", 0.0),
+    ("75 + 49 = 124. The answer is 125.", "124", "last_number", 0.0),  # the LAST number counts
+    ("So 5-3 = 2", "2", "last_number", 1.0),  # a minus after a digit is not a sign
+    ("It costs $1,234 in total", "1234", "last_number", 1.0),
+    ("It is -7.50 degrees", "-\\frac{15}{2}", "last_number", 1.0),  # math-verify for LaTeX golds
+    ("Half: 1/2", "0.5", "last_number", 1.0),
+    ("#### 18", "18", "gsm8k", 1.0),
+    (boxed("18"), "18", "gsm8k", 0.0),  # gsm8k reads only `#### N`
+    ("#### 17\nso $\\boxed{18}$", "18", "gsm8k", 0.0),
+    ("#### 17\nso $\\boxed{18}$", "18", "last_number", 1.0),  # a box beats `####` and plain numbers
+    ("I got 18, then checked: #### 19 and wrote 20", "19", "last_number", 1.0),  # `####` beats plain
+    ("no digits at all", "1", "last_number", 0.0),
+])
+def test_answer_formats(completion: str, gold: str, answer_format: str, expected: float) -> None:
+    assert score_math(completion, gold, answer_format) == expected
+
+
+def test_unknown_answer_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="answer_format"):
+        extract_final_answer("42", "last")
+    with pytest.raises(ValueError, match="answer_format"):
+        RewardPool(answer_format="last", timeout_s=1.0)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("42", Fraction(42)), (" -7.50 ", Fraction(-15, 2)), ("1,234", Fraction(1234)), ("\\$18", Fraction(18)),
+    ("3/4", Fraction(3, 4)), ("007", Fraction(7)),
+    ("1, 2", None), ("1,23", None), ("(1,2)", None), ("3/0", None), ("1e5", None), ("0x10", None),
+    ("\\frac{1}{2}", None), ("2^{10}", None), ("1_000", None), ("\u0661\u0662", None), ("1" * 101, None),
+    ("__import__('os')", None), ("", None),
+])
+def test_plain_number_is_exact_and_strict(text: str, value) -> None:
+    assert plain_number(text) == value
+
+
+def test_fast_path_skips_math_verify_only_for_plain_numbers(monkeypatch) -> None:
+    import math_verify
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("math-verify called")
+
+    monkeypatch.setattr(math_verify, "verify", refuse)
+    assert score_math(boxed("579"), "579") == 1.0
+    assert score_math(boxed("579"), "578") == 0.0
+    assert score_math("#### 1,450,000", "1450000") == 1.0
+    assert score_math(boxed("0.5"), "1/2") == 1.0
+    assert score_math(boxed("2.50"), "2.5") == 1.0
+    assert score_math("The answer is 9.", "9", "last_number") == 1.0
+    # Exact, not float: 0.1 + 0.2 style rounding can never make two different numbers equal.
+    assert score_math(boxed("0.30000000000000004"), "0.3") == 0.0
+    assert score_math(boxed("12345678901234567890"), "12345678901234567891") == 0.0
+    with pytest.raises(AssertionError, match="math-verify called"):
+        score_math(boxed("\\frac{1}{2}"), "0.5")
+    with pytest.raises(AssertionError, match="math-verify called"):
+        score_math(boxed("x=5"), "5")
+
+
+def test_last_number_hostile_inputs(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    payload = f"__import__('os').system('touch {marker}')"
+    assert score_math(f"The answer is {payload}", "12345", "last_number") == 0.0
+    assert score_math("The answer is 1" + "0" * 5000, "1" + "0" * 5000, "last_number") == 0.0  # over-long
+    assert score_math("9" * 1_000_000, "9", "last_number") == 0.0
+    assert score_math("1," * 500_000 + "7", "7", "last_number") == 1.0
+    assert score_math("-" * 1_000_000 + "3", "-3", "last_number") == 1.0
+    assert score_math("The answer is 5\x00", "5", "last_number") == 0.0
+    assert score_math("The answer is 9^{9^{9}}", "9", "last_number") == 1.0  # a plain number, never a tower
+    assert not marker.exists()
+
+
 def test_code_in_boxed_is_not_executed(tmp_path) -> None:
     marker = tmp_path / "pwned"
     for payload in (f"__import__('os').system('touch {marker}')",
@@ -126,6 +201,8 @@ def test_huge_inputs_return_quickly() -> None:
     assert score_math("\\boxed{" + "{" * 1_000_000, "1") == 0.0
     assert score_math("#" * 1_000_000 + "\\boxed{1", "1") == 0.0
     assert score_math("\\boxed{1}\x00", "1") == 0.0
+    assert score_math("1 " * 500_000, "1", "last_number") == 1.0
+    assert score_math("-1." * 300_000, "1", "last_number") == 0.0
     assert time.monotonic() - start < 5.0
 
 

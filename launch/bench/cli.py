@@ -5,6 +5,8 @@
     python -m launch.bench sync    --json runs/bench/sync.json
     python -m launch.bench dash [--quick] [--regime tiny|reasoning] [--seeds N] --json runs/bench/dash.json
     python -m launch.bench all [--quick] [--skip dash]   # all of the above + the README table (runs/bench/table.md)
+    python -m launch.bench rewards --samples 2000          # scoring ms/sample: exact fast path vs math-verify
+    python -m launch.bench prefill --model DIR             # HF engine: shared vs per-sample prompt prefill
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from launch.bench.dash import fmt, fmt_spread
 
 BENCHES = {"learner": "launch.bench.learner", "engine": "launch.bench.engine", "sync": "launch.bench.sync",
            "dash": "launch.bench.dash"}
+EXTRA = {"rewards": "launch.bench.rewards", "prefill": "launch.bench.prefill"}
+"""Benchmarks run by name only (not by `all`): prefill needs a real model directory."""
 
 
 def machine() -> str:
@@ -40,6 +44,9 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA:
+        importlib.import_module(EXTRA[argv[0]]).main(argv[1:])
+        return 0
     if not argv or argv[0] not in (*BENCHES, "all"):
         print(__doc__)
         return 2

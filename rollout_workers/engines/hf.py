@@ -4,6 +4,12 @@ Preemptive sampling (DASH, arXiv 2505.17218 Sec. 4) wants one engine call for a 
 prompts; `generate` then runs them in chunks that fit a token budget (prompts x G x (prompt +
 max_new) <= gen_batch_tokens), and each chunk's groups are yielded as soon as the chunk ends.
 
+Shared prefill: the G samples of a prompt share its KV cache. The engine runs the prompts (all but
+their last token) through the model once, repeats each row's cache G times
+(`DynamicCache.batch_repeat_interleave`), and lets `generate` continue from there; without this,
+`num_return_sequences=G` recomputes every prompt G times, which dominates on CPU when prompts (a
+chat template's system turn) are longer than the completions.
+
 The logprobs are taken from the *processed* scores that `generate` samples from (after the
 temperature and top-p warpers), so they are exactly the sampling distribution's logprobs, which
 is what the PPO importance ratio's denominator must be. They are gathered step by step by a
@@ -17,7 +23,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor, LogitsProcessorList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
@@ -26,12 +32,11 @@ from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Completion, Prompt
 
 
-
 class HFEngine(Engine):
     """A transformers causal LM that samples groups of completions."""
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 gen_batch_tokens: int = 65536, seed: int = 0) -> None:
+                 gen_batch_tokens: int = 65536, seed: int = 0, shared_prefill: bool = True) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"HFEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if gen_batch_tokens < 1:
@@ -45,6 +50,8 @@ class HFEngine(Engine):
         self._model.eval()
         self._gen_batch_tokens = gen_batch_tokens
         self._seed = seed
+        self._shared_prefill = shared_prefill
+        """False: `num_return_sequences=G`, each prompt prefilled G times (launch.bench.prefill's baseline)."""
         self._version = 0
         self.context = int(self._model.config.max_position_embeddings)
         eos = self._model.generation_config.eos_token_id
@@ -126,22 +133,27 @@ class HFEngine(Engine):
         if params.greedy:
             # Argmax gives G identical completions: decode once, copy G times (generate refuses
             # num_return_sequences > 1 without sampling).
-            sampling = dict(do_sample=False, num_return_sequences=1)
+            sampling = dict(do_sample=False)
         else:
-            sampling = dict(do_sample=True, num_return_sequences=params.n, temperature=1.0, top_p=1.0, top_k=0,
-                            min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+            sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0,
+                            epsilon_cutoff=0.0, eta_cutoff=0.0)
             if params.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
         processors.append(recorder)
+        inputs, copies = dict(batch), 1
+        if not params.greedy and self._shared_prefill:
+            inputs = self._prefill_once(batch["input_ids"], batch["attention_mask"], params.n)
+        elif not params.greedy:
+            copies = params.n  # generate() repeats each prompt row, prefill included
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(self._seed, seed))
             sequences = self._model.generate(
-                **batch, max_new_tokens=params.max_new_tokens, logits_processor=processors,
+                **inputs, max_new_tokens=params.max_new_tokens, logits_processor=processors,
                 eos_token_id=list(self._eos_ids), pad_token_id=self._tokenizer.pad_token_id,
-                return_dict_in_generate=False, **neutral, **sampling)
+                num_return_sequences=copies, return_dict_in_generate=False, **neutral, **sampling)
         new_tokens = sequences[:, width:]  # (B*G, T)
         logprobs_sampler = recorder.result(sequences)  # (B*G, T)
         is_eos = torch.isin(new_tokens, torch.tensor(self._eos_ids, device=new_tokens.device))  # (B*G, T)
@@ -157,6 +169,28 @@ class HFEngine(Engine):
         if params.greedy:
             completions = [c for c in completions for _ in range(params.n)]
         return completions
+
+    def _prefill_once(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict:
+        """generate() inputs for `n` samples per prompt whose prompt KV cache is computed once.
+
+        `input_ids`/`attention_mask` are the left-padded prompts, (B, P). All but the last prompt
+        token go through the model once, at the positions generate() itself would give them (its
+        left-padding aware cumsum of the mask); the cache is then repeated `n` times per row, and
+        generate() is handed the (B*n, P) prompts with that cache, so it runs only the last prompt
+        token and the new ones. Rows are prompt-major, as with `num_return_sequences=n`.
+        """
+        if input_ids.shape[1] < 2:  # nothing to share but the token generate() must run anyway
+            return dict(input_ids=input_ids.repeat_interleave(n, 0),
+                        attention_mask=attention_mask.repeat_interleave(n, 0))
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        cache = DynamicCache(config=self._model.config)
+        # logits_to_keep=1: the prefill's logits are not used (generate recomputes the last
+        # position), and all of them would be (B, P, V) floats.
+        self._model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                    position_ids=position_ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return dict(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention_mask.repeat_interleave(n, 0),
+                    cache=cache)
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
