@@ -21,6 +21,7 @@ from launch.config import load_config
 from learner.actor import LearnerGroup
 from learner.config import LearnerConfig
 from rollout_workers.prompts import PromptCursor, load_prompts, synthetic_problems
+from conftest import kill_engine_at_sync_then_resume
 from test_integration import fake_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,32 +98,12 @@ def test_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_local, 
     """A real engine death at the weight sync of iteration 2: the driver names it, writes a complete
     checkpoint at that boundary (the learner's step is kept) and stops; --resume brings fresh
     engines to the learner's weights and finishes the run."""
-    from launch.sync_group import SyncGroup
-    from launch.train import main
-    from weight_sync.endpoint import SyncError
-
-    real_sync = SyncGroup.sync
-
-    def sync_killing_an_engine(self, version: int):
-        if version == 2:
-            ray.kill(self.workers[0])
-        return real_sync(self, version)
-
-    monkeypatch.setattr(SyncGroup, "sync", sync_killing_an_engine)
     run_dir = tmp_path / "run"
     args = [f"model.path={tiny_model_dir}", "train.iterations=3", f"run.dir={run_dir}", "eval.size=8",
             "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
             "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "sync.timeout_s=20", "run.progress=false",
             "rollout.reward_fn=tests.reward_fns:odd_length"]
-    with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
-        main(args)
-    last = checkpoints.latest_complete(run_dir)
-    state = json.loads((last / "driver_state.json").read_text())
-    assert (last.name, state["stopped_by"], state["version"]) == ("iter_000002", "weight sync failure", 2)
-
-    monkeypatch.setattr(SyncGroup, "sync", real_sync)
-    assert main(["--resume", str(run_dir)]) == 0
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = kill_engine_at_sync_then_resume(monkeypatch, args, run_dir)
     assert [r["iteration"] for r in recs] == [1, 2, 3]
     assert [r["policy_version"] for r in recs] == [1, 2, 3]
     assert recs[2]["staleness_max"] == 0  # the fresh engines were synced to v2 before sampling

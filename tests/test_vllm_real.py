@@ -25,6 +25,7 @@ except ImportError as e:
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.engines.vllm_engine import VLLMEngine
+from conftest import kill_engine_at_sync_then_resume
 from rollout_workers.types import Prompt
 
 pytestmark = [pytest.mark.vllm,
@@ -192,29 +193,7 @@ def test_vllm_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_lo
                                                                           monkeypatch):
     """A real vLLM engine actor killed at the weight sync of iteration 2: the driver names it, writes
     a complete checkpoint and stops; --resume brings a fresh vLLM engine to the learner's weights."""
-    import ray
-
-    from launch import checkpoints
-    from launch.sync_group import SyncGroup
-    from launch.train import main
-    from weight_sync.endpoint import SyncError
-
-    real_sync = SyncGroup.sync
-
-    def sync_killing_an_engine(self, version: int):
-        if version == 2:
-            ray.kill(self.workers[0])
-        return real_sync(self, version)
-
-    monkeypatch.setattr(SyncGroup, "sync", sync_killing_an_engine)
     run_dir = tmp_path / "run"
-    with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
-        main(train_args(model_dir, run_dir))
-    last = checkpoints.latest_complete(run_dir)
-    state = json.loads((last / "driver_state.json").read_text())
-    assert (last.name, state["stopped_by"], state["version"]) == ("iter_000002", "weight sync failure", 2)
-    monkeypatch.setattr(SyncGroup, "sync", real_sync)
-    assert main(["--resume", str(run_dir)]) == 0
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = kill_engine_at_sync_then_resume(monkeypatch, train_args(model_dir, run_dir), run_dir)
     assert [(r["iteration"], r["policy_version"]) for r in recs] == [(1, 1), (2, 2), (3, 3)]
     assert recs[2]["staleness_max"] == 0  # the fresh engine was synced to v2 before sampling
