@@ -20,6 +20,7 @@ logits processor placed after the warpers, instead of `output_scores=True`, whic
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -52,6 +53,9 @@ class HFEngine(Engine):
         self._seed = seed
         self._shared_prefill = shared_prefill
         """False: `num_return_sequences=G`, each prompt prefilled G times (launch.bench.prefill's baseline)."""
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
+        """The model's name for its KV cache argument: transformers >= 5.20 renamed past_key_values
+        to cache (5.19 is what the vLLM CPU build pins, so both must work)."""
         self._version = 0
         self.context = int(self._model.config.max_position_embeddings)
         eos = self._model.generation_config.eos_token_id
@@ -187,10 +191,10 @@ class HFEngine(Engine):
         # logits_to_keep=1: the prefill's logits are not used (generate recomputes the last
         # position), and all of them would be (B, P, V) floats.
         self._model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                    position_ids=position_ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+                    position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
         cache.batch_repeat_interleave(n)
-        return dict(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention_mask.repeat_interleave(n, 0),
-                    cache=cache)
+        return {"input_ids": input_ids.repeat_interleave(n, 0), "attention_mask": attention_mask.repeat_interleave(n, 0),
+                self._cache_kwarg: cache}
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
