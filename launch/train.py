@@ -312,10 +312,10 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
         "logprob_diff_mean": stats.logprob_diff_mean,
         "logprob_ratio_max": stats.logprob_ratio_max,
         # the learn phase split; rank-side seconds summed over learner ranks
-        "learn/seconds_forward": stats.seconds_forward,
-        "learn/seconds_backward": stats.seconds_backward,
-        "learn/seconds_old_logprobs": stats.seconds_old_logprobs,
-        "learn/seconds_optimizer": stats.seconds_optimizer,
+        "time/learn_forward": stats.seconds_forward,
+        "time/learn_backward": stats.seconds_backward,
+        "time/learn_old_logprobs": stats.seconds_old_logprobs,
+        "time/learn_optimizer": stats.seconds_optimizer,
         **times,
     }
 

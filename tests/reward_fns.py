@@ -44,7 +44,7 @@ def odd_length(completion: str, gold: str, answer_format: str) -> float:
     return float(len(completion) % 2)
 
 
-def digit_fraction(completion: str, gold: str) -> float:
+def digit_fraction(completion: str, gold: str, answer_format: str) -> float:
     """Share of the completion's characters that are digits: a dense reward that even an untrained
     model can climb within a few iterations (tests/test_e2e.py's learning check)."""
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
