@@ -44,6 +44,8 @@ caught by the driver's `ray.get(..., timeout=sync.timeout_s)`, and the learner m
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import functools
 
 import torch
@@ -85,7 +87,7 @@ class DeepSpeedWeightSource(WeightSource):
         yield from iter_cast_tensors(self._plan, self._wire_dtype)
 
 
-class VLLMSenderLink:
+class VLLMSenderLink(ABC):
     """One learner rank's side of a vLLM trainer engine (SenderLink; rank 0 sends, others join the
     gathers). `NCCLSenderLink` and `IPCSenderLink` differ only in how the trainer engine is made."""
 
@@ -96,9 +98,10 @@ class VLLMSenderLink:
         self.client = ActorSyncClient(endpoint)
         self.engine: NCCLTrainerWeightTransferEngine | IPCTrainerWeightTransferEngine | None = None
 
+    @abstractmethod
     def _trainer_init(self, buffer_bytes: int, source: DeepSpeedWeightSource
                       ) -> NCCLTrainerWeightTransferEngine | IPCTrainerWeightTransferEngine:
-        raise NotImplementedError
+        """The trainer-side transfer engine of this transport (the only part the subclasses differ in)."""
 
     def send(self, version: int, plan: SendPlan, deadline: float) -> int:
         ep = self.endpoint
