@@ -490,7 +490,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if not evals:
             evals.append(evaluate(run, run.train_seconds))
             print(f"eval before RL: accuracy {evals[0]['accuracy']:.3f} on {len(run.eval_prompts)} held-out problems", flush=True)
-        bar = tqdm(total=cfg.train.iterations, initial=run.iteration, desc="DASH iterations", unit="it",
+        bar = tqdm(total=cfg.train.iterations, initial=run.iteration, desc=f"{cfg.train.mode} iterations", unit="it",
                    disable=not cfg.run.progress, dynamic_ncols=True)
         while run.iteration < cfg.train.iterations and not stop:
             run.iteration += 1
@@ -531,7 +531,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_plots(run_dir, [(e["iteration"], e["accuracy"]) for e in evals])
-        print_table(summary)
+        print_table(summary, cfg.train.mode)
         return summary
     finally:
         for s, h in old_handlers.items():
@@ -552,10 +552,10 @@ def shutdown(run: Run) -> None:
     run.placement.remove()
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict, mode: str) -> None:
     print("\n| phase | greedy accuracy (held-out) |\n|---|---|")
     print(f"| before RL (after SFT warm-up) | {summary['eval_accuracy_before_rl']:.3f} |")
-    print(f"| after {summary['iterations']} DASH iterations | {summary['eval_accuracy_after_rl']:.3f} |")
+    print(f"| after {summary['iterations']} {mode} iterations | {summary['eval_accuracy_after_rl']:.3f} |")
     print(f"\nwall {summary['wall_seconds']:.0f}s, {summary['samples_generated']} samples generated, "
           f"{summary['samples_kept']} kept for backprop", flush=True)
 

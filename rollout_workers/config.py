@@ -68,8 +68,11 @@ class RolloutConfig:
     """Longest prompt accepted; longer prompts are skipped and counted."""
     dtype: str = "float32"
     """Engine weight dtype: "float32" or "bfloat16" (sync casts learner weights to it)."""
-    gen_batch_tokens: int = 65536
-    """transformers engine: memory budget per generate() chunk, in (prompt+completion) tokens."""
+    gen_batch_tokens: int = 16384
+    """transformers engine: budget per generate() chunk, in (prompt+completion) tokens. On 2 CPU
+    cores the reasoning bench's 512 samples of 144 tokens ran 1.8x faster in chunks of 16,384
+    tokens than of 65,536 (9.5k against 5.2k tokens/s): a bigger batch's KV cache outgrows the CPU
+    caches. Raise it on a GPU."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs per engine (placement bundles per worker)."""
     gpu_memory_utilization: float = 0.5

@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from conftest import kill_and_confirm
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
 from learner.actor import LearnerGroup
@@ -98,7 +99,7 @@ def test_killed_engine_during_sync_is_named_within_timeout(ray_local, tiny_model
     try:
         sync = SyncGroup(SyncConfig(timeout_s=10), learner.rank_actors, workers, ["rollout-0", "rollout-1"], "float32", TIMEOUT)
         sync.sync(1)
-        ray.kill(workers[1])
+        kill_and_confirm(workers[1], "version")
         with pytest.raises(SyncError) as err:
             sync.sync(2)
         assert "rollout-1" in err.value.engines

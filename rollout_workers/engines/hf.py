@@ -27,6 +27,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor, LogitsProcessorList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
+from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
 from rollout_workers.seeding import derive_seed
@@ -37,7 +38,7 @@ class HFEngine(Engine):
     """A transformers causal LM that samples groups of completions."""
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 gen_batch_tokens: int = 65536, seed: int = 0, shared_prefill: bool = True) -> None:
+                 gen_batch_tokens: int = RolloutConfig.gen_batch_tokens, seed: int = 0, shared_prefill: bool = True) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"HFEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if gen_batch_tokens < 1:

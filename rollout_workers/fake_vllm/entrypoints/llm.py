@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch.multiprocessing.reductions import rebuild_tensor
 
+from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.fake_vllm.config import WeightTransferConfig
@@ -207,7 +208,7 @@ class LLM:
         if tensor_parallel_size != 1:
             raise ValueError("the fake LLM runs on one CPU process: tensor_parallel_size must be 1")
         hf = HFEngine(model, dtype="float32" if dtype == "auto" else dtype, device="cpu",
-                      gen_batch_tokens=max_num_batched_tokens or 65536, seed=seed)
+                      gen_batch_tokens=max_num_batched_tokens or RolloutConfig.gen_batch_tokens, seed=seed)
         self._hf = hf
         self.llm_engine = LLMEngine(hf, model)
         self._request_counter = itertools.count()
