@@ -554,7 +554,7 @@ def shutdown(run: Run) -> None:
 
 def print_table(summary: dict, mode: str) -> None:
     print("\n| phase | greedy accuracy (held-out) |\n|---|---|")
-    print(f"| before RL (after SFT warm-up) | {summary['eval_accuracy_before_rl']:.3f} |")
+    print(f"| before RL | {summary['eval_accuracy_before_rl']:.3f} |")
     print(f"| after {summary['iterations']} {mode} iterations | {summary['eval_accuracy_after_rl']:.3f} |")
     print(f"\nwall {summary['wall_seconds']:.0f}s, {summary['samples_generated']} samples generated, "
           f"{summary['samples_kept']} kept for backprop", flush=True)
