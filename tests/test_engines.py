@@ -1,4 +1,4 @@
-"""HF engine: shapes, logprobs vs a teacher-forced pass, determinism, greedy, chunking, bad input.
+"""HF engine: shapes, the batch-wise cut at the first EOS, logprobs vs a teacher-forced pass, determinism, greedy, chunking, bad input.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.engines.hf import HFEngine
+from rollout_workers.engines.hf import CutRow, HFEngine, cut_at_eos
 from rollout_workers.types import Prompt
 
 PROMPTS = [Prompt(f"t-{i}", f"Q: {i} + {2 * i + 1} = ?\nA:" + " x" * (i % 3), str(3 * i + 1)) for i in range(5)]
@@ -149,3 +149,57 @@ def test_prompt_is_prefilled_once_per_group_not_per_sample(engine):
     assert calls[0] == (2, width - 1)  # one prefill of the prompts, all but their last token
     assert all(rows == 2 * n and length == 1 for rows, length in calls[1:])  # then one token per step
     assert len(calls) >= 2
+
+
+def _cut_one_element_at_a_time(new_tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids) -> list[CutRow]:
+    """The engine's former per-row loop (one device sync per element on a GPU): the reference."""
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids))
+    rows = []
+    for r in range(new_tokens.shape[0]):
+        hits = is_eos[r].nonzero()
+        length = int(hits[0]) + 1 if len(hits) else new_tokens.shape[1]
+        rows.append(CutRow(tuple(int(t) for t in new_tokens[r, :length]),
+                           tuple(float(x) for x in logprobs[r, :length]), "stop" if len(hits) else "length"))
+    return rows
+
+
+def test_cut_at_eos_equals_the_per_element_loop():
+    """Rows with no EOS, an EOS first, last, in the middle, two EOS ids and tokens after the first
+    EOS (generate pads them): lengths, finish reasons, ids and fp32 logprobs are those of the former
+    element-by-element loop, bit for bit."""
+    eos_ids = (2, 7)
+    gen = torch.Generator().manual_seed(0)
+    new_tokens = torch.randint(8, 50, (6, 9), generator=gen)  # (N, T), no EOS yet
+    new_tokens[1, 0] = 2  # EOS first
+    new_tokens[2, 8] = 7  # EOS last (second EOS id)
+    new_tokens[3, 4] = 2
+    new_tokens[3, 6] = 7  # a later EOS is cut off
+    new_tokens[4, 3] = 7
+    new_tokens[4, 4:] = 0  # pad after EOS
+    logprobs = -torch.rand(6, 9, generator=gen)  # (N, T) fp32, as the recorder gives them
+    got = cut_at_eos(new_tokens, logprobs, eos_ids)
+    assert got == _cut_one_element_at_a_time(new_tokens, logprobs, eos_ids)
+    assert [len(r.token_ids) for r in got] == [9, 1, 9, 5, 4, 9]
+    assert [r.finish_reason for r in got] == ["length", "stop", "stop", "stop", "stop", "length"]
+    assert all(type(t) is int for r in got for t in r.token_ids)
+    assert all(type(x) is float for r in got for x in r.logprobs)
+
+
+def test_generate_output_is_that_of_the_per_element_cut(engine, monkeypatch):
+    """The engine end to end, with stops and lengths in one batch: each completion's ids, logprobs and
+    finish reason are what the per-element loop gives on the same generate() output."""
+    params = SamplingParamsSpec(n=4, temperature=1.0, max_new_tokens=10, seed=11)
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = cut_at_eos
+
+    def spy(new_tokens, logprobs, eos_ids):
+        captured.append((new_tokens.clone(), logprobs.clone()))
+        return real(new_tokens, logprobs, eos_ids)
+
+    monkeypatch.setattr("rollout_workers.engines.hf.cut_at_eos", spy)
+    groups = list(engine.generate(PROMPTS, params))
+    want = [row for new_tokens, logprobs in captured
+            for row in _cut_one_element_at_a_time(new_tokens, logprobs, engine._eos_ids)]
+    got = [c for g in groups for c in g.completions]
+    assert [(c.token_ids, c.logprobs_sampler, c.finish_reason) for c in got] == [tuple(r) for r in want]
+    assert {c.finish_reason for c in got} == {"stop", "length"}, "the seed should give both kinds"

@@ -21,7 +21,7 @@ logits processor placed after the warpers, instead of `output_scores=True`, whic
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor, LogitsProcessorList,
@@ -161,16 +161,9 @@ class HFEngine(Engine):
                 num_return_sequences=copies, return_dict_in_generate=False, **neutral, **sampling)
         new_tokens = sequences[:, width:]  # (B*G, T)
         logprobs_sampler = recorder.result(sequences)  # (B*G, T)
-        is_eos = torch.isin(new_tokens, torch.tensor(self._eos_ids, device=new_tokens.device))  # (B*G, T)
-        completions = []
-        for r in range(new_tokens.shape[0]):
-            hits = is_eos[r].nonzero()
-            length = int(hits[0]) + 1 if len(hits) else new_tokens.shape[1]
-            ids = tuple(int(t) for t in new_tokens[r, :length])
-            completions.append(Completion(
-                token_ids=ids, logprobs_sampler=tuple(float(x) for x in logprobs_sampler[r, :length]),
-                finish_reason="stop" if len(hits) else "length",
-                text=self._tokenizer.decode(ids, skip_special_tokens=True)))
+        completions = [Completion(token_ids=row.token_ids, logprobs_sampler=row.logprobs, finish_reason=row.finish_reason,
+                                  text=self._tokenizer.decode(row.token_ids, skip_special_tokens=True))
+                       for row in cut_at_eos(new_tokens, logprobs_sampler, self._eos_ids)]
         if params.greedy:
             completions = [c for c in completions for _ in range(params.n)]
         return completions
@@ -196,6 +189,28 @@ class HFEngine(Engine):
         cache.batch_repeat_interleave(n)
         return {"input_ids": input_ids.repeat_interleave(n, 0), "attention_mask": attention_mask.repeat_interleave(n, 0),
                 self._cache_kwarg: cache}
+
+
+class CutRow(NamedTuple):
+    """One generated row up to and including its first EOS, as Python values."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str
+    """"stop" (ended with an EOS, kept) or "length" (hit max_new_tokens)."""
+
+
+def cut_at_eos(new_tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: Sequence[int]) -> list[CutRow]:
+    """Cut each (B*G, T) row after its first EOS token. The lengths are found on the tensors' device
+    (first EOS by argmax), and each tensor crosses to the CPU once: reading them element by element
+    costs one device sync per token on a GPU (65k syncs at batch 1024 x 64 tokens)."""
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))  # (N, T)
+    has_eos = is_eos.any(dim=1)  # (N,)
+    # argmax returns the first maximal index; a row without EOS keeps all T tokens
+    lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, new_tokens.shape[1])  # (N,)
+    tokens, lps = new_tokens.tolist(), logprobs.tolist()
+    return [CutRow(tuple(t[:n]), tuple(lp[:n]), "stop" if stop else "length")
+            for t, lp, n, stop in zip(tokens, lps, lengths.tolist(), has_eos.tolist())]
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
