@@ -168,13 +168,37 @@ def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
     return logprobs.cpu(), logits
 
 
+class CollectiveBackends(NamedTuple):
+    """torch.distributed backends of one learner rank."""
+
+    default: str
+    """Backend of the default group: DeepSpeed's gradient reductions and ZeRO gathers, which run on
+    the accelerator's tensors ("nccl" for CUDA, "gloo" for CPU)."""
+    flag_group_needed: bool
+    """True when CPU tensors (the non-finite-loss flag, barriers) need a gloo side group because
+    the default backend cannot reduce them."""
+
+
+def collective_backends(device_type: str) -> CollectiveBackends:
+    """The backends for DeepSpeed's accelerator `device_type` ("cuda" or "cpu"): NCCL for CUDA
+    tensors plus a gloo group for the CPU flags; gloo alone on CPU (one group for everything).
+    gloo on CUDA would stage every gradient reduction and ZeRO gather through host memory."""
+    if device_type == "cuda":
+        return CollectiveBackends("nccl", True)
+    if device_type == "cpu":
+        return CollectiveBackends("gloo", False)
+    raise ValueError(f"learner accelerator {device_type!r} is not supported (DS_ACCELERATOR: cuda or cpu)")
+
+
 class RankTrainer:
     """The DASH loss and optimizer on one rank. `self.ds` is the DeepSpeedEngine and
     `self.ds.module` the transformers model (weight sync reads it from here).
 
     Distributed set-up: if torch.distributed is not initialised yet, this sets the rendezvous env
     (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, DS_ACCELERATOR=cpu unless set) and calls
-    `deepspeed.init_distributed("gloo")` with `timeout_s` on every collective.
+    `deepspeed.init_distributed` with the backend `collective_backends` picks for DeepSpeed's
+    accelerator (NCCL on CUDA, gloo on CPU) and `timeout_s` on every collective. On CUDA a gloo
+    side group (`self.flag_group`) carries the CPU-side flags and barriers.
     """
 
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int = 0, world_size: int = 1,
@@ -188,10 +212,17 @@ class RankTrainer:
         import deepspeed
         import torch.distributed as dist
 
+        backends = collective_backends(deepspeed.get_accelerator().device_name())
         if not dist.is_initialized():
             os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                                "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
-            deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=timeout_s))
+            deepspeed.init_distributed(dist_backend=backends.default, timeout=timedelta(seconds=timeout_s))
+        self.flag_group = None
+        """Process group of the CPU flags and barriers: None means the default group (gloo on CPU);
+        on CUDA a gloo group over the same ranks, because NCCL only reduces CUDA tensors. Creating
+        it is a collective: every rank builds its trainer."""
+        if backends.flag_group_needed or dist.get_backend() != "gloo":
+            self.flag_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -284,8 +315,8 @@ class RankTrainer:
     def _any_rank_bad(self) -> bool:
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self._bad_since_step else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1.0 if self._bad_since_step else 0.0])  # CPU: the flag group's gloo
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flag_group)
         return bool(flag.item() > 0)
 
     def step(self, normaliser: float) -> StepResult:
@@ -407,4 +438,4 @@ class RankTrainer:
                     json.dump({"optimizer_steps": self.optimizer_steps}, f)
                 shutil.rmtree(path, ignore_errors=True)
                 os.replace(tmp, path)
-        dist.barrier()
+        dist.barrier(group=self.flag_group)  # gloo: an NCCL barrier would have to guess each rank's device

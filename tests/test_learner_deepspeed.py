@@ -1,7 +1,7 @@
 """The DASH learner on real DeepSpeed (CPU, gloo) and real Ray: exactness of the accumulated gradient,
 filtered samples cost no forward pass, multi-step/epoch batches, non-finite step skipping, bad input,
 reference model only with KL, resume bit-identical, HF export, learner/sampler logprob mismatch,
-the varlen (one padding-free row) layout.
+the varlen (one padding-free row) layout, the collective backends per accelerator.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
 """
@@ -18,7 +18,7 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.batcher import LocalRankPool, StreamingBatcher
-from learner.trainer import clear_stale_build_lock
+from learner.trainer import CollectiveBackends, clear_stale_build_lock, collective_backends
 from learner.filtering import Sample, select_samples
 from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights
 from learner.packing import collate
@@ -216,6 +216,46 @@ def test_nonfinite_step_skipped_then_exact_then_abort(trainers, tiny_model_dir, 
         batcher.begin_batch(3)
         batcher.add_groups(bad)  # the in-process pool steps at once; a Ray pool raises in end_batch
         batcher.end_batch()
+
+
+def test_collective_backends_nccl_plus_gloo_flags_on_cuda_gloo_alone_on_cpu():
+    assert collective_backends("cuda") == CollectiveBackends(default="nccl", flag_group_needed=True)
+    assert collective_backends("cpu") == CollectiveBackends(default="gloo", flag_group_needed=False)
+    with pytest.raises(ValueError, match="'xpu' is not supported"):
+        collective_backends("xpu")
+
+
+def test_cpu_flags_and_barrier_go_through_the_side_group_when_one_is_built(trainers, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """The CUDA layout's side group, exercised on CPU: with a gloo flag group forced, the non-finite
+    flag's all-reduce and export's barrier run on it (a rank that skipped the group would hang)."""
+    import torch.distributed as dist
+
+    import learner.trainer as trainer_module
+
+    trainers(0)  # the module's process group exists first, as DeepSpeed's default group
+    monkeypatch.setattr(trainer_module, "collective_backends", lambda device: CollectiveBackends("gloo", True))
+    trainer = trainer_module.RankTrainer(LearnerConfig(zero_stage=2, grad_clip=0.0, old_logprobs="sampler",
+                                                       prompts_per_step=3), str(tiny_model_dir))
+    assert trainer.flag_group is not None and trainer.flag_group != dist.group.WORLD
+    used = []  # (call, group=) of every all_reduce / barrier (DeepSpeed's own calls included)
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            used.append((name, kwargs.get("group")))
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(dist, "all_reduce", spy("all_reduce", dist.all_reduce))
+    monkeypatch.setattr(dist, "barrier", spy("barrier", dist.barrier))
+    good = make_groups(3, seed=4)
+    bad_comp = dataclasses.replace(good[1].completions[0], logprobs_sampler=(float("nan"),) * len(good[1].completions[0].token_ids))
+    batcher = StreamingBatcher(trainer.cfg, LocalRankPool(trainer), MAX_NEW)
+    batcher.begin_batch(3)
+    batcher.add_groups([good[0], dataclasses.replace(good[1], completions=(bad_comp,) + good[1].completions[1:]), good[2]])
+    assert batcher.end_batch().skipped_nonfinite == 1
+    trainer.export_hf(str(tmp_path / "hf"))
+    assert ("all_reduce", trainer.flag_group) in used and ("barrier", trainer.flag_group) in used
+    assert (tmp_path / "hf" / "dash_export.json").exists()
 
 
 def test_bad_input_clear_errors(trainers):
