@@ -27,6 +27,8 @@ from weight_sync.config import SyncConfig
 from weight_sync.transports import get_transport
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+GPU_PLACEMENTS = ("colocated", "disaggregated")
+"""train.placement values that put actors in GPU bundles (the learner then runs DeepSpeed on CUDA)."""
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,8 @@ class TrainConfig:
     """Keep the newest K checkpoints."""
     on_worker_death: str = "restart"
     """A dead rollout worker is "restart"ed (its prompts go to the new one), or its prompts are "redispatch"ed to the survivors, or the run stops ("raise")."""
+    gpu_memory_gib: float = 0.0
+    """Memory of one GPU in GiB, for the colocated check that an engine and a learner rank fit on one GPU (launch.placement.preflight); 0 = read it from this machine's first GPU (a driver without a GPU must set it for train.placement=colocated)."""
     ray_address: str = ""
     """Ray cluster to join ("" = the one this job runs in, else start a local one)."""
     actor_timeout_s: float = 600.0
@@ -102,7 +106,7 @@ class TrainConfig:
             raise ValueError(f"train.placement must be one of ['auto', 'cpu', 'colocated', 'disaggregated'], got {self.placement!r}")
         if self.on_worker_death not in ("restart", "redispatch", "raise"):
             raise ValueError(f"train.on_worker_death must be one of ['restart', 'redispatch', 'raise'], got {self.on_worker_death!r}")
-        for key in ("checkpoint_every", "num_gpus"):
+        for key in ("checkpoint_every", "num_gpus", "gpu_memory_gib"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.keep_checkpoints < 1:
@@ -264,8 +268,9 @@ def validate(cfg: Config) -> None:
                           "without it no group is dropped and there is nothing to refill")
     if cfg.train.num_gpus:
         engine_gpus = r.num_workers * r.tensor_parallel_size
-        learner_gpus = l.num_ranks * l.gpus_per_rank
         colocated = cfg.train.placement == "colocated"
+        # colocated: rank i shares GPU i with engine i (launch.placement.plan_bundles), whatever its share
+        learner_gpus = l.num_ranks * (1 if colocated and l.gpus_per_rank > 0 else l.gpus_per_rank)
         needed = max(engine_gpus, learner_gpus) if colocated else engine_gpus + learner_gpus
         if needed > cfg.train.num_gpus:
             raise ConfigError(
@@ -282,6 +287,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
     validate_transport(cfg)
+    validate_learner_device(cfg)
     if r.enable_sleep_mode and (r.engine != "vllm" or cfg.train.placement != "colocated" or cfg.train.overlap):
         # The engines sleep from the end of sampling to the sync (launch.train): only a colocated
         # learner gains the memory, and an overlapped batch samples during that time.
@@ -319,6 +325,30 @@ def validate_transport(cfg: Config) -> None:
             f"sync.transport=ipc needs a learner rank on every engine GPU: learner.num_ranks ({l.num_ranks}) < "
             f"rollout.num_workers x rollout.tensor_parallel_size ({r.num_workers * r.tensor_parallel_size}); engines on "
             "a GPU without a learner rank would fail every sync")
+
+
+def validate_learner_device(cfg: Config) -> None:
+    """The learner's device follows the placement (launch.placement.ds_accelerator): a GPU
+    placement puts every learner rank in a GPU bundle, so DeepSpeed runs on CUDA there. A
+    learner.gpus_per_rank that says otherwise is refused rather than obeyed, because a rank
+    holding a GPU share while training on CPU is the silent slow path (and the nccl/ipc
+    transports cannot send from CPU)."""
+    l = cfg.learner
+    placement = resolved_placement(cfg)
+    on_gpu = placement in GPU_PLACEMENTS
+    spec = get_transport(cfg.sync.transport)
+    if spec.needs_vllm and not l.gpus_per_rank > 0:
+        raise ConfigError(f"sync.transport={cfg.sync.transport} sends the weights from the learner's GPU, and "
+                          f"learner.gpus_per_rank={l.gpus_per_rank:g} puts the learner on CPU: set "
+                          "learner.gpus_per_rank=1 (0.5 colocated), or sync.transport=gloo")
+    if on_gpu and not l.gpus_per_rank > 0:
+        raise ConfigError(f"learner.gpus_per_rank={l.gpus_per_rank:g} with train.placement={cfg.train.placement} "
+                          f"(-> {placement}): that placement gives every learner rank a GPU bundle and runs "
+                          "DeepSpeed on CUDA; set learner.gpus_per_rank=1 (0.5 colocated), or train.placement=cpu")
+    if not on_gpu and l.gpus_per_rank > 0:
+        raise ConfigError(f"learner.gpus_per_rank={l.gpus_per_rank:g} with train.placement={cfg.train.placement} "
+                          f"(-> {placement}): that placement gives the learner no GPU; set learner.gpus_per_rank=0, "
+                          "or train.num_gpus and train.placement=colocated/disaggregated")
 
 
 def _is_hub_id(path: str) -> bool:

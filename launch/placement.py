@@ -16,15 +16,23 @@ Used by `python -m launch.train`; tested by tests/test_placement.py.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from launch.config import Config, ConfigError, resolved_placement
+from launch.config import GPU_PLACEMENTS, Config, ConfigError, resolved_placement
+from learner.memory import learner_memory
+
+TINY_VOCAB = 384
+"""Tokens of the embedded tiny model's tokenizer (launch.tiny_model.train_tokenizer's vocab_size)."""
+LEARNER_CONTEXT_BYTES = 1 << 30
+"""A learner process's CUDA context and allocator slack, beside its tensors."""
 
 
 @dataclass
@@ -88,16 +96,86 @@ def missing_resources(bundles: list[dict], nodes: list[dict[str, float]]) -> lis
 
 
 def ds_accelerator(cfg: Config) -> str:
-    """DeepSpeed's accelerator for the learner ranks: "cuda" when they have GPUs, else "cpu".
-    Set explicitly (an empty DS_ACCELERATOR makes DeepSpeed fall back to CPU on a GPU node, and
-    the nccl transport then broadcasts CPU tensors)."""
-    return "cuda" if cfg.train.num_gpus > 0 and cfg.learner.gpus_per_rank > 0 else "cpu"
+    """DeepSpeed's accelerator for the learner ranks, derived from the placement: "cuda" when the
+    placement puts them in GPU bundles (colocated, disaggregated), else "cpu". Set explicitly in
+    every actor and in `launch/single_node.sh` (an empty DS_ACCELERATOR makes DeepSpeed fall back
+    to CPU on a GPU node, and the nccl transport then broadcasts CPU tensors; a GPU merely being
+    visible must not turn a CPU preset's learner to CUDA either). `launch.config.validate`
+    refuses learner.gpus_per_rank that contradicts this."""
+    return "cuda" if resolved_placement(cfg) in GPU_PLACEMENTS else "cpu"
+
+
+class ModelShape(NamedTuple):
+    """What the memory estimate needs of the policy model."""
+
+    n_params: int
+    layers: int
+    hidden: int
+    vocab: int
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """The policy's shape from its config.json alone (local directory or Hugging Face cache; the
+    embedded tiny model from the model section): parameters are counted on the meta device, so
+    no weight is read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    if cfg.model.path:
+        config = AutoConfig.from_pretrained(cfg.model.path)
+    else:  # launch.tiny_model's architecture; its tokenizer has TINY_VOCAB tokens
+        m = cfg.model
+        config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=m.tiny_hidden_size,
+                             intermediate_size=4 * m.tiny_hidden_size, num_hidden_layers=m.tiny_layers,
+                             num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_heads,
+                             tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())  # a tied embedding is one parameter
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(n_params, int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size))
+
+
+def colocated_memory_problem(cfg: Config, shape: ModelShape, gpu_bytes: int) -> str | None:
+    """Why a colocated run cannot fit engine i and learner rank i on one GPU of `gpu_bytes`, with
+    the rollout.gpu_memory_utilization that would fit; None when it fits. The engine keeps its
+    share (weights + KV cache) while the learner backprops the groups it streams during sampling,
+    so both peaks coincide (sleep mode frees the engine only between sampling and the sync)."""
+    r, l = cfg.rollout, cfg.learner
+    need = learner_memory(shape.n_params, shape.layers, shape.hidden, shape.vocab, l.micro_batch_tokens,
+                          l.zero_stage, l.num_ranks, l.bf16, reference_model=l.kl_coef > 0)
+    engine = r.gpu_memory_utilization * gpu_bytes
+    if engine + need.total + LEARNER_CONTEXT_BYTES <= gpu_bytes:
+        return None
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    parts = (f"model states {gib(need.model_states)}, activations {gib(need.activations)}, logits "
+             f"{gib(need.logits)}" + (f", reference model {gib(need.reference)}" if need.reference else "")
+             + f", CUDA context {gib(LEARNER_CONTEXT_BYTES)}")
+    fits = math.floor(100 * (gpu_bytes - need.total - LEARNER_CONTEXT_BYTES) / gpu_bytes) / 100
+    advice = (f"set rollout.gpu_memory_utilization <= {fits:.2f}" if fits > 0 else
+              "the learner alone does not fit: lower learner.micro_batch_tokens, raise learner.zero_stage or "
+              "learner.num_ranks, or use train.placement=disaggregated")
+    return (f"train.placement=colocated: rollout.gpu_memory_utilization={r.gpu_memory_utilization:g} gives the engine "
+            f"{gib(engine)} of the {gib(gpu_bytes)} GPU, and the learner rank beside it needs about "
+            f"{gib(need.total + LEARNER_CONTEXT_BYTES)} ({parts}; learner.memory); {advice}")
+
+
+def gpu_memory_bytes(cfg: Config) -> int | None:
+    """Memory of one GPU: train.gpu_memory_gib, else this machine's first GPU, else None."""
+    if cfg.train.gpu_memory_gib > 0:
+        return int(cfg.train.gpu_memory_gib * 2**30)
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return None
 
 
 def preflight(cfg: Config, joins_cluster: bool) -> None:
     """Refuse at once, naming everything missing, a run this machine cannot start: GPUs (local
     cluster only: a cluster that is joined is checked by `make_placement`), vLLM, a reachable
-    model, an accelerator setting that contradicts the config. Raises ConfigError."""
+    model, room on the GPU for a colocated engine and learner, an accelerator setting that
+    contradicts the config. Raises ConfigError."""
     problems = []
     if cfg.train.num_gpus and not joins_cluster:
         import torch
@@ -105,18 +183,28 @@ def preflight(cfg: Config, joins_cluster: bool) -> None:
         have = torch.cuda.device_count()
         if have < cfg.train.num_gpus:
             problems.append(f"GPUs: train.num_gpus={cfg.train.num_gpus}, this machine has {have} "
-                            "(a CPU run: --config tiny-cpu, or train.num_gpus=0 with rollout.engine=hf)")
+                            "(a CPU run: --config tiny-cpu, or train.num_gpus=0 with rollout.engine=transformers)")
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         problems.append("vLLM: rollout.engine=vllm but the vllm package is not installed")
     model = cfg.model.path
-    if model and not Path(model).exists() and not _hub_model_cached(model) and not _hub_reachable():
+    model_missing = bool(model) and not Path(model).exists() and not _hub_model_cached(model) and not _hub_reachable()
+    if model_missing:
         problems.append(f"model: model.path={model!r} is not a local directory, not in the Hugging Face "
                         "cache, and huggingface.co is unreachable")
+    if resolved_placement(cfg) == "colocated" and not model_missing:
+        gpu_bytes = gpu_memory_bytes(cfg)
+        if gpu_bytes is None:
+            problems.append("GPU memory: train.placement=colocated checks that engine and learner fit on one GPU, "
+                            "and this machine has no GPU to read its size from: set train.gpu_memory_gib")
+        else:
+            problem = colocated_memory_problem(cfg, model_shape(cfg), gpu_bytes)
+            if problem:
+                problems.append(problem)
     wanted = ds_accelerator(cfg)
     if os.environ.get("DS_ACCELERATOR") and os.environ["DS_ACCELERATOR"] != wanted:
         problems.append(f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']} in the environment contradicts the config "
-                        f"(train.num_gpus={cfg.train.num_gpus}, learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} "
-                        f"-> {wanted})")
+                        f"(train.placement={cfg.train.placement} with train.num_gpus={cfg.train.num_gpus} puts the "
+                        f"learner on {wanted}): unset it, the launcher sets it from the config")
     if problems:
         raise ConfigError("this run cannot start here:\n  " + "\n  ".join(problems))
 

@@ -29,26 +29,16 @@ RUN_ARGS=()
   RUN_ARGS=("run.dir=$PWD/runs/$(basename "${CONFIG_ARGS[1]:-tiny-cpu}" .yaml)-$(date +%Y%m%d-%H%M%S)")
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"   # loopback-only head; see README "Security"
-export DS_ACCELERATOR="${DS_ACCELERATOR:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 unset RAY_ADDRESS   # submit to this script's head, never to another cluster of the user
 
-# Validate the config before starting anything, and give the head the CPUs the run reserves
-# (Ray would otherwise wait for resources this machine does not advertise).
-NUM_CPUS="$("$PY" - "${CONFIG_ARGS[@]}" "$@" "${RUN_ARGS[@]}" <<'EOF'
-import os
-import sys
-
-from launch.config import ConfigError, load_config
-from launch.train import needed_cpus, parse_args
-
-args = parse_args(sys.argv[1:])
-try:
-    cfg = load_config(args.config, args.overrides)
-except ConfigError as e:
-    sys.exit(f"config error: {e}")
-print(max(os.cpu_count() or 1, needed_cpus(cfg)))
-EOF
-)"
+# Validate the config and check this machine (launch.placement.preflight: GPUs, vLLM, model, GPU
+# memory of a colocated run, a contradicting DS_ACCELERATOR) before starting anything. Then give
+# the head the CPUs the run reserves (Ray would otherwise wait for resources this machine does not
+# advertise), and the job the learner's accelerator as the config's placement decides it (a GPU
+# merely being visible does not move a CPU preset's learner to CUDA).
+PLAN="$("$PY" -m launch.single_node_plan "${CONFIG_ARGS[@]}" "$@" "${RUN_ARGS[@]}")" || exit 2
+read -r NUM_CPUS DS_ACCELERATOR <<< "$PLAN"
+export DS_ACCELERATOR
 
 HEAD_PID="" RAY_TMP="" HEAD_LOG=""
 stop_head() {   # stop this script's head (and only it), remove its temp dir

@@ -61,7 +61,7 @@ class LearnerConfig:
     torch_threads: int = 0
     """Intra-op torch threads per rank (0 = int(cpus_per_rank)). More threads than the reservation pay off when the backprop tail runs while the engines idle (synchronous mode on a small CPU machine)."""
     gpus_per_rank: float = 0.0
-    """GPUs per learner rank actor (0 on CPU machines)."""
+    """GPUs per learner rank: 0 with train.placement=cpu; > 0 in a GPU placement, which gives each rank one GPU bundle (a whole GPU disaggregated, half of one colocated) and runs DeepSpeed on CUDA. Anything else is refused by name."""
     max_bad_steps: int = 3
     """Abort after this many consecutive optimizer steps skipped for a NaN/inf loss or gradient."""
     seed: int = 0

@@ -17,7 +17,8 @@ import pytest
 import ray
 
 from launch.config import ConfigError, load_config
-from launch.placement import ds_accelerator, make_placement, missing_resources, plan_bundles
+from launch.placement import (ModelShape, colocated_memory_problem, ds_accelerator, make_placement, missing_resources,
+                              model_shape, plan_bundles, preflight)
 from learner.actor import LearnerGroup
 from rollout_workers.worker import make_rollout_workers
 
@@ -56,11 +57,104 @@ def test_accepted_gpu_transports():
     gpu_config("rollout.engine=vllm", "sync.transport=ipc", "train.placement=colocated")
 
 
-def test_ds_accelerator_follows_the_config():
+def test_ds_accelerator_follows_the_placement():
     # issue 17 item 8: a GPU learner must never fall back to DeepSpeed's CPU accelerator.
     assert ds_accelerator(gpu_config()) == "cuda"
-    assert ds_accelerator(gpu_config("learner.gpus_per_rank=0")) == "cpu"
+    assert ds_accelerator(gpu_config("train.placement=colocated")) == "cuda"
     assert ds_accelerator(load_config(None, [])) == "cpu"
+    assert ds_accelerator(load_config("tiny-cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # issue 21 item 2: a rank in a GPU bundle training on CPU is refused, not obeyed.
+    (["learner.gpus_per_rank=0"], r"learner\.gpus_per_rank=0 with train\.placement=auto \(-> disaggregated\): that "
+                                  r"placement gives every learner rank a GPU bundle"),
+    (["learner.gpus_per_rank=0", "train.placement=colocated"], r"learner\.gpus_per_rank=0 with train\.placement=colocated"),
+    (["train.placement=cpu"], r"learner\.gpus_per_rank=1 with train\.placement=cpu \(-> cpu\): that placement gives "
+                              r"the learner no GPU"),
+    # issue 21 item 3: the native transfers send from the learner's GPU.
+    (["learner.gpus_per_rank=0", "rollout.engine=vllm", "sync.transport=nccl"],
+     r"sync\.transport=nccl sends the weights from the learner's GPU, and learner\.gpus_per_rank=0"),
+    (["learner.gpus_per_rank=0", "rollout.engine=vllm", "sync.transport=ipc", "train.placement=colocated"],
+     r"sync\.transport=ipc sends the weights from the learner's GPU"),
+])
+def test_learner_device_contradictions_are_refused_by_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        gpu_config(*overrides)
+
+
+def qwen05b_dir(path: Path) -> Path:
+    """A directory with only Qwen2.5-0.5B's config.json (its shape; no weights needed)."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(path)
+    return path
+
+
+def test_model_shape_counts_parameters_from_the_config_alone(tmp_path):
+    shape = model_shape(load_config(None, [f"model.path={qwen05b_dir(tmp_path)}"]))
+    assert shape == ModelShape(494_032_768, 24, 896, 151_936)  # Qwen2.5-0.5B's published count
+
+
+def colocated(tmp_path, *overrides):
+    return gpu_config("train.placement=colocated", "learner.bf16=true", "learner.zero_stage=2", "learner.num_ranks=2",
+                      "learner.micro_batch_tokens=16384", f"model.path={qwen05b_dir(tmp_path)}", *overrides)
+
+
+def test_colocated_memory_names_the_utilization_that_fits(tmp_path):
+    """Issue 21 item 3: the presets' 0.85 with a 16k-token micro-batch leaves a 0.5B learner no room
+    on an 80 GiB GPU. Hand-computed: model states 2N + 14N/2 = 9N = 4.14 GiB, activations 11.16,
+    logits 23.18, context 1 -> 39.5 GiB; (80 - 39.5) / 80 = 0.506 -> 0.50."""
+    cfg = colocated(tmp_path, "rollout.gpu_memory_utilization=0.85")
+    problem = colocated_memory_problem(cfg, model_shape(cfg), 80 * 2**30)
+    assert problem is not None
+    assert "rollout.gpu_memory_utilization=0.85 gives the engine 68.0 GiB of the 80.0 GiB GPU" in problem
+    assert "needs about 39.5 GiB (model states 4.1 GiB, activations 11.2 GiB, logits 23.2 GiB" in problem
+    assert problem.endswith("set rollout.gpu_memory_utilization <= 0.50")
+    assert colocated_memory_problem(colocated(tmp_path, "rollout.gpu_memory_utilization=0.5"), model_shape(cfg),
+                                    80 * 2**30) is None
+    small = colocated_memory_problem(cfg, model_shape(cfg), 24 * 2**30)
+    assert "the learner alone does not fit: lower learner.micro_batch_tokens" in small
+
+
+def test_preflight_refuses_a_colocated_run_that_does_not_fit(tmp_path, monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    cfg = colocated(tmp_path, "rollout.gpu_memory_utilization=0.85", "train.gpu_memory_gib=80")
+    with pytest.raises(ConfigError, match=r"set rollout\.gpu_memory_utilization <= 0\.50"):
+        preflight(cfg, joins_cluster=True)
+    preflight(colocated(tmp_path, "rollout.gpu_memory_utilization=0.45", "train.gpu_memory_gib=80"), joins_cluster=True)
+    with pytest.raises(ConfigError, match=r"no GPU to read its size from: set train\.gpu_memory_gib"):
+        preflight(colocated(tmp_path), joins_cluster=True)  # this machine has no GPU
+
+
+SITE_WITH_A_GPU = "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 1\n"
+"""sitecustomize for a child Python that believes a GPU is visible (the GPU box of issue 21 item 2)."""
+
+
+def single_node_plan(tmp_path, *args, env_extra=None):
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITE_WITH_A_GPU)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), **(env_extra or {})}
+    env.pop("DS_ACCELERATOR", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "launch.single_node_plan", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_single_node_plan_keeps_a_cpu_preset_on_cpu_where_a_gpu_is_visible(tmp_path):
+    """launch/single_node.sh used to export DS_ACCELERATOR=cuda whenever torch saw a GPU, which
+    the job's preflight then refused for tiny-cpu. The accelerator now comes from the config."""
+    proc = single_node_plan(tmp_path, "--config", "tiny-cpu", "train.iterations=1")
+    assert proc.returncode == 0, proc.stderr
+    cpus, accelerator = proc.stdout.split()
+    assert accelerator == "cpu" and int(cpus) >= 2
+    refused = single_node_plan(tmp_path, "--config", "tiny-cpu", env_extra={"DS_ACCELERATOR": "cuda"})
+    assert refused.returncode == 2
+    assert "DS_ACCELERATOR=cuda in the environment contradicts the config" in refused.stderr
+    bad = single_node_plan(tmp_path, "--config", "tiny-cpu", "learner.gpus_per_rank=1")
+    assert bad.returncode == 2 and "learner.gpus_per_rank=1 with train.placement=auto (-> cpu)" in bad.stderr
 
 
 def test_missing_resources_totals_and_per_node():
