@@ -3,9 +3,13 @@
 #   run  carry: [".whl"]  command: bash launch/gpu_check.sh
 # (build .whl first here: make gpu-wheels). On the machine it
 #   1. installs ray, deepspeed and math-verify from the carried .whl/ (no index is reachable);
-#   2-5. runs python -m launch.gpu_check: learner MFU, engine tok/s by batch, weight sync vs
-#        memcpy, the embedded default end to end, each step under its own time cap;
-#   6. prints the table and writes it to $OUT/gpu_check.json (+ .md, and every step's log).
+#   2-5. runs python -m launch.gpu_check: the project's learner rank (tok/s, MFU vs the datasheet
+#        and vs a measured matmul), engine tok/s by batch, weight sync vs memcpy, the embedded
+#        default end to end with a CUDA learner, each step under its own time cap;
+#   6. prints the table and writes $OUT/gpu_check.json, gpu_check.md and gpu_check.log (every
+#      step's log). With this script's nvidia-smi.txt and install.log that is all of $OUT: 5
+#      files (the device tool returns at most 8); scratch (the e2e run, model files) goes to a
+#      temporary directory outside $OUT.
 # Rehearsal anywhere, no wheels and no CUDA, tiny shapes:
 #   bash launch/gpu_check.sh --cpu-rehearsal [--steps engine,sync]
 # Environment: PYTHON (default python3), OUT (default runs/gpu_check), GPU_CHECK_BUDGET_S (the steps'
