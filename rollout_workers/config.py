@@ -12,6 +12,9 @@ from rollout_workers.rewards import ANSWER_FORMATS
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 """`data.chat_template`: "auto" uses the tokenizer's chat template when it has one."""
 
+VLLM_ENGINE_CORE_MODES = ("auto", "process", "inline")
+"""`rollout.vllm_engine_core`: where vLLM runs its engine core."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -83,6 +86,10 @@ class RolloutConfig:
     """vLLM: share KV cache between the G samples of a prompt."""
     enable_sleep_mode: bool = False
     """vLLM: free GPU memory while a colocated learner trains (sleep after sampling, wake_up before the sync)."""
+    vllm_engine_core: str = "auto"
+    """vLLM: where its engine core runs: "process" (a process of its own, vLLM's default: the GPU
+    layout), "inline" (in the worker actor's process: on CPU 1.8 s to start instead of 17 s) or
+    "auto" (inline on CPU, process on GPU). Sets VLLM_ENABLE_V1_MULTIPROCESSING for the engine."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
     reward_fn: str = "rollout_workers.rewards:score_math"
@@ -106,6 +113,7 @@ class RolloutConfig:
         _one_of("rollout.engine", self.engine, ("transformers", "vllm"))
         _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _one_of("rollout.answer_format", self.answer_format, ANSWER_FORMATS)
+        _one_of("rollout.vllm_engine_core", self.vllm_engine_core, VLLM_ENGINE_CORE_MODES)
         for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",
                     "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size", "cpu_kv_cache_mb",
                     "reward_processes"):

@@ -162,11 +162,14 @@ def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm",
         # size (its gpu_memory_utilization would be a share of the machine's RAM) also skips the
         # warm-up pass that sizes it.
         on_cpu = not torch.cuda.is_available()
-        if on_cpu:
-            # The engine core then runs in this (the worker actor's) process: 1.8 s to start instead
-            # of 17 s for a spawned one, and one process less per engine. Read by vLLM when the
-            # LLM is built; this process builds one engine only.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        core = cfg.vllm_engine_core
+        if core == "auto":
+            # On CPU the engine core runs in this (the worker actor's) process: 1.8 s to start
+            # instead of 17 s for a spawned one, and one process less per engine.
+            core = "inline" if on_cpu else "process"
+        # Read by vLLM when the LLM is built (and cached from then on, vllm/envs.py
+        # enable_envs_cache); this process builds one engine only.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
         cpu_kwargs = {"enforce_eager": True, "kv_cache_memory_bytes": cfg.cpu_kv_cache_mb << 20}
         return VLLMEngine(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                           gpu_memory_utilization=cfg.gpu_memory_utilization,

@@ -1,13 +1,19 @@
 """vLLM adapter through the fake vLLM: generation end to end, both weight paths end to end (the
 "reload" worker extension and the native IPC handshake), the worker's engine lock across a native
-update, a failed update, the version checks, bad input.
+update, a failed and an aborted update (vLLM's update session closed), the version checks, bad
+input, where the engine core runs (`rollout.vllm_engine_core`), and hub model ids resolved from the
+Hugging Face cache (a fake one under tmp: no network).
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_vllm_adapter.py
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import types
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -17,9 +23,11 @@ from torch.multiprocessing.reductions import reduce_tensor
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.vllm_engine import EngineWeightsLost, VLLMEngine, load_vllm
+from rollout_workers.engines import vllm_engine
+from rollout_workers.engines.vllm_engine import (EngineWeightsLost, VLLMEngine, checkpoint_shapes, is_hub_id, load_vllm,
+                                                 resolve_model_dir)
 from rollout_workers.types import Prompt
-from rollout_workers.worker import RolloutRequest, make_rollout_workers
+from rollout_workers.worker import RolloutRequest, make_engine, make_rollout_workers
 
 FAKE = "rollout_workers.fake_vllm"
 PROMPTS = [Prompt(f"v-{i}", f"Q: {i} + {i + 4} = ?\nA:" + " y" * (i % 2), str(2 * i + 4)) for i in range(4)]
@@ -94,6 +102,33 @@ def test_reload_path_end_to_end(engine):
     assert groups[0].policy_version == 3
 
 
+def test_reload_passes_only_a_file_path_through_collective_rpc(engine, monkeypatch):
+    """The engine core in its own process (vLLM's default, every GPU) msgpack-encodes
+    collective_rpc arguments and results: a tensor would arrive as a list. The fake refuses tensors
+    there, as the real one would break on them; the adapter passes a safetensors file in shared
+    memory instead, and removes it afterwards (the update and the read-back alike)."""
+    with pytest.raises(TypeError, match="torch.Tensor reaches vLLM's engine core as a list"):
+        engine.llm.collective_rpc("dash_reload_weights", args=([("model.norm.weight", torch.ones(64))],))
+    used: list[str] = []
+    real_weights_file = vllm_engine.weights_file
+
+    @contextlib.contextmanager
+    def recording(nbytes: int) -> Iterator[str]:
+        with real_weights_file(nbytes) as path:
+            used.append(path)
+            assert os.path.exists(path)
+            yield path
+
+    monkeypatch.setattr(vllm_engine, "weights_file", recording)
+    new = random_weights(dict(engine.named_weights()))
+    engine.update_weights(new.items(), version=engine.version + 1)
+    served = dict(engine.named_weights())
+    assert all(torch.equal(served[n], new[n]) for n in new)
+    assert len(used) == 3 and not any(os.path.exists(p) for p in used)
+    if Path("/dev/shm").is_dir():
+        assert all(p.startswith("/dev/shm/") for p in used)
+
+
 def random_weights(current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new checkpoint-named set; the tiny model ties lm_head to the embedding, so it has none."""
     return {n: torch.randn_like(t) * 0.05 for n, t in current.items() if n != "lm_head.weight"}
@@ -138,6 +173,59 @@ def test_failed_native_update_refuses_to_sample_until_a_complete_update(ipc_engi
     ipc_engine.update_weights(new.items(), version=2)
     assert ipc_engine.version == 2
     assert len(list(ipc_engine.generate(PROMPTS[:1], SamplingParamsSpec(n=1, max_new_tokens=2)))) == 1
+
+
+def test_an_aborted_update_closes_vllms_update_session(ipc_engine):
+    """vLLM 0.33 keeps an update session open from start_weight_update to finish_weight_update
+    (gpu_worker.py `_weight_update_active`): a second start, or releasing the trainer connection,
+    raises while it is open. An abort must close it, so start -> abort -> start -> chunk -> finish
+    works, while the engine refuses to sample between the abort and the complete update."""
+    new = random_weights(dict(ipc_engine.named_weights()))
+    ipc_engine.start_update()
+    ipc_engine.abort_update("learner rank 0 failed")
+    with pytest.raises(RuntimeError, match="without a matching start_weight_update"):
+        ipc_engine.llm.finish_weight_update()  # the abort itself closed vLLM's session
+    with pytest.raises(EngineWeightsLost, match="aborted: learner rank 0 failed"):
+        next(ipc_engine.generate(PROMPTS[:1], SamplingParamsSpec(n=1, max_new_tokens=2)))
+    ipc_engine.start_update()  # without the close, vLLM raises: a weight update is already active
+    ipc_engine.update_chunk(ipc_update_info(new))
+    ipc_engine.finish_update(6)
+    assert ipc_engine.version == 6 and ipc_engine.llm.get_weight_version() == "6"
+    served = dict(ipc_engine.named_weights())
+    assert all(torch.equal(served[n], new[n]) for n in new)
+    assert len(list(ipc_engine.generate(PROMPTS[:1], SamplingParamsSpec(n=1, max_new_tokens=2)))) == 1
+    # An abort after a failed chunk (vLLM's worker closed the session itself), then a re-init of
+    # the trainer connection (its shutdown is refused during a session) and a complete update.
+    ipc_engine.start_update()
+    bad = ipc_update_info(new)
+    bad["names"] = bad["names"][1:]
+    with pytest.raises(ValueError, match="should be of the same size"):
+        ipc_engine.update_chunk(bad)
+    ipc_engine.abort_update("chunk failed")
+    ipc_engine.start_update()
+    ipc_engine.abort_update("restart")
+    ipc_engine.init_transfer({"packed": False})
+    assert ipc_engine.llm.open_transfer_engines == 1
+    ipc_engine.update_weights(new.items(), version=7)
+    assert ipc_engine.version == 7
+
+
+def test_fake_keeps_vllms_update_session(ipc_engine):
+    """The fake's session rules are 0.33.0's (gpu_worker.py:1533-1646), so the test above means
+    something: a second start while one is open raises, and so do a chunk or finish without one and
+    a transfer shutdown during one."""
+    llm = ipc_engine.llm
+    with pytest.raises(RuntimeError, match="finish_weight_update called without a matching start_weight_update"):
+        llm.finish_weight_update()
+    llm.start_weight_update()
+    with pytest.raises(RuntimeError, match="called while a weight update is already active"):
+        llm.start_weight_update()
+    with pytest.raises(RuntimeError, match="Cannot release a trainer connection during a weight update"):
+        llm.shutdown_weight_transfer_engine()
+    llm.finish_weight_update()
+    with pytest.raises(RuntimeError, match="start_weight_update must be called before update_weights"):
+        llm.update_weights({"update_info": {}})
+    llm.shutdown_weight_transfer_engine()
 
 
 def test_reinit_shuts_the_previous_transfer_engine_down(ipc_engine):
@@ -206,3 +294,89 @@ def test_bad_input(engine):
     with pytest.raises(ValueError, match="'l-0' has .* tokens, longer"):
         next(engine.generate([Prompt("l-0", "7 " * 300, "1")], SamplingParamsSpec(n=1)))
     assert not engine.llm.llm_engine.has_unfinished_requests()  # nothing was queued
+
+
+def test_engine_core_placement_is_configured(tiny_model_dir, monkeypatch):
+    """`rollout.vllm_engine_core`: auto = in the worker's process on CPU; process = vLLM's own
+    engine-core process (the GPU layout) on CPU too. vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING
+    when the LLM is built."""
+    with pytest.raises(ValueError, match=r"rollout\.vllm_engine_core must be one of \['auto', 'process', 'inline'\]"):
+        RolloutConfig(vllm_engine_core="separate")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
+    for core, flag in (("auto", "0" if not torch.cuda.is_available() else "1"), ("process", "1"), ("inline", "0")):
+        make_engine(RolloutConfig(engine="vllm", vllm_engine_core=core), str(tiny_model_dir), vllm_module=FAKE)
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == flag, core
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache under tmp (HF_HOME / HF_HUB_CACHE), offline."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these once, at import.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def cache_model(cache: Path, repo_id: str, model_dir: Path) -> Path:
+    """Lay `model_dir` out as the hub cache does: models--Org--Name/snapshots/<commit>/ + refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_resolves_to_its_cached_snapshot(hf_cache, tiny_model_dir):
+    """model.path="Org/Name" (a hub id, no network): the engine reads the cached snapshot, where
+    `checkpoint_shapes` would otherwise glob a literal "Org/Name" directory."""
+    snapshot = cache_model(hf_cache, "DashTest/Tiny", tiny_model_dir)
+    assert is_hub_id("DashTest/Tiny") and is_hub_id("Qwen/Qwen2.5-0.5B")
+    assert not any(is_hub_id(p) for p in ("./DashTest/Tiny", "/abs/model", "~/model", "a/b/c", "model", "Org/bad name",
+                                          str(tiny_model_dir)))
+    assert Path(resolve_model_dir("DashTest/Tiny")) == snapshot
+    assert resolve_model_dir(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert checkpoint_shapes(resolve_model_dir("DashTest/Tiny")) == checkpoint_shapes(str(tiny_model_dir))
+    engine = VLLMEngine("DashTest/Tiny", vllm_module=FAKE)
+    (group,) = engine.generate(PROMPTS[:1], SamplingParamsSpec(n=2, max_new_tokens=3))
+    assert len(group.completions) == 2
+
+
+def test_hub_id_not_in_the_cache_names_the_id(hf_cache, tiny_model_dir, monkeypatch):
+    """Offline, an id the cache lacks (or holds without safetensors weights) is an error naming it;
+    online, only config / weights / tokenizer files are downloaded, and a failed download names the
+    id too."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with pytest.raises(FileNotFoundError, match=r"hub model 'DashTest/Missing' is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        resolve_model_dir("DashTest/Missing")
+    partial = cache_model(hf_cache, "DashTest/ConfigOnly", tiny_model_dir)
+    for f in partial.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="'DashTest/ConfigOnly'"):
+        resolve_model_dir("DashTest/ConfigOnly")
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor"):
+        resolve_model_dir("./no/such/dir")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def snapshot_download(repo_id: str, local_files_only: bool = False, allow_patterns=None, **kwargs):
+        calls.append((repo_id, local_files_only, tuple(allow_patterns or ())))
+        raise LocalEntryNotFoundError("no connection (test)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(FileNotFoundError, match=r"hub model 'DashTest/Missing' is not in the .* downloading it failed"):
+        resolve_model_dir("DashTest/Missing")
+    assert [c[:2] for c in calls] == [("DashTest/Missing", True), ("DashTest/Missing", False)]
+    assert "*.safetensors" in calls[1][2] and not any(p.endswith((".bin", ".pth", ".gguf")) for p in calls[1][2])

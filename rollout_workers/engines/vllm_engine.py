@@ -22,8 +22,12 @@ Weights (`weight_transfer_backend`), every path all-or-nothing on names and shap
 stamped, and the prefix cache reset after every finished update (its block hashes cover tokens,
 not weights: without the reset, shared prefixes would reuse KV computed by the old policy):
 - "reload" (sync.transport gloo / ray; the only path on CPU): `update_weights(named_tensors,
-  version)` hands the received tensors to vLLM's worker through the `vllm_reload` worker
-  extension (`collective_rpc` -> `model_runner.reload_weights`).
+  version)` writes the checked, cast set to a safetensors file in shared memory (`weights_file`)
+  and hands its path to vLLM's worker through the `vllm_reload` worker extension (`collective_rpc`
+  -> `model_runner.reload_weights`). Only the path crosses `collective_rpc`: with the engine core
+  in its own process (vLLM's default, always on GPU) its arguments are msgpack-encoded and a tensor
+  arrives as a list (vllm/v1/serial_utils.py). `named_weights()` reads back the same way. One code
+  path whether the engine core runs in its own process or in this one (`rollout.vllm_engine_core`).
 - "ipc": `update_weights(named_tensors, version)` exports them with CUDA IPC handles (as
   vllm/distributed/weight_transfer/ipc_engine.py:388 does) through vLLM's native API.
 - "nccl" (and "ipc" driven by the learner): the learner's trainer-side engine drives
@@ -31,14 +35,27 @@ not weights: without the reset, shared prefixes would reuse KV computed by the o
   engine lock from start to finish).
 A native update that fails after `start_weight_update` may leave vLLM's layers on the meta
 device: the engine then refuses to generate (`EngineWeightsLost`) until a complete update lands.
+vLLM 0.33's worker keeps an update session open from `start_weight_update` until
+`finish_weight_update` (`Worker._weight_update_active`, v1/worker/gpu_worker.py:236, set at 1589);
+while it is open a second start and `shutdown_weight_transfer_engine` raise (1569, 1535). 0.33 has
+no abort call: `finish_weight_update` is the only one that closes a session (1646; a chunk that
+fails inside the worker closes it too, 1625). `abort_update` (and a start after a failed finish)
+therefore closes it with `finish_weight_update()` and no version; the weights stay refused.
+
+Models given as a Hugging Face hub id ("Qwen/Qwen2.5-0.5B") are resolved to their local snapshot
+first (`resolve_model_dir`), so every reader (vLLM, the config, `checkpoint_shapes`) sees files.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_vllm_adapter.py
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Iterator, Sequence
@@ -46,6 +63,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from packaging.version import Version
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
@@ -95,6 +113,98 @@ def load_vllm(vllm_module: ModuleType | str | None, weight_path: str = "reload")
     return vllm_module
 
 
+HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+"""What `resolve_model_dir` downloads of a hub model: config, weights and tokenizer files (BPE
+merges.txt, sentencepiece *.model, tiktoken); never *.bin / *.pth / *.gguf duplicates of the weights."""
+
+
+def is_hub_id(path: str) -> bool:
+    """True for a Hugging Face hub model id "Org/Name": not an existing path, not written as one
+    (./, /, ~), exactly one "/" (a bare "name" is more likely a mistyped local directory), and
+    valid by the hub's own rules."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _complete_model_dir(path: str) -> bool:
+    """What every engine reads: a config and a safetensors checkpoint."""
+    return (Path(path) / "config.json").is_file() and any(Path(path).glob("*.safetensors"))
+
+
+def cached_model_dir(repo_id: str) -> str | None:
+    """The local snapshot directory of hub model `repo_id` (its `refs/main` revision in the HF
+    cache, HF_HUB_CACHE / HF_HOME) when it holds a config and safetensors weights; None otherwise.
+    Never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=list(HUB_FILE_PATTERNS))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        return None
+    return path if _complete_model_dir(path) else None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    # constants.HF_HUB_OFFLINE is read once at import; the variable may have been set since.
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_model_dir(path: str) -> str:
+    """`path` itself when it is a local directory; for a hub model id, its local snapshot directory:
+    from the HF cache, else (unless HF_HUB_OFFLINE is set) downloaded (`HUB_FILE_PATTERNS` only).
+    vLLM would resolve an id itself, but the adapter also reads the checkpoint's names and shapes
+    and its config, which need files. Raises FileNotFoundError naming `path` otherwise."""
+    if os.path.isdir(path):
+        return path
+    if not is_hub_id(path):
+        raise FileNotFoundError(f"model {path!r} is neither a local directory nor a Hugging Face hub model id")
+    cached = cached_model_dir(path)
+    if cached is not None:
+        return cached
+    if _hub_offline():
+        raise FileNotFoundError(f"hub model {path!r} is not in the Hugging Face cache (with a config.json and "
+                                "*.safetensors weights) and HF_HUB_OFFLINE is set: download it first "
+                                f"(`hf download {path}`) or give model.path as a local directory")
+    import huggingface_hub
+
+    try:
+        downloaded = huggingface_hub.snapshot_download(path, allow_patterns=list(HUB_FILE_PATTERNS))
+    except Exception as e:
+        raise FileNotFoundError(f"hub model {path!r} is not in the Hugging Face cache and downloading it "
+                                f"failed: {e!r}") from e
+    if not _complete_model_dir(downloaded):
+        raise FileNotFoundError(f"hub model {path!r} has no config.json or no *.safetensors weights "
+                                f"(downloaded to {downloaded}); this engine loads safetensors checkpoints only")
+    return downloaded
+
+
+@contextlib.contextmanager
+def weights_file(nbytes: int) -> Iterator[str]:
+    """A fresh path for a safetensors weight set of about `nbytes` that vLLM's engine core (in its
+    own process or in this one) reads or writes, removed on exit. In /dev/shm (RAM: no disk write)
+    when it exists and has room with a quarter to spare (other engines of the node may write theirs
+    at the same moment), else in the temp directory. Created by mkstemp: mode 0600, unique."""
+    shm = Path("/dev/shm")
+    use_shm = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > nbytes + nbytes // 4
+    fd, path = tempfile.mkstemp(prefix="dash-weights-", suffix=".safetensors",
+                                dir=str(shm) if use_shm else tempfile.gettempdir())
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
 def checkpoint_shapes(model_path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(required, optional) weight names and shapes of a safetensors checkpoint; a tied
     `lm_head.weight` that the checkpoint omits is optional."""
@@ -124,6 +234,7 @@ class VLLMEngine(Engine):
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"VLLMEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         self._vllm = load_vllm(vllm_module, weight_transfer_backend)
+        model_path = resolve_model_dir(model_path)
         root = self._vllm.__name__
         self._inputs_mod = importlib.import_module(f"{root}.inputs")
         self._backend = weight_transfer_backend
@@ -153,6 +264,9 @@ class VLLMEngine(Engine):
         self._version = 0
         self._sleeping = False
         self._weights_lost: str | None = None
+        self._vllm_update_open = False
+        """vLLM's worker may hold an open update session (start_weight_update succeeded, no
+        finish_weight_update did): it must be closed before the next start or a transfer shutdown."""
 
     @property
     def tokenizer(self):
@@ -232,11 +346,21 @@ class VLLMEngine(Engine):
                                "with 'nccl' the learner pushes weights through start_update/finish_update")
         cast = [(n, t.detach().to(dtype=self._dtype).contiguous()) for n, t in weights.items()]
         if self._backend == "reload":
-            try:
-                self.llm.collective_rpc(ReloadWeightsExtension.dash_reload_weights.__name__, args=(cast,))
-            except BaseException as e:
-                self._weights_lost = f"reload of version {int(version)} failed midway ({e!r})"
-                raise
+            # safetensors refuses overlapping tensors: give a tensor passed twice (a tied weight sent
+            # under both names) its own copy. Disjoint views of one buffer (a bucket) are fine.
+            seen: set[int] = set()
+            owned: dict[str, torch.Tensor] = {}
+            for n, t in cast:
+                t = t.cpu()
+                owned[n] = t.clone() if t.data_ptr() in seen else t
+                seen.add(t.data_ptr())
+            with weights_file(sum(t.nbytes for t in owned.values())) as path:
+                save_file(owned, path)  # fails (disk full, ...) before vLLM is touched
+                try:
+                    self.llm.collective_rpc(ReloadWeightsExtension.dash_reload_weights.__name__, args=(path,))
+                except BaseException as e:
+                    self._weights_lost = f"reload of version {int(version)} failed midway ({e!r})"
+                    raise
             self._finish(int(version))
             return
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -260,6 +384,8 @@ class VLLMEngine(Engine):
         A re-open shuts the previous one down first, so a restart does not leak its communicator."""
         self._check_native("init_transfer")
         if self._transfer_ready:
+            if self._vllm_update_open:  # vLLM refuses the shutdown during an update session; if the close
+                self._close_vllm_update()  # fails, the shutdown raises vLLM's own error naming the session
             self.llm.shutdown_weight_transfer_engine()
             self._transfer_ready = False
         self.llm.init_weight_transfer_engine(self._wt_mod.WeightTransferInitRequest(init_info=init_info))
@@ -269,6 +395,8 @@ class VLLMEngine(Engine):
         """Release the trainer connection (keeps serving)."""
         self._check_native("shutdown_transfer")
         if self._transfer_ready:
+            if self._vllm_update_open:  # vLLM refuses the shutdown during an update session; if the close
+                self._close_vllm_update()  # fails, the shutdown raises vLLM's own error naming the session
             self.llm.shutdown_weight_transfer_engine()
             self._transfer_ready = False
 
@@ -276,8 +404,14 @@ class VLLMEngine(Engine):
         """Begin a native update: from here until `finish_update` vLLM's layers may be on the meta
         device, so the engine counts as lost until the update completes."""
         self._check_native("start_update")
+        if self._vllm_update_open:  # an earlier update's finish failed: its session may still be open
+            error = self._close_vllm_update()
+            if error is not None:
+                raise RuntimeError(f"vLLM's previous weight update session could not be closed ({error}); "
+                                   "a new one cannot start")
         self._weights_lost = "a native weight update was started and has not finished"
         self.llm.start_weight_update()
+        self._vllm_update_open = True
 
     def update_chunk(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
         """One `LLM.update_weights` call of a native update (IPC handles, or the NCCL receive)."""
@@ -285,6 +419,9 @@ class VLLMEngine(Engine):
         try:
             self.llm.update_weights(self._wt_mod.WeightTransferUpdateRequest(update_info=update_info))
         except BaseException as e:
+            # vLLM's worker closes its session when a chunk fails inside it (gpu_worker.py:1625), but
+            # not when the call fails before reaching it (e.g. encoding): `_vllm_update_open` stays
+            # set and the abort or the next start closes it if it is still open.
             self._weights_lost = f"a native weight update failed midway ({e!r})"
             raise
 
@@ -296,11 +433,35 @@ class VLLMEngine(Engine):
         except BaseException as e:
             self._weights_lost = f"finishing native weight update {int(version)} failed ({e!r})"
             raise
+        self._vllm_update_open = False
         self._finish(int(version))
 
     def abort_update(self, reason: str) -> None:
-        """Record that a native update was given up (the engine stays refused until a full update)."""
+        """Give a native update up: close vLLM's update session (so a later start or transfer
+        shutdown works) and refuse to sample until a complete update lands. Never raises (the worker
+        releases its engine lock after it); a failure to close is recorded in the refusal."""
         self._weights_lost = f"a native weight update was aborted: {reason}"
+        if self._vllm_update_open:
+            error = self._close_vllm_update()
+            if error is not None:
+                self._weights_lost += f"; closing vLLM's update session failed ({error})"
+
+    def _close_vllm_update(self) -> str | None:
+        """Close vLLM's open update session with `finish_weight_update()` and no version: 0.33 has
+        no abort, and finish is the call that clears `Worker._weight_update_active`
+        (gpu_worker.py:1633-1646). It finalizes the layerwise reload: layers that received nothing
+        get their old tensors back, the others what arrived, so the weights stay mixed and the
+        engine stays refused (`_weights_lost` is left as it is). Returns None when the session is
+        closed, else the error (the session may then still be open, and the next start retries)."""
+        try:
+            self.llm.finish_weight_update()
+        except Exception as e:
+            if "without a matching start_weight_update" in str(e):  # gpu_worker.py:1640: already closed
+                self._vllm_update_open = False
+                return None
+            return repr(e)
+        self._vllm_update_open = False
+        return None
 
     def _finish(self, version: int) -> None:
         if not self.llm.reset_prefix_cache():
@@ -323,8 +484,12 @@ class VLLMEngine(Engine):
         """The weights the engine computes with, by checkpoint name (tests: a sync must leave them
         bit-equal to the learner's). vLLM fuses layers (qkv_proj = q, k, v rows; gate_up_proj =
         gate, up rows) and pads the vocabulary: both are undone with the checkpoint's shapes."""
-        (mapping, params), *_ = self.llm.collective_rpc(ReloadWeightsExtension.dash_effective_weights.__name__)
         shapes = {**self._optional, **self._expected}
+        nbytes = sum(math.prod(s) for s in shapes.values()) * self._dtype.itemsize
+        with weights_file(nbytes) as path:
+            mapping, *_ = self.llm.collective_rpc(ReloadWeightsExtension.dash_effective_weights.__name__,
+                                                  args=(path,))
+            params = load_file(path)
         for name, tensor in params.items():
             module, _, leaf = name.rpartition(".")
             parent, _, fused = module.rpartition(".")

@@ -121,6 +121,9 @@ class _FakeIPCTransferEngine:
     def start_weight_update(self) -> None:
         self._staged = {}
 
+    def shutdown(self) -> None:
+        self._staged = None
+
     def update_weights(self, update_info: dict[str, Any]) -> None:
         if self._staged is None:
             raise RuntimeError("update_weights called before start_weight_update")
@@ -173,21 +176,106 @@ class _ModelRunner:
         _load_weights(self._model, weights_iterator or ())
 
 
-# Mirrors vllm/v1/worker/gpu_worker.py `Worker` (its `model_runner`); vLLM adds the class named by
-# `worker_extension_cls` to the worker's bases (vllm/v1/worker/worker_base.py), so the extension's
-# methods see `self.model_runner`.
+# Mirrors vllm/v1/worker/gpu_worker.py `Worker` (its `model_runner` and weight-transfer methods);
+# vLLM adds the class named by `worker_extension_cls` to the worker's bases
+# (vllm/v1/worker/worker_base.py), so the extension's methods see `self.model_runner`.
+#
+# The update session is the worker's `_weight_update_active` flag, exactly as in 0.33.0's
+# gpu_worker.py: False at construction (236); `_start_weight_update` raises while it is set
+# (1569-1573) and sets it only after the transfer engine's start succeeded (1589);
+# `update_weights` raises without it (1608-1611) and clears it when a chunk fails (1622-1626);
+# `finish_weight_update` raises without it (1638-1641) and clears it after the transfer engine's
+# finish (1644-1646: an exception there leaves it set); `shutdown_weight_transfer_engine` raises
+# while it is set (1533-1537). 0.33 has no call that aborts a session, and `LLM` has no shutdown of
+# its own: the worker's `shutdown` (1656) releases the transfer engine whatever the flag says.
 class _Worker:
-    def __init__(self, model: torch.nn.Module) -> None:
+    rank = 0
+
+    def __init__(self, model: torch.nn.Module, transfer: _FakeIPCTransferEngine | None) -> None:
         self.model_runner = _ModelRunner(model)
+        self.weight_transfer_engine = transfer
+        self._weight_update_active = False
+
+    def _check_weight_transfer_engine(self) -> _FakeIPCTransferEngine:
+        if self.weight_transfer_engine is None:
+            raise RuntimeError("Weight transfer not configured. Please set weight_transfer_config to enable "
+                               "weight transfer.")
+        return self.weight_transfer_engine
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._check_weight_transfer_engine().init_transfer_engine(init_info)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        if self._weight_update_active:
+            raise RuntimeError("Cannot release a trainer connection during a weight update")
+        if self.weight_transfer_engine is not None:
+            self.weight_transfer_engine.shutdown()
+
+    def start_weight_update(self) -> None:
+        engine = self._check_weight_transfer_engine()
+        if self._weight_update_active:
+            raise RuntimeError("start_weight_update called while a weight update is already active. "
+                               "Call finish_weight_update first.")
+        engine.start_weight_update()
+        self._weight_update_active = True
+
+    def update_weights(self, update_info: dict | list[dict]) -> None:
+        engine = self._check_weight_transfer_engine()
+        if not self._weight_update_active:
+            raise RuntimeError("start_weight_update must be called before update_weights.")
+        try:
+            # A list is indexed by global worker rank (gpu_worker.py:1615); the fake has rank 0 only.
+            engine.update_weights(update_info[self.rank] if isinstance(update_info, list) else update_info)
+        except BaseException:
+            self._weight_update_active = False
+            raise
+
+    def finish_weight_update(self) -> None:
+        engine = self._check_weight_transfer_engine()
+        if not self._weight_update_active:
+            raise RuntimeError("finish_weight_update called without a matching start_weight_update.")
+        engine.finish_weight_update()
+        self._weight_update_active = False
+
+    def shutdown(self) -> None:
+        if self.weight_transfer_engine is not None:
+            self.weight_transfer_engine.shutdown()
 
 
-def _make_worker(extension: str | type | None, model: torch.nn.Module) -> _Worker:
+def _make_worker(extension: str | type | None, model: torch.nn.Module,
+                 transfer: _FakeIPCTransferEngine | None) -> _Worker:
     if not extension:
-        return _Worker(model)
+        return _Worker(model, transfer)
     if isinstance(extension, str):
         module, _, name = extension.rpartition(".")
         extension = getattr(importlib.import_module(module), name)
-    return type("WorkerWithExtension", (extension, _Worker), {})(model)
+    return type("WorkerWithExtension", (extension, _Worker), {})(model, transfer)
+
+
+_MSGPACK_NATIVE = (type(None), bool, int, float, str, bytes)
+
+
+def _check_crosses_engine_core(value: Any, where: str, insecure: bool) -> None:
+    """What passes `collective_rpc` to an engine core in its own process (vLLM's default, the GPU
+    layout), as vllm/v1/serial_utils.py (0.33.0) encodes it. A tensor never arrives as one:
+    `MsgpackEncoder.enc_hook` turns it into a (dtype, shape, buffer) tuple (191, 256-272) and the
+    engine core decodes untyped utility arguments as plain lists (core.py:1765, 1854-1868), so a
+    worker method given a tensor gets a list; the fake refuses it outright. Other objects need
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 (pickled, 220-233), as the real encoder refuses them."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: a torch.Tensor reaches vLLM's engine core as a list (msgpack, "
+                        "v1/serial_utils.py); pass plain values (e.g. a file path) through collective_rpc")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_crosses_engine_core(v, where, insecure)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_crosses_engine_core(k, where, insecure)
+            _check_crosses_engine_core(v, where, insecure)
+    elif not isinstance(value, _MSGPACK_NATIVE) and not insecure:
+        raise TypeError(f"{where}: Object of type {type(value)} is not serializable. Set "
+                        "VLLM_ALLOW_INSECURE_SERIALIZATION=1 to allow fallback to pickle-based serialization "
+                        "(before building the LLM: its engine-core process keeps the environment it started with).")
 
 
 # Mirrors vllm/entrypoints/llm.py:62 `class LLM` (constructor at line 177; the kwargs below reach
@@ -214,13 +302,13 @@ class LLM:
         self._request_counter = itertools.count()
         self._enable_sleep_mode = enable_sleep_mode
         self._weight_transfer_config = weight_transfer_config
-        self._transfer: _FakeIPCTransferEngine | None = None
+        transfer: _FakeIPCTransferEngine | None = None
         if weight_transfer_config is not None:
             if weight_transfer_config.backend != "ipc":
                 raise ValueError(f"Invalid weight transfer backend: {weight_transfer_config.backend}. "
                                  "Available engines (fake): ['ipc']")
-            self._transfer = _FakeIPCTransferEngine(hf.model)
-        self._worker = _make_worker(worker_extension_cls, hf.model)
+            transfer = _FakeIPCTransferEngine(hf.model)
+        self._worker = _make_worker(worker_extension_cls, hf.model, transfer)
         # The real engine core is a process spawned here: it keeps the environment of this moment,
         # and its msgpack decoder refuses pickled IPC handles unless this was set (serial_utils.py).
         self._insecure_serialization = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1"
@@ -254,8 +342,14 @@ class LLM:
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                        kwargs: dict[str, Any] | None = None) -> list[Any]:
-        # Real: llm.py:573, runs `method` on every worker (one here) and returns their results.
-        return [getattr(self._worker, method)(*args, **(kwargs or {}))]
+        # Real: llm.py:573, runs `method` on every worker (one here) and returns their results,
+        # both through the engine core's msgpack encoding (the fake models the engine core in its
+        # own process, vLLM's default).
+        _check_crosses_engine_core((args, kwargs or {}), f"collective_rpc({method!r}) arguments",
+                                   self._insecure_serialization)
+        result = getattr(self._worker, method)(*args, **(kwargs or {}))
+        _check_crosses_engine_core(result, f"collective_rpc({method!r}) result", self._insecure_serialization)
+        return [result]
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         # Real: llm.py:832; False when requests are running and reset_running_requests is off.
@@ -275,37 +369,26 @@ class LLM:
         self.llm_engine.sleeping = False
         return True
 
-    def _check_weight_transfer_engine(self) -> _FakeIPCTransferEngine:
-        if self._transfer is None:
-            raise RuntimeError("Weight transfer not configured. Please set weight_transfer_config to enable "
-                               "weight transfer.")
-        return self._transfer
-
+    # RLOfflineMixin (entrypoints/rl/offline.py, 0.33.0): each call is a collective_rpc to the
+    # workers' methods of the same name; the update-session rules are the worker's (_Worker above).
     def init_weight_transfer_engine(self, request: WeightTransferInitRequest | dict) -> None:
         init_info = request["init_info"] if isinstance(request, dict) else request.init_info
-        self._check_weight_transfer_engine().init_transfer_engine(init_info)
+        self.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
         self.open_transfer_engines += 1
 
     def shutdown_weight_transfer_engine(self) -> None:
-        # Real: entrypoints/rl/offline.py, gpu_worker.py:1533 (refused during an update).
-        if self._check_weight_transfer_engine()._staged is not None:
-            raise RuntimeError("Cannot release a trainer connection during a weight update")
+        self.collective_rpc("shutdown_weight_transfer_engine")
         self.open_transfer_engines = max(0, self.open_transfer_engines - 1)
 
     def start_weight_update(self) -> None:
-        self._check_weight_transfer_engine().start_weight_update()
+        self.collective_rpc("start_weight_update")
 
     def update_weights(self, request: WeightTransferUpdateRequest | dict) -> None:
         update_info = request["update_info"] if isinstance(request, dict) else request.update_info
-        if not self._insecure_serialization:
-            raise TypeError("Object of type <class 'type'> is not serializable: set "
-                            "VLLM_ALLOW_INSECURE_SERIALIZATION=1 before building the LLM (v1/serial_utils.py)")
-        # A list is indexed by global worker rank (gpu_worker.py:1615); the fake has one worker, rank 0.
-        self._check_weight_transfer_engine().update_weights(
-            update_info[0] if isinstance(update_info, list) else update_info)
+        self.collective_rpc("update_weights", kwargs={"update_info": update_info})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._check_weight_transfer_engine().finish_weight_update()
+        self.collective_rpc("finish_weight_update")
         if weight_version is not None:
             self.llm_engine.weight_version = weight_version
 
