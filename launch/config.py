@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import os
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import yaml
 
 from learner.config import LearnerConfig
 from rollout_workers.config import DataConfig, RolloutConfig
+from rollout_workers.model_dir import is_hub_id
 from weight_sync.config import SyncConfig
 from weight_sync.transports import get_transport
 
@@ -293,7 +293,7 @@ def validate(cfg: Config) -> None:
         # learner gains the memory, and an overlapped batch samples during that time.
         raise ConfigError("rollout.enable_sleep_mode=true needs rollout.engine=vllm, train.placement=colocated "
                           "and train.overlap=false")
-    if cfg.model.path and not _is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
+    if cfg.model.path and not is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path {cfg.model.path!r} does not exist")
 
 
@@ -349,10 +349,6 @@ def validate_learner_device(cfg: Config) -> None:
         raise ConfigError(f"learner.gpus_per_rank={l.gpus_per_rank:g} with train.placement={cfg.train.placement} "
                           f"(-> {placement}): that placement gives the learner no GPU; set learner.gpus_per_rank=0, "
                           "or train.num_gpus and train.placement=colocated/disaggregated")
-
-
-def _is_hub_id(path: str) -> bool:
-    return not path.startswith((".", "/", "~")) and path.count("/") == 1 and not os.path.exists(path)
 
 
 def _check_section(section: str) -> None:

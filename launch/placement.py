@@ -28,6 +28,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from launch.config import GPU_PLACEMENTS, Config, ConfigError, resolved_placement
 from learner.memory import learner_memory
+from rollout_workers.model_dir import cached_model_dir
 
 TINY_VOCAB = 384
 """Tokens of the embedded tiny model's tokenizer (launch.tiny_model.train_tokenizer's vocab_size)."""
@@ -187,7 +188,7 @@ def preflight(cfg: Config, joins_cluster: bool) -> None:
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         problems.append("vLLM: rollout.engine=vllm but the vllm package is not installed")
     model = cfg.model.path
-    model_missing = bool(model) and not Path(model).exists() and not _hub_model_cached(model) and not _hub_reachable()
+    model_missing = bool(model) and not Path(model).exists() and cached_model_dir(model) is None and not _hub_reachable()
     if model_missing:
         problems.append(f"model: model.path={model!r} is not a local directory, not in the Hugging Face "
                         "cache, and huggingface.co is unreachable")
@@ -207,12 +208,6 @@ def preflight(cfg: Config, joins_cluster: bool) -> None:
                         f"learner on {wanted}): unset it, the launcher sets it from the config")
     if problems:
         raise ConfigError("this run cannot start here:\n  " + "\n  ".join(problems))
-
-
-def _hub_model_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -24,8 +24,8 @@ from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines import vllm_engine
-from rollout_workers.engines.vllm_engine import (EngineWeightsLost, VLLMEngine, checkpoint_shapes, is_hub_id, load_vllm,
-                                                 resolve_model_dir)
+from rollout_workers.engines.vllm_engine import EngineWeightsLost, VLLMEngine, checkpoint_shapes, load_vllm
+from rollout_workers.model_dir import is_hub_id, resolve_model_dir
 from rollout_workers.types import Prompt
 from rollout_workers.worker import RolloutRequest, make_engine, make_rollout_workers
 

@@ -43,7 +43,7 @@ fails inside the worker closes it too, 1625). `abort_update` (and a start after 
 therefore closes it with `finish_weight_update()` and no version; the weights stay refused.
 
 Models given as a Hugging Face hub id ("Qwen/Qwen2.5-0.5B") are resolved to their local snapshot
-first (`resolve_model_dir`), so every reader (vLLM, the config, `checkpoint_shapes`) sees files.
+first (`rollout_workers.model_dir.resolve_model_dir`), so every reader (vLLM, the config, `checkpoint_shapes`) sees files.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_vllm_adapter.py
 """
@@ -68,6 +68,7 @@ from transformers import AutoConfig
 
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
+from rollout_workers.model_dir import resolve_model_dir
 from rollout_workers.seeding import derive_seed
 from rollout_workers.engines.vllm_reload import RELOAD_EXTENSION, ReloadWeightsExtension
 from rollout_workers.types import Completion, Prompt
@@ -111,81 +112,6 @@ def load_vllm(vllm_module: ModuleType | str | None, weight_path: str = "reload")
                            f"needs vLLM {_supported(weight_path)} (the CPU build is 0.32.x, the native GPU "
                            "transfers nccl/ipc need 0.33.x)")
     return vllm_module
-
-
-HUB_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
-"""What `resolve_model_dir` downloads of a hub model: config, weights and tokenizer files (BPE
-merges.txt, sentencepiece *.model, tiktoken); never *.bin / *.pth / *.gguf duplicates of the weights."""
-
-
-def is_hub_id(path: str) -> bool:
-    """True for a Hugging Face hub model id "Org/Name": not an existing path, not written as one
-    (./, /, ~), exactly one "/" (a bare "name" is more likely a mistyped local directory), and
-    valid by the hub's own rules."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _complete_model_dir(path: str) -> bool:
-    """What every engine reads: a config and a safetensors checkpoint."""
-    return (Path(path) / "config.json").is_file() and any(Path(path).glob("*.safetensors"))
-
-
-def cached_model_dir(repo_id: str) -> str | None:
-    """The local snapshot directory of hub model `repo_id` (its `refs/main` revision in the HF
-    cache, HF_HUB_CACHE / HF_HOME) when it holds a config and safetensors weights; None otherwise.
-    Never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=list(HUB_FILE_PATTERNS))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        return None
-    return path if _complete_model_dir(path) else None
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    # constants.HF_HUB_OFFLINE is read once at import; the variable may have been set since.
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def resolve_model_dir(path: str) -> str:
-    """`path` itself when it is a local directory; for a hub model id, its local snapshot directory:
-    from the HF cache, else (unless HF_HUB_OFFLINE is set) downloaded (`HUB_FILE_PATTERNS` only).
-    vLLM would resolve an id itself, but the adapter also reads the checkpoint's names and shapes
-    and its config, which need files. Raises FileNotFoundError naming `path` otherwise."""
-    if os.path.isdir(path):
-        return path
-    if not is_hub_id(path):
-        raise FileNotFoundError(f"model {path!r} is neither a local directory nor a Hugging Face hub model id")
-    cached = cached_model_dir(path)
-    if cached is not None:
-        return cached
-    if _hub_offline():
-        raise FileNotFoundError(f"hub model {path!r} is not in the Hugging Face cache (with a config.json and "
-                                "*.safetensors weights) and HF_HUB_OFFLINE is set: download it first "
-                                f"(`hf download {path}`) or give model.path as a local directory")
-    import huggingface_hub
-
-    try:
-        downloaded = huggingface_hub.snapshot_download(path, allow_patterns=list(HUB_FILE_PATTERNS))
-    except Exception as e:
-        raise FileNotFoundError(f"hub model {path!r} is not in the Hugging Face cache and downloading it "
-                                f"failed: {e!r}") from e
-    if not _complete_model_dir(downloaded):
-        raise FileNotFoundError(f"hub model {path!r} has no config.json or no *.safetensors weights "
-                                f"(downloaded to {downloaded}); this engine loads safetensors checkpoints only")
-    return downloaded
 
 
 @contextlib.contextmanager
