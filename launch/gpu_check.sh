@@ -12,14 +12,14 @@
 #      temporary directory outside $OUT.
 # Rehearsal anywhere, no wheels and no CUDA, tiny shapes:
 #   bash launch/gpu_check.sh --cpu-rehearsal [--steps engine,sync]
-# Environment: PYTHON (default python3), OUT (default runs/gpu_check), GPU_CHECK_BUDGET_S (the steps'
+# Environment: PYTHON (default: the repo's .venv/bin/python if it has torch, else python3), OUT (default runs/gpu_check), GPU_CHECK_BUDGET_S (the steps'
 # bound after the install: default 400 s on the GPU, so that the install (at most 120 + 40 s) and
 # the steps fit the device tool's 600 s per command; 1800 s for the rehearsal on a shared 2-core machine).
 set -u
 cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then  # the interpreter that has torch (python3 first)
+if [ -z "${PYTHON:-}" ]; then  # the interpreter that has torch: the repo's .venv (`make install`), python3, python
   PYTHON=python3
-  for c in python3 python; do
+  for c in "$PWD/.venv/bin/python" python3 python; do
     if "$c" -c "import torch" > /dev/null 2>&1; then PYTHON="$c"; break; fi
   done
 fi
