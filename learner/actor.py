@@ -3,8 +3,9 @@ driver-side `LearnerGroup` that creates them, streams scored groups to them (via
 `learner.batcher.StreamingBatcher`) and checkpoints / exports.
 
 Inside each rank actor, `self.trainer` is the `RankTrainer`, `self.trainer.ds` its DeepSpeedEngine
-and `self.trainer.ds.module` the transformers model (weight-sync sender methods can read the
-weights there; under ZeRO-3 gather them with `deepspeed.zero.GatheredParameters`).
+and `self.trainer.ds.module` the transformers model. A weight-sync sender (launch.actors) reads the
+weights through `LearnerRank.named_parameters()` (under ZeRO-3 they are partitioned: the sender
+gathers them with `deepspeed.zero.GatheredParameters`).
 
 Every ray.get has a timeout: a dead or stuck rank raises, never hangs.
 
@@ -18,7 +19,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import ray
 import torch
@@ -92,6 +93,12 @@ class LearnerRank:
 
     def export_hf(self, path: str) -> None:
         self.trainer.export_hf(path)
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The live parameters of the trained model, by training name, for a weight-sync sender in
+        this actor (launch.actors.SyncedLearnerRank); not a remote method: they are not copies, and
+        under ZeRO-3 each holds only this rank's partition."""
+        return self.trainer.ds.module.named_parameters()
 
 
 class RayRankPool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rollout_workers.engines.registry import engine_names
 from rollout_workers.rewards import ANSWER_FORMATS
 
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
@@ -110,7 +111,7 @@ class RolloutConfig:
     """Longest a worker call (a batch, a weight update, sleep/wake) waits for the engine, which serves one at a time, before it raises."""
 
     def __post_init__(self) -> None:
-        _one_of("rollout.engine", self.engine, ("transformers", "vllm"))
+        _one_of("rollout.engine", self.engine, engine_names())
         _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _one_of("rollout.answer_format", self.answer_format, ANSWER_FORMATS)
         _one_of("rollout.vllm_engine_core", self.vllm_engine_core, VLLM_ENGINE_CORE_MODES)

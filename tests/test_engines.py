@@ -1,15 +1,28 @@
 """HF engine: shapes, the batch-wise cut at the first EOS, logprobs vs a teacher-forced pass, determinism, greedy, chunking, bad input.
+The engine registry: lookups, an unknown name refused from every entry point, its facts checked
+against the engine classes' capabilities, and an import that stays cheap.
 
-    PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_engines.py
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.config import RolloutConfig
+from rollout_workers.engines.base import Engine, NativeWeightTransfer, SamplingParamsSpec, Sleepable
 from rollout_workers.engines.hf import CutRow, HFEngine, cut_at_eos
+from rollout_workers.engines.registry import ENGINES, EngineOptions, engine_names, get_engine, make_engine
 from rollout_workers.types import Prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+UNKNOWN = r"rollout\.engine must be one of \['transformers', 'vllm'\], got 'nope'"
+"""The registry's refusal of an unknown engine name, whichever entry point asked."""
 
 PROMPTS = [Prompt(f"t-{i}", f"Q: {i} + {2 * i + 1} = ?\nA:" + " x" * (i % 3), str(3 * i + 1)) for i in range(5)]
 
@@ -203,3 +216,62 @@ def test_generate_output_is_that_of_the_per_element_cut(engine, monkeypatch):
     got = [c for g in groups for c in g.completions]
     assert [(c.token_ids, c.logprobs_sampler, c.finish_reason) for c in got] == [tuple(r) for r in want]
     assert {c.finish_reason for c in got} == {"stop", "length"}, "the seed should give both kinds"
+
+
+# ----------------------------------------------------------------------------- the engine registry
+
+def test_registry_names_and_facts():
+    assert engine_names() == tuple(ENGINES) == ("transformers", "vllm")
+    assert engine_names(lambda spec: spec.sleep_mode) == ("vllm",)
+    assert engine_names(lambda spec: spec.package is None) == ("transformers",)
+    assert get_engine("vllm").gpus_per_worker(2) == 2 and get_engine("transformers").gpus_per_worker(2) == 0
+    with pytest.raises(ValueError, match=UNKNOWN):
+        get_engine("nope")
+
+
+def test_registry_facts_match_the_engine_classes():
+    """A spec's declared capabilities are those its class implements (the protocols of base)."""
+    for name, spec in ENGINES.items():
+        cls = spec.load()
+        assert issubclass(cls, Engine), name
+        assert issubclass(cls, Sleepable) == spec.sleep_mode, name
+        assert issubclass(cls, NativeWeightTransfer) == spec.native_weight_transfer, name
+
+
+def test_unknown_engine_is_refused_by_every_entry_point(tmp_path, tiny_model_dir):
+    """The rollout section, make_engine (given a config that skipped validation) and launch.eval
+    (its --engine flag, and a config file naming the engine) all list the registered names."""
+    from launch.config import ConfigError
+    import launch.eval
+
+    with pytest.raises(ValueError, match=UNKNOWN):
+        RolloutConfig(engine="nope")
+    unchecked = RolloutConfig()
+    object.__setattr__(unchecked, "engine", "nope")  # frozen and validated: only a bypass gets here
+    with pytest.raises(ValueError, match=UNKNOWN):
+        make_engine(unchecked, str(tiny_model_dir))
+    config = tmp_path / "nope.yaml"
+    config.write_text("rollout:\n  engine: nope\n")
+    with pytest.raises(ConfigError, match=UNKNOWN):
+        launch.eval.main(["--checkpoint", str(tiny_model_dir), "--config", str(config)])
+    run = subprocess.run([sys.executable, "-m", "launch.eval", "--checkpoint", str(tiny_model_dir), "--engine", "nope"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2 and "--engine: invalid choice: 'nope' (choose from 'transformers', 'vllm')" in run.stderr
+
+
+def test_make_engine_builds_the_configured_engine(tiny_model_dir):
+    engine = make_engine(RolloutConfig(gen_batch_tokens=77, seed=3), str(tiny_model_dir), EngineOptions(device="cpu"))
+    assert type(engine) is HFEngine and engine.version == 0 and engine.tokenizer is not None
+    assert engine.chunks([5, 5, 5], n=2, max_new_tokens=14) == [range(0, 2), range(2, 3)]  # 2 x 2 x 19 <= 77 < 3 x 2 x 19
+    assert not isinstance(engine, Sleepable) and not isinstance(engine, NativeWeightTransfer)
+
+
+def test_registry_import_stays_cheap():
+    """rollout_workers.config validates rollout.engine against the registry: importing them imports
+    neither an engine's module nor vLLM, transformers or torch."""
+    code = ("import sys, rollout_workers.config, rollout_workers.engines.registry; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'transformers', 'torch'}), "
+            "sorted(m for m in sys.modules if m.startswith('rollout_workers.engines.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.strip() == "[] ['rollout_workers.engines.registry']"

@@ -24,10 +24,11 @@ from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines import vllm_engine
+from rollout_workers.engines.registry import EngineOptions, make_engine
 from rollout_workers.engines.vllm_engine import EngineWeightsLost, VLLMEngine, checkpoint_shapes, load_vllm
 from rollout_workers.model_dir import is_hub_id, resolve_model_dir
 from rollout_workers.types import Prompt
-from rollout_workers.worker import RolloutRequest, make_engine, make_rollout_workers
+from rollout_workers.worker import RolloutRequest, make_rollout_workers
 
 FAKE = "rollout_workers.fake_vllm"
 PROMPTS = [Prompt(f"v-{i}", f"Q: {i} + {i + 4} = ?\nA:" + " y" * (i % 2), str(2 * i + 4)) for i in range(4)]
@@ -304,7 +305,8 @@ def test_engine_core_placement_is_configured(tiny_model_dir, monkeypatch):
         RolloutConfig(vllm_engine_core="separate")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
     for core, flag in (("auto", "0" if not torch.cuda.is_available() else "1"), ("process", "1"), ("inline", "0")):
-        make_engine(RolloutConfig(engine="vllm", vllm_engine_core=core), str(tiny_model_dir), vllm_module=FAKE)
+        make_engine(RolloutConfig(engine="vllm", vllm_engine_core=core), str(tiny_model_dir),
+                    EngineOptions(vllm_module=FAKE))
         assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == flag, core
 
 

@@ -15,7 +15,7 @@ import torch
 
 from rollout_workers.config import RolloutConfig
 from rollout_workers.dispatch import BatchReport, Dispatcher
-from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.base import MissingCapability, SamplingParamsSpec
 from rollout_workers.rewards import score_math
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import RolloutRequest, make_rollout_workers
@@ -85,6 +85,34 @@ def test_update_weights_through_the_actor(workers, tiny_model_dir):
     with pytest.raises(ray.exceptions.RayTaskError, match="missing"):
         ray.get(workers[0].update_weights.remote(named[1:], 5), timeout=60)
     assert ray.get(workers[0].version.remote(), timeout=60) == 4
+
+
+def test_weights_interface_of_the_worker(workers, tiny_model_dir):
+    """What launch's weight sync uses (launch.actors): the engine dtype and CPU copies of the
+    weights, through public methods of the worker."""
+    assert ray.get([w.engine_dtype.remote() for w in workers], timeout=60) == [torch.float32, torch.float32]
+    hf, fake = (dict(ray.get(w.named_weights.remote(), timeout=60)) for w in workers)
+    assert set(hf) >= set(fake) - {"lm_head.weight"} and all(t.device.type == "cpu" for t in hf.values())
+    for name, tensor in fake.items():
+        if name in hf:
+            assert torch.equal(hf[name], tensor), name
+
+
+def test_missing_capability_is_named_and_leaves_the_worker_usable(workers):
+    """Sleep mode and vLLM's native transfer are optional engine capabilities (protocols of
+    rollout_workers.engines.base): the transformers engine has neither, and the worker says so,
+    naming the engine, the capability and the engines that have it, before taking the engine lock."""
+    hf = workers[0]
+    with pytest.raises(MissingCapability, match=r"hf-0: sleep needs an engine with sleep mode \(base\.Sleepable\); "
+                                                r"rollout\.engine=transformers \(HFEngine\) does not have it "
+                                                r"\(rollout\.engine with it: \['vllm'\]\)"):
+        ray.get(hf.sleep.remote(), timeout=60)
+    with pytest.raises(MissingCapability, match=r"hf-0: vllm_start_weight_update needs an engine with native weight "
+                                                r"transfer \(base\.NativeWeightTransfer\); rollout\.engine=transformers"):
+        ray.get(hf.vllm_start_weight_update.remote(), timeout=60)
+    ray.get(hf.vllm_abort_weight_update.remote("nothing open"), timeout=60)  # no update open: nothing to do
+    groups = list(Dispatcher([hf], timeout_s=120).run(_prompts(2, "c"), batch_id=11, params=PARAMS))
+    assert sorted(g.prompt.uid for g in groups) == ["c-0", "c-1"]
 
 
 @ray.remote(max_concurrency=2)

@@ -2,7 +2,13 @@
 
 An engine turns prompts into groups of G sampled completions (token ids, the sampler's own
 per-token logprobs, finish reason, text) stamped with the policy version of the weights that
-produced them, and loads new weights all-or-nothing.
+produced them, and loads new weights all-or-nothing. It is built from the rollout section by its
+`from_config` (the registry, `rollout_workers.engines.registry`, picks the class).
+
+Optional capabilities are protocols, checked with isinstance by whoever needs them (the rollout
+worker raises `MissingCapability`, naming the engine and the capability, when one is absent):
+- `Sleepable`: free accelerator memory between sampling and the sync (vLLM's sleep mode);
+- `NativeWeightTransfer`: vLLM's own weight transfer, driven by the learner (sync.transport nccl / ipc).
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
 """
@@ -10,10 +16,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from rollout_workers.config import RolloutConfig
+from rollout_workers.engines.registry import EngineOptions
 from rollout_workers.types import Completion, Prompt
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +79,12 @@ class Engine(ABC):
     """Prompts of the current (or last) generate() call whose groups are complete: a progress
     counter that shows groups leave before the batch ends."""
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: RolloutConfig, model_path: str, options: EngineOptions) -> "Engine":
+        """The engine configured from the rollout section, plus what the building process knows
+        (`options`: the device, vLLM's weight path...); `registry.make_engine` calls it."""
+
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
         """Sample `params.n` completions per prompt; yield each prompt's group as soon as it completes.
@@ -95,6 +109,56 @@ class Engine(ABC):
     @abstractmethod
     def tokenizer(self):
         """The Hugging Face tokenizer the engine encodes prompts and decodes completions with."""
+
+
+@runtime_checkable
+class Sleepable(Protocol):
+    """An engine that can free its accelerator memory while a colocated learner trains
+    (rollout.enable_sleep_mode; vLLM's sleep mode)."""
+
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory (weights offloaded, KV cache dropped); no generate() until wake_up."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take the memory back; the engine samples with the weights it had."""
+        ...
+
+
+@runtime_checkable
+class NativeWeightTransfer(Protocol):
+    """vLLM's own weight transfer (sync.transport nccl / ipc): the learner's trainer-side engine
+    drives init_transfer once, then start_update / update_chunk... / finish_update per version
+    (abort_update when the sender gives up midway)."""
+
+    def init_transfer(self, init_info: dict[str, Any]) -> None:
+        """Open (or re-open) the connection to the trainer."""
+        ...
+
+    def start_update(self) -> None:
+        """Begin an update: the engine's weights are undefined until finish_update."""
+        ...
+
+    def update_chunk(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Receive one chunk of the update (IPC handles, or an NCCL receive)."""
+        ...
+
+    def finish_update(self, version: int) -> None:
+        """Complete the update and stamp `version`."""
+        ...
+
+    def abort_update(self, reason: str) -> None:
+        """Give the update up; the engine refuses to sample until a complete update lands."""
+        ...
+
+    def shutdown_transfer(self) -> None:
+        """Release the trainer connection (the engine keeps serving)."""
+        ...
+
+
+class MissingCapability(TypeError):
+    """An engine was asked for an optional capability (`Sleepable`, `NativeWeightTransfer`) it does
+    not implement; the message names the engine and the capability."""
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, context: int) -> list[list[int]]:

@@ -30,12 +30,19 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Log
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
+from rollout_workers.engines.registry import EngineOptions
 from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Completion, Prompt
 
 
 class HFEngine(Engine):
-    """A transformers causal LM that samples groups of completions."""
+    """A transformers causal LM that samples groups of completions. No optional capability: it
+    cannot sleep, and takes weights only as named tensors (`update_weights`)."""
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, model_path: str, options: EngineOptions) -> "HFEngine":
+        return cls(model_path, dtype=cfg.dtype, device=options.device, gen_batch_tokens=cfg.gen_batch_tokens,
+                   seed=cfg.seed)
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
                  gen_batch_tokens: int = RolloutConfig.gen_batch_tokens, seed: int = 0, shared_prefill: bool = True) -> None:

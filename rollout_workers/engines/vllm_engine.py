@@ -66,8 +66,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
+from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
                                           encode_prompts)
+from rollout_workers.engines.registry import EngineOptions
 from rollout_workers.model_dir import resolve_model_dir
 from rollout_workers.seeding import derive_seed
 from rollout_workers.engines.vllm_reload import RELOAD_EXTENSION, ReloadWeightsExtension
@@ -150,8 +152,33 @@ def checkpoint_shapes(model_path: str) -> tuple[dict[str, tuple[int, ...]], dict
 
 
 class VLLMEngine(Engine):
-    """An `Engine` over `vllm.LLM`. `weight_transfer_backend`: "reload", "ipc" or "nccl" (module
-    docstring); `llm_kwargs` reach `LLM` unchanged (e.g. `enforce_eager=True` on CPU)."""
+    """An `Engine` over `vllm.LLM`, with both optional capabilities (`base.Sleepable`,
+    `base.NativeWeightTransfer`; the native calls need weight_transfer_backend "ipc" or "nccl").
+    `weight_transfer_backend`: "reload", "ipc" or "nccl" (module docstring); `llm_kwargs` reach
+    `LLM` unchanged (e.g. `enforce_eager=True` on CPU)."""
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, model_path: str, options: EngineOptions) -> "VLLMEngine":
+        """The engine of the rollout section, with vLLM's process settings: where its engine core
+        runs (rollout.vllm_engine_core) and, without an accelerator, the CPU build's settings."""
+        # No accelerator: vLLM's CPU build. Compiling the model graph takes minutes on a few cores
+        # for no gain on the small models that run there, hence eager mode; an explicit KV-cache
+        # size (its gpu_memory_utilization would be a share of the machine's RAM) also skips the
+        # warm-up pass that sizes it.
+        on_cpu = not torch.cuda.is_available()
+        core = cfg.vllm_engine_core
+        if core == "auto":
+            # On CPU the engine core runs in this (the worker actor's) process: 1.8 s to start
+            # instead of 17 s for a spawned one, and one process less per engine.
+            core = "inline" if on_cpu else "process"
+        # Read by vLLM when the LLM is built (and cached from then on, vllm/envs.py
+        # enable_envs_cache); this process builds one engine only.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
+        cpu_kwargs = {"enforce_eager": True, "kv_cache_memory_bytes": cfg.cpu_kv_cache_mb << 20}
+        return cls(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                   gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=cfg.enable_prefix_caching,
+                   enable_sleep_mode=cfg.enable_sleep_mode, weight_transfer_backend=options.weight_transfer_backend,
+                   vllm_module=options.vllm_module, llm_kwargs=cpu_kwargs if on_cpu else None)
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True,
