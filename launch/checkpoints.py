@@ -3,24 +3,47 @@ driver's own state (iteration, policy version, data cursor, RNG, sample counts, 
 
 Written atomically (a `.tmp-` directory, a COMPLETE marker, then a rename), so a checkpoint whose
 writer was killed is never picked up: `latest_complete` ignores it and returns the previous one.
+The driver (launch.train) hands its state over as a `RunState`; this module knows nothing of it.
 
     python -m launch.train --resume RUN_DIR     # continues from latest_complete(RUN_DIR)
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_e2e.py -k resume
 """
 from __future__ import annotations
 
 import json
 import random
 import shutil
-from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from launch.train import Run
-
 MARKER = "COMPLETE"
+
+
+class CheckpointedLearner(Protocol):
+    """What a checkpoint needs of the learner (learner.actor.LearnerGroup)."""
+
+    def save_checkpoint(self, path: str) -> None: ...
+    def load_checkpoint(self, path: str) -> None: ...
+    def export_hf(self, path: str) -> None: ...
+
+
+@dataclass
+class RunState:
+    """The driver state a checkpoint carries besides the learner's and the RNGs."""
+
+    iteration: int
+    version: int
+    cursor: dict
+    """The data cursor's `PromptCursor.state()`."""
+    samples_generated: int
+    samples_kept: int
+    train_seconds: float
+    prompts_refused: dict[str, int] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    """The driver's own keys (evals, stopped_by), stored alongside and given back as they were."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -34,46 +57,43 @@ def latest_complete(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(run: "Run", extra: dict) -> Path:
-    root = checkpoint_dir(run.run_dir)
+def save(run_dir: Path, learner: CheckpointedLearner, state: RunState, keep: int) -> Path:
+    """Write checkpoint iter_<state.iteration> (with the process's Python and torch RNG states)
+    and delete all but the newest `keep` complete ones."""
+    root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"iter_{run.iteration:06d}"
-    tmp = root / f".tmp-iter_{run.iteration:06d}"
+    final = root / f"iter_{state.iteration:06d}"
+    tmp = root / f".tmp-iter_{state.iteration:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    run.learner.save_checkpoint(str(tmp / "learner"))
-    run.learner.export_hf(str(tmp / "hf"))
-    state = {
-        # A batch prefetched but not yet learned (train.overlap, interrupted) is not in the
-        # checkpoint: the cursor is saved from before it, so --resume samples it again.
-        "iteration": run.iteration, "version": run.version,
-        "cursor": run.prefetched.cursor_before if run.prefetched else run.cursor.state(),
-        "samples_generated": run.samples_generated, "samples_kept": run.samples_kept,
-        "prompts_refused": dict(run.prompts_refused), "train_seconds": run.train_seconds, "python_rng": random.getstate(), **extra,
+    learner.save_checkpoint(str(tmp / "learner"))
+    learner.export_hf(str(tmp / "hf"))
+    driver_state = {
+        "iteration": state.iteration, "version": state.version, "cursor": state.cursor,
+        "samples_generated": state.samples_generated, "samples_kept": state.samples_kept,
+        "prompts_refused": dict(state.prompts_refused), "train_seconds": state.train_seconds,
+        "python_rng": random.getstate(), **state.extra,
     }
-    (tmp / "driver_state.json").write_text(json.dumps(state))
+    (tmp / "driver_state.json").write_text(json.dumps(driver_state))
     torch.save(torch.get_rng_state(), tmp / "torch_rng.pt")
     (tmp / MARKER).write_text("ok\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(p for p in root.glob("iter_*") if (p / MARKER).exists())[:-run.cfg.train.keep_checkpoints]:
+    for old in sorted(p for p in root.glob("iter_*") if (p / MARKER).exists())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def restore_latest(run: "Run") -> dict:
-    path = latest_complete(run.run_dir)
+def restore_latest(run_dir: Path, learner: CheckpointedLearner) -> RunState:
+    """Load the newest complete checkpoint into `learner` and the process's RNGs; the rest of the
+    driver's state comes back as a RunState for the caller to apply."""
+    path = latest_complete(run_dir)
     if path is None:
-        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run.run_dir)} to resume from")
-    state = json.loads((path / "driver_state.json").read_text())
-    run.learner.load_checkpoint(str(path / "learner"))
-    run.cursor.load_state(state["cursor"])
-    run.iteration, run.version = state["iteration"], state["version"]
-    run.samples_generated, run.samples_kept = state["samples_generated"], state["samples_kept"]
-    run.prompts_refused = Counter(state["prompts_refused"])
-    run.train_seconds = state["train_seconds"]
-    version, internal, gauss = state["python_rng"]
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)} to resume from")
+    driver_state = json.loads((path / "driver_state.json").read_text())
+    learner.load_checkpoint(str(path / "learner"))
+    version, internal, gauss = driver_state.pop("python_rng")
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(torch.load(path / "torch_rng.pt", weights_only=True))
-    run.logger.truncate_after(run.iteration)
-    return state
+    keys = ("iteration", "version", "cursor", "samples_generated", "samples_kept", "train_seconds", "prompts_refused")
+    return RunState(**{k: driver_state.pop(k) for k in keys}, extra=driver_state)

@@ -461,6 +461,30 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     return run, {**data_info, **sft_info}
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run: Run, extra: dict) -> Path:
+    """Checkpoint `run` now; `extra` (evals, stopped_by) is stored with the driver state."""
+    # A batch prefetched but not yet learned (train.overlap, interrupted) is not in the
+    # checkpoint: the cursor is saved from before it, so --resume samples it again.
+    cursor = run.prefetched.cursor_before if run.prefetched else run.cursor.state()
+    state = checkpoints.RunState(run.iteration, run.version, cursor, run.samples_generated, run.samples_kept,
+                                 run.train_seconds, dict(run.prompts_refused), extra)
+    return checkpoints.save(run.run_dir, run.learner, state, run.cfg.train.keep_checkpoints)
+
+
+def restore_checkpoint(run: Run) -> dict:
+    """Continue `run` from its newest complete checkpoint; returns the stored `extra` keys."""
+    state = checkpoints.restore_latest(run.run_dir, run.learner)
+    run.cursor.load_state(state.cursor)
+    run.iteration, run.version = state.iteration, state.version
+    run.samples_generated, run.samples_kept = state.samples_generated, state.samples_kept
+    run.prompts_refused = Counter(state.prompts_refused)
+    run.train_seconds = state.train_seconds
+    run.logger.truncate_after(run.iteration)
+    return state.extra
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
@@ -485,7 +509,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     evals: list[dict] = []
     try:
         if resume:
-            evals = checkpoints.restore_latest(run)["evals"]
+            evals = restore_checkpoint(run)["evals"]
             run.sync.sync(run.version)
         if not evals:
             evals.append(evaluate(run, run.train_seconds))
@@ -503,7 +527,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             run.train_seconds += time.perf_counter() - t0
             if sync_error is not None:  # stop with a resumable checkpoint; --resume re-syncs fresh engines
                 run.logger.log(record)
-                path = checkpoints.save(run, {"evals": evals, "stopped_by": "weight sync failure"})
+                path = save_checkpoint(run, {"evals": evals, "stopped_by": "weight sync failure"})
                 print(f"{sync_error}\ncheckpoint {path}; continue with --resume {run_dir}", file=sys.stderr, flush=True)
                 raise sync_error
             if cfg.eval.every and run.iteration % cfg.eval.every == 0 and run.iteration < cfg.train.iterations:
@@ -513,15 +537,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             bar.update(1)
             tqdm.write(console_line(record))
             if checkpoint_due:
-                checkpoints.save(run, {"evals": evals})
+                save_checkpoint(run, {"evals": evals})
         bar.close()
         if stop:
-            path = checkpoints.save(run, {"evals": evals, "stopped_by": stop[0]})
+            path = save_checkpoint(run, {"evals": evals, "stopped_by": stop[0]})
             print(f"{stop[0]}: checkpoint {path}; continue with --resume {run_dir}", flush=True)
             raise Interrupted(stop[0])
         if evals[-1]["iteration"] != run.iteration:
             evals.append(evaluate(run, run.train_seconds))
-        checkpoints.save(run, {"evals": evals})
+        save_checkpoint(run, {"evals": evals})
         summary = {
             "eval_accuracy_before_rl": evals[0]["accuracy"], "eval_accuracy_after_rl": evals[-1]["accuracy"],
             "evals": evals, "iterations": run.iteration, "wall_seconds": time.perf_counter() - start,
