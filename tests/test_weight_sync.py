@@ -30,10 +30,11 @@ from weight_sync.buckets import (
     strip_module_prefix,
     unpack_bucket,
 )
+from weight_sync.base import GatherOnlyLink
 from weight_sync.config import SyncConfig
 from weight_sync.endpoint import SyncError, free_port, make_endpoint
 from weight_sync.sync import WeightReceiver, WeightSender
-from weight_sync.transports import GatherOnlyLink, get_transport
+from weight_sync.transports import get_transport
 
 # One machine: learner rank 0 listens on loopback (the multi-node case: tests/test_multinode_sync.py).
 LOCAL_HOST = "127.0.0.1"

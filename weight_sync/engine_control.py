@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from weight_sync.endpoint import SyncEndpoint, SyncError
+from weight_sync.base import SyncEndpoint, SyncError
 
 
 class EngineWeightControl(Protocol):

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from weight_sync.base import SyncEndpoint, SyncError
 from weight_sync.buckets import (
     SendPlan,
     bucket_nbytes,
@@ -30,7 +31,6 @@ from weight_sync.buckets import (
     plan_header,
     unpack_bucket,
 )
-from weight_sync.endpoint import SyncEndpoint, SyncError
 
 
 def _left(deadline: float) -> timedelta:

@@ -15,6 +15,7 @@ from typing import Iterator
 import ray
 import torch
 
+from weight_sync.base import SyncEndpoint, SyncError
 from weight_sync.buckets import (
     SendPlan,
     bucket_nbytes,
@@ -24,7 +25,6 @@ from weight_sync.buckets import (
     plan_header,
     unpack_bucket,
 )
-from weight_sync.endpoint import SyncEndpoint, SyncError
 
 
 @ray.remote(num_cpus=0)

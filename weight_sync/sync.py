@@ -20,9 +20,10 @@ from typing import Iterable
 
 import torch
 
+from weight_sync.base import ReceiverLink, SenderLink
 from weight_sync.buckets import NameMap, make_plan, strip_module_prefix
 from weight_sync.endpoint import ReceivedWeights, SyncEndpoint, SyncStats
-from weight_sync.transports import ReceiverLink, SenderLink, get_transport
+from weight_sync.transports import get_transport
 
 
 class WeightSender:

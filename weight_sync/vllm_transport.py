@@ -56,8 +56,8 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
 from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
+from weight_sync.base import SyncEndpoint, SyncError
 from weight_sync.buckets import SendPlan, bucket_nbytes, iter_cast_tensors, packed_buffer_bytes, params_off_device
-from weight_sync.endpoint import SyncEndpoint, SyncError
 from weight_sync.engine_control import ActorSyncClient
 
 SUPPORTED_VLLM = ("0.33.",)
