@@ -24,10 +24,14 @@ from learner.config import LearnerConfig
 from rollout_workers.config import DataConfig, RolloutConfig
 from rollout_workers.engines.registry import engine_names, get_engine
 from rollout_workers.model_dir import is_hub_id
+from weight_sync.base import PLACEMENTS
 from weight_sync.config import SyncConfig
 from weight_sync.transports import get_transport
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+TRAIN_MODES = ("dash", "standard_grpo")
+"""`train.mode` values (the `train.placement` ones are weight_sync.base.PLACEMENTS: the transport
+registry says which of them each transport works with)."""
 GPU_PLACEMENTS = ("colocated", "disaggregated")
 """train.placement values that put actors in GPU bundles (the learner then runs DeepSpeed on CUDA)."""
 
@@ -101,10 +105,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"train.iterations must be >= 0, got {self.iterations}")
-        if self.mode not in ("dash", "standard_grpo"):
-            raise ValueError(f"train.mode must be one of ['dash', 'standard_grpo'], got {self.mode!r}")
-        if self.placement not in ("auto", "cpu", "colocated", "disaggregated"):
-            raise ValueError(f"train.placement must be one of ['auto', 'cpu', 'colocated', 'disaggregated'], got {self.placement!r}")
+        if self.mode not in TRAIN_MODES:
+            raise ValueError(f"train.mode must be one of {list(TRAIN_MODES)}, got {self.mode!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"train.placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
         if self.on_worker_death not in ("restart", "redispatch", "raise"):
             raise ValueError(f"train.on_worker_death must be one of ['restart', 'redispatch', 'raise'], got {self.on_worker_death!r}")
         for key in ("checkpoint_every", "num_gpus", "gpu_memory_gib"):
@@ -286,7 +290,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.engine={r.engine} without GPUs (train.num_gpus=0) runs {engine.cpu_build}, which "
                           f"needs sync.transport=gloo or ray and rollout.tensor_parallel_size=1 (got sync.transport="
                           f"{cfg.sync.transport}, rollout.tensor_parallel_size={r.tensor_parallel_size})")
-    elif cfg.train.placement in ("colocated", "disaggregated"):
+    elif cfg.train.placement in GPU_PLACEMENTS:
         raise ConfigError(f"train.placement={cfg.train.placement} places actors on GPUs: set train.num_gpus, "
                           "or use train.placement=cpu/auto")
     validate_transport(cfg)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from learner.advantages import ESTIMATORS
+from learner.losses import AGGREGATIONS
+
 
 @dataclass(frozen=True)
 class LearnerConfig:
@@ -72,10 +75,10 @@ class LearnerConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"learner.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
 
-        one_of("advantage", ("grpo", "drgrpo", "rloo"))
+        one_of("advantage", ESTIMATORS)
         if self.refill_rounds < 1:
             raise ValueError(f"learner.refill_rounds must be >= 1, got {self.refill_rounds}")
-        one_of("loss_agg", ("token_mean", "seq_mean", "constant"))
+        one_of("loss_agg", AGGREGATIONS)
         one_of("old_logprobs", ("recompute", "sampler"))
         one_of("lr_schedule", ("constant", "cosine"))
         one_of("zero_stage", (0, 1, 2, 3))

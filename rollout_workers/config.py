@@ -16,6 +16,9 @@ CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 VLLM_ENGINE_CORE_MODES = ("auto", "process", "inline")
 """`rollout.vllm_engine_core`: where vLLM runs its engine core."""
 
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+"""`rollout.dtype`: the engines' weight dtype, also the sync's wire dtype (weight_sync.buckets names the same ones)."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -112,7 +115,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, engine_names())
-        _one_of("rollout.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("rollout.dtype", self.dtype, ENGINE_DTYPES)
         _one_of("rollout.answer_format", self.answer_format, ANSWER_FORMATS)
         _one_of("rollout.vllm_engine_core", self.vllm_engine_core, VLLM_ENGINE_CORE_MODES)
         for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",

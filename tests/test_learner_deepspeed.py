@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import socket
 import time
 
 import pytest
@@ -23,6 +22,7 @@ from learner.filtering import Sample, select_samples
 from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights
 from learner.packing import collate
 from rollout_workers.types import Completion, Prompt, ScoredGroup
+from weight_sync.endpoint import free_port
 
 MAX_NEW = 12
 
@@ -64,12 +64,6 @@ def reference_gradients(model_dir, samples: list[Sample], cfg: LearnerConfig, sa
 def max_rel_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     assert got.keys() == ref.keys()
     return max(float((got[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

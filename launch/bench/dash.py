@@ -62,7 +62,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -70,7 +69,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from launch.bench.peers import PHASES, PeerCurve
+from launch.bench.output import write_json
+from launch.bench.peers import PeerCurve
 from launch.bench.stats import aggregate
 
 PRESET = "tiny-cpu"
@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     partial_path = out.with_suffix(".partial.json")
 
     def write_partial(partial: dict) -> None:
-        partial_path.write_text(json.dumps({**partial, "partial": True, "wall_seconds": time.perf_counter() - t0}, indent=2))
+        write_json(partial_path, {**partial, "partial": True, "wall_seconds": time.perf_counter() - t0})
 
     result = run_bench(plan, args.regime, args.seeds, bench_dir, Path(args.starts_dir),
                        [] if args.start_only else args.contenders.split(","), list(args.set), args.budget_s or None,
@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if result["contenders"]:
         result["plot"] = str(write_plot(result, out.with_suffix(".png")))
         print("\n" + table(result), flush=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(f"wrote {out} ({result['wall_seconds']:.0f} s)", flush=True)
     return result
 

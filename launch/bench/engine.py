@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from launch.bench.output import write_json
 from launch.tiny_model import _default_texts, write_tiny_model_dir
 from rollout_workers.engines.base import Engine, SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
@@ -106,8 +106,7 @@ def main(argv: list[str]) -> dict:
                 continue
             result["models" if kind == "transformers" else kind] = run_engine(kind, paths, args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

@@ -25,15 +25,14 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from launch.bench.output import write_json
 BUDGETS_FOR_ERROR = (256, 1024)
 MAX_NEW = 96
 
@@ -110,6 +109,7 @@ def main(argv: list[str]) -> dict:
     from learner.trainer import RankTrainer
     from learner.filtering import select_samples
     from learner.losses import step_normaliser
+    from weight_sync.endpoint import free_port
 
     class RecordingPool(LocalRankPool):
         """Keeps the micro-batches the learner ran, so the bare loop runs exactly the same ones."""
@@ -135,10 +135,7 @@ def main(argv: list[str]) -> dict:
         normaliser = step_normaliser("token_mean", sum(len(s.completion_token_ids) for s in kept.samples), len(kept.samples), 0)
         clip = (cfg.clip_eps_low, cfg.clip_eps_high)
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        engine = RankTrainer(cfg, tmp, master_port=port)
+        engine = RankTrainer(cfg, tmp, master_port=free_port())
         progress(f"engine ready; {len(kept.samples)} kept samples, {tokens} tokens")
         # exactness first, on the initial weights (probe takes no step)
         ref = reference_gradients(tmp, kept.samples, normaliser, clip)
@@ -184,8 +181,7 @@ def main(argv: list[str]) -> dict:
             "threads": torch.get_num_threads(),
         }
         result["ratio"] = result["tokens_per_second"] / result["bare_torch_tokens_per_second"]
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     print(json.dumps(result, indent=2))
     return result
 

@@ -16,10 +16,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from launch.bench.output import write_json
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.prompts import prompts_for_model, synthetic_problems
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> dict:
     result["speedup"] = result["shared_prefill_tokens_per_second"] / result["prefill_per_sample_tokens_per_second"]
     print(json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

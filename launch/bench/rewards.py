@@ -16,8 +16,8 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
+from launch.bench.output import write_json
 from rollout_workers.rewards import parse_latex, extract_final_answer, score_math
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> dict:
     result["speedup"] = result["math_verify_ms_per_sample"] / result["fast_path_ms_per_sample"]
     print(json.dumps(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

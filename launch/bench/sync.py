@@ -13,7 +13,6 @@ adds) and `max_abs_diff` between what the engine received and the learner's weig
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -26,6 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from launch.bench.output import write_json
 from weight_sync.buckets import bucket_nbytes, make_plan
 from weight_sync.config import SyncConfig
 from weight_sync.endpoint import SyncEndpoint, free_port, make_endpoint
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> dict:
               f"memcpy {r['memcpy_seconds'] * 1e3:6.1f} ms  ratio {r['ratio']:5.1f}x  "
               f"raw gloo {r['raw_gloo_seconds'] * 1e3:7.1f} ms  max|diff| {r['max_abs_diff']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return results
 
 

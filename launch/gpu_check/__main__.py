@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch.bench.output import write_json
 from launch.gpu_check.steps import CPU_REHEARSAL, GPU, STEPS, Profile
 
 MIN_STEP_S = 20.0
@@ -190,7 +191,7 @@ def write_results(out: Path, card: str, p: Profile, started: str, steps: dict, s
     result = {"card": card, "profile": p.name, "started_utc": started, "python": platform.python_version(),
               "scratch": str(scratch), "not_covered": NOT_COVERED, "steps": steps,
               "rows": [{"figure": a, "value": b, "command": c} for a, b, c in rows]}
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "gpu_check.json", result)
     (out / "gpu_check.md").write_text(table + "\n")
     return table
 

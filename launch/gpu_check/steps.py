@@ -49,6 +49,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from launch.bench.output import write_json
 QWEN25_05B_SHAPE = dict(
     hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
     vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -212,14 +213,6 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Spread(NamedTuple):
     """Median, min and max of repeated measurements."""
 
@@ -296,6 +289,7 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
     from learner.config import LearnerConfig
     from learner.memory import learner_memory
     from learner.trainer import RankTrainer
+    from weight_sync.endpoint import free_port
 
     class CountingPool(LocalRankPool):
         """The in-process pool, counting the padded tokens of the micro-batches it runs."""
@@ -679,7 +673,7 @@ def main(argv: list[str]) -> dict:
         result = measure_sync(p)
     else:
         result = measure_e2e(p, cap, scratch / "e2e-run")
-    out_path.write_text(json.dumps(result, indent=2))
+    write_json(out_path, result)
     return result
 
 
