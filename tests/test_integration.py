@@ -54,7 +54,7 @@ def test_sync_makes_engines_equal_learner_and_stamps_version(ray_local, tiny_mod
     rcfg = RolloutConfig(group_size=2, max_new_tokens=8, cpus_per_worker=0.5, reward_processes=1)
     hf = make_rollout_workers(rcfg, str(tiny_model_dir), worker_cls=SyncedRolloutWorker, name_prefix="hf")[0]
     vllm = make_rollout_workers(dataclasses.replace(rcfg, engine="vllm"), str(tiny_model_dir), worker_cls=SyncedRolloutWorker,
-                                vllm_module="rollout_workers.fake_vllm", name_prefix="vllm", num_gpus_per_worker=0)[0]
+                                vllm_module="tests.fake_vllm", name_prefix="vllm", num_gpus_per_worker=0)[0]
     workers = [hf, vllm]
     try:
         sync = SyncGroup(SyncConfig(timeout_s=60), learner.rank_actors, workers, ["hf-0", "vllm-0"], "float32", TIMEOUT)

@@ -30,7 +30,7 @@ from rollout_workers.model_dir import is_hub_id, resolve_model_dir
 from rollout_workers.types import Prompt
 from rollout_workers.worker import RolloutRequest, make_rollout_workers
 
-FAKE = "rollout_workers.fake_vllm"
+FAKE = "tests.fake_vllm"
 PROMPTS = [Prompt(f"v-{i}", f"Q: {i} + {i + 4} = ?\nA:" + " y" * (i % 2), str(2 * i + 4)) for i in range(4)]
 
 

@@ -116,7 +116,7 @@ def test_sleep_then_wake_up_serves_the_same_weights(engine):
 def test_fake_and_real_return_the_same_shapes_and_greedy_tokens(engine, model_dir):
     """The fake vLLM must not drift from the real one: the same calls return the same fields,
     shapes, finish reasons, prompt ids and (same weights, greedy) the same tokens."""
-    fake = VLLMEngine(str(model_dir), vllm_module="rollout_workers.fake_vllm")
+    fake = VLLMEngine(str(model_dir), vllm_module="tests.fake_vllm")
     for params in (SamplingParamsSpec(n=3, max_new_tokens=5, seed=2),
                    SamplingParamsSpec(n=2, max_new_tokens=5, greedy=True)):
         real_groups = {g.prompt.uid: g for g in engine.generate(PROMPTS[:4], params)}

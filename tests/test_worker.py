@@ -40,7 +40,7 @@ def workers(ray_local, tiny_model_dir):
     """One transformers worker and one vLLM-adapter worker (over the fake vLLM, on CPU)."""
     hf = make_rollout_workers(_cfg(), str(tiny_model_dir), name_prefix="hf")
     fake = make_rollout_workers(_cfg(engine="vllm"), str(tiny_model_dir), name_prefix="vllm",
-                                vllm_module="rollout_workers.fake_vllm", num_gpus_per_worker=0)
+                                vllm_module="tests.fake_vllm", num_gpus_per_worker=0)
     yield hf + fake
     for w in hf + fake:
         ray.kill(w)

@@ -32,7 +32,7 @@ class EngineOptions:
     """vLLM: the weight path, from sync.transport (`weight_sync.transports.Transport.vllm_backend`):
     "reload" (gloo / ray sync) or vLLM's native "ipc" / "nccl"."""
     vllm_module: str = "vllm"
-    """vLLM: the module imported as vLLM (tests: "rollout_workers.fake_vllm")."""
+    """vLLM: the module imported as vLLM (tests: "tests.fake_vllm")."""
 
 
 @dataclass(frozen=True)

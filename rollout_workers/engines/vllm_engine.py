@@ -1,5 +1,5 @@
 """vLLM engine adapter, for GPU clusters and (through vLLM's CPU build) CPU machines. Fast unit
-tests drive it through the fake vLLM (`rollout_workers.fake_vllm`, injected as `vllm_module`);
+tests drive it through the fake vLLM (`tests.fake_vllm`, injected as `vllm_module`);
 tests/test_vllm_real.py drives the real package.
 
 Supported versions, checked at start-up for the weight path in use (`SUPPORTED_VLLM`):
@@ -91,7 +91,7 @@ def _supported(path: str) -> str:
 
 
 def load_vllm(vllm_module: ModuleType | str | None, weight_path: str = "reload") -> ModuleType:
-    """Import vLLM (or the module given, e.g. "rollout_workers.fake_vllm") and check that its
+    """Import vLLM (or the module given, e.g. "tests.fake_vllm") and check that its
     version supports `weight_path` ("reload", "ipc" or "nccl"); the error names both versions."""
     if weight_path not in SUPPORTED_VLLM:
         raise ValueError(f"VLLMEngine weight_transfer_backend must be one of {list(WEIGHT_PATHS)}, got {weight_path!r}")

@@ -15,12 +15,12 @@ from torch.multiprocessing.reductions import rebuild_tensor
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
-from rollout_workers.fake_vllm.config import WeightTransferConfig
-from rollout_workers.fake_vllm.distributed.weight_transfer.base import (WeightTransferInitRequest,
+from tests.fake_vllm.config import WeightTransferConfig
+from tests.fake_vllm.distributed.weight_transfer.base import (WeightTransferInitRequest,
                                                                         WeightTransferUpdateRequest)
-from rollout_workers.fake_vllm.logprobs import Logprob
-from rollout_workers.fake_vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
-from rollout_workers.fake_vllm.sampling_params import RequestOutputKind, SamplingParams
+from tests.fake_vllm.logprobs import Logprob
+from tests.fake_vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
+from tests.fake_vllm.sampling_params import RequestOutputKind, SamplingParams
 
 FAKE_DEVICE_KEY = "cpu"
 """The fake's stand-in for the GPU UUID that keys a real IPC handle (ipc_engine.py:230)."""

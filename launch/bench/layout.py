@@ -11,7 +11,7 @@ optimizer batch, fp32 on CPU, a Qwen2 model shaped like the embedded default's (
 4 layers). Repeats are interleaved and the minimum is kept; CPU seconds (this process) are
 reported next to wall seconds because on a shared machine wall time mostly measures the others.
 
-    python -m learner.layout_bench --json runs/bench/layout.json
+    python -m launch.bench layout --json runs/bench/layout.json
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from launch.bench.output import write_json
 from learner.filtering import Sample
 from learner.losses import ppo_clip_loss_sum, token_weights
 from learner.packing import collate, pack_by_length
@@ -99,7 +99,7 @@ def run_layout(model: torch.nn.Module, samples: list[Sample], layout: str, budge
 
 
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m learner.layout_bench")
+    parser = argparse.ArgumentParser(prog="python -m launch.bench layout")
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", default="512,2048", help="micro_batch_tokens values, comma-separated")
@@ -129,8 +129,7 @@ def main(argv: list[str]) -> dict:
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     out = {"threads": args.threads, "repeats": args.repeats, "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

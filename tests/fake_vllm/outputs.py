@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rollout_workers.fake_vllm.logprobs import Logprob
+from tests.fake_vllm.logprobs import Logprob
 
 
 # Mirrors vllm/outputs.py:50 `class WeightVersionSpan`.
