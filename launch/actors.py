@@ -5,7 +5,8 @@ sender is attached to the learner rank and the receiver to the rollout worker he
 Both sides are reached through their public methods only: `LearnerRank.named_parameters()` on the
 learner, `RolloutWorker.engine_dtype()` / `update_weights()` / the vllm_* handshake on the engine.
 
-Used by `python -m launch.train`.
+Used by `python -m launch.train`; tested by
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_integration.py -k "sync_makes and 0-1"
 """
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ from typing import Callable, NamedTuple, Sequence
 
 from launch.config import Config, load_config
 from rollout_workers.config import CHAT_TEMPLATE_MODES, DataConfig
-from rollout_workers.engines.base import Engine, SamplingParamsSpec
-from rollout_workers.engines.registry import EngineOptions, engine_names, make_engine
+from rollout_workers.engines.base import Engine, EngineOptions, SamplingParamsSpec, make_engine
+from rollout_workers.engines.registry import engine_names
 from rollout_workers.prompts import LoadResult, drop_long_prompts, load_prompts, prompts_for_model
 from rollout_workers.rewards import ANSWER_FORMATS, RewardPool
 from rollout_workers.types import Prompt

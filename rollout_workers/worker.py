@@ -27,9 +27,9 @@ import ray
 import torch
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.base import (TORCH_DTYPES, MissingCapability, NativeWeightTransfer, SamplingParamsSpec,
-                                          Sleepable)
-from rollout_workers.engines.registry import EngineOptions, engine_names, get_engine, make_engine
+from rollout_workers.engines.base import (TORCH_DTYPES, EngineOptions, MissingCapability, NativeWeightTransfer,
+                                          SamplingParamsSpec, Sleepable, make_engine)
+from rollout_workers.engines.registry import engine_names, get_engine
 from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS
 from rollout_workers.types import Prompt, ScoredGroup
 

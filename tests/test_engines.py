@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.base import Engine, NativeWeightTransfer, SamplingParamsSpec, Sleepable
+from rollout_workers.engines.base import (Engine, EngineOptions, NativeWeightTransfer, SamplingParamsSpec, Sleepable,
+                                          make_engine)
 from rollout_workers.engines.hf import CutRow, HFEngine, cut_at_eos
-from rollout_workers.engines.registry import ENGINES, EngineOptions, engine_names, get_engine, make_engine
+from rollout_workers.engines.registry import ENGINES, engine_names, get_engine
 from rollout_workers.types import Prompt
 
 ROOT = Path(__file__).resolve().parents[1]

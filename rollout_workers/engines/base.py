@@ -2,8 +2,9 @@
 
 An engine turns prompts into groups of G sampled completions (token ids, the sampler's own
 per-token logprobs, finish reason, text) stamped with the policy version of the weights that
-produced them, and loads new weights all-or-nothing. It is built from the rollout section by its
-`from_config` (the registry, `rollout_workers.engines.registry`, picks the class).
+produced them, and loads new weights all-or-nothing. `make_engine` builds the one rollout.engine
+names: the registry (`rollout_workers.engines.registry`) gives its class, whose `from_config`
+reads the rollout section and `EngineOptions` (what the building process knows besides).
 
 Optional capabilities are protocols, checked with isinstance by whoever needs them (the rollout
 worker raises `MissingCapability`, naming the engine and the capability, when one is absent):
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime
 import torch
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.registry import EngineOptions
+from rollout_workers.engines.registry import get_engine
 from rollout_workers.types import Completion, Prompt
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +71,21 @@ class GroupOutput:
     """Weight version of the engine when the group was sampled."""
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the process that builds an engine knows beyond the rollout section (`from_config`
+    takes both). Each engine reads the fields that concern it."""
+
+    device: str = "cpu"
+    """transformers: the torch device (a rollout worker passes "cuda" when Ray gave it a GPU;
+    `launch.eval --device`). vLLM places itself on the accelerator it is given."""
+    weight_transfer_backend: str = "reload"
+    """vLLM: the weight path, from sync.transport (`weight_sync.transports.Transport.vllm_backend`):
+    "reload" (gloo / ray sync) or vLLM's native "ipc" / "nccl"."""
+    vllm_module: str = "vllm"
+    """vLLM: the module imported as vLLM (tests: "tests.fake_vllm")."""
+
+
 class Engine(ABC):
     """Interface of an inference engine (transformers, vLLM, the fake vLLM through the vLLM adapter)."""
 
@@ -83,7 +99,7 @@ class Engine(ABC):
     @abstractmethod
     def from_config(cls, cfg: RolloutConfig, model_path: str, options: EngineOptions) -> "Engine":
         """The engine configured from the rollout section, plus what the building process knows
-        (`options`: the device, vLLM's weight path...); `registry.make_engine` calls it."""
+        (`options`: the device, vLLM's weight path...); `make_engine` calls it."""
 
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], params: SamplingParamsSpec) -> Iterator[GroupOutput]:
@@ -109,6 +125,12 @@ class Engine(ABC):
     @abstractmethod
     def tokenizer(self):
         """The Hugging Face tokenizer the engine encodes prompts and decodes completions with."""
+
+
+def make_engine(cfg: RolloutConfig, model_path: str, options: EngineOptions = EngineOptions()) -> Engine:
+    """The engine rollout.engine names (looked up in the registry; an unknown name is refused with
+    the registered ones), built from the rollout section by its class's `from_config`."""
+    return get_engine(cfg.engine).load().from_config(cfg, model_path, options)
 
 
 @runtime_checkable

@@ -28,9 +28,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Log
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
-                                          encode_prompts)
-from rollout_workers.engines.registry import EngineOptions
+from rollout_workers.engines.base import (TORCH_DTYPES, Engine, EngineOptions, GroupOutput, SamplingParamsSpec,
+                                          check_weight_set, encode_prompts)
 from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Completion, Prompt
 

@@ -1,38 +1,21 @@
 """The engine registry: `rollout.engine` name -> an `EngineSpec` (where the engine class lives and
-what the launcher must know about it before building one). Config validation, the worker's
-`make_engine`, placement's preflight and `python -m launch.eval` ask the registry; nothing else
-branches on an engine's name.
+what the launcher must know about it before building one). Config validation, `base.make_engine`
+(the rollout worker's and `python -m launch.eval`'s), the default GPU request of
+`make_rollout_workers` and placement's preflight ask the registry; nothing else branches on an
+engine's name.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_engines.py -k registry
 
-Importing this module must stay cheap and import nothing of the project: `rollout_workers.config`
-validates `rollout.engine` against it, and an engine's module (vLLM's adapter, transformers) is
-imported only when `EngineSpec.load` asks for its class.
+This module imports no module of the project, not even for type hints: `rollout_workers.config`
+validates `rollout.engine` against it and `engines.base` builds engines from it, so it sits under
+both. An engine's module (vLLM's adapter, transformers) is imported only when `EngineSpec.load`
+asks for its class.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    from rollout_workers.config import RolloutConfig
-    from rollout_workers.engines.base import Engine
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What the process that builds an engine knows beyond the rollout section (`from_config`
-    takes both). Each engine reads the fields that concern it."""
-
-    device: str = "cpu"
-    """transformers: the torch device (a rollout worker passes "cuda" when Ray gave it a GPU;
-    `launch.eval --device`). vLLM places itself on the accelerator it is given."""
-    weight_transfer_backend: str = "reload"
-    """vLLM: the weight path, from sync.transport (`weight_sync.transports.Transport.vllm_backend`):
-    "reload" (gloo / ray sync) or vLLM's native "ipc" / "nccl"."""
-    vllm_module: str = "vllm"
-    """vLLM: the module imported as vLLM (tests: "tests.fake_vllm")."""
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -65,8 +48,9 @@ class EngineSpec:
         """GPUs a worker of this engine asks Ray for when the launcher does not say."""
         return tensor_parallel_size if self.gpus_by_default else 0
 
-    def load(self) -> type[Engine]:
-        """The engine class (imports its module: vLLM's adapter or transformers)."""
+    def load(self) -> type:
+        """The engine class, a subclass of `base.Engine` (imports its module: vLLM's adapter or
+        transformers)."""
         module, _, name = self.engine_class.partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -95,7 +79,3 @@ def get_engine(name: str) -> EngineSpec:
         raise ValueError(f"rollout.engine must be one of {list(ENGINES)}, got {name!r}")
     return ENGINES[name]
 
-
-def make_engine(cfg: RolloutConfig, model_path: str, options: EngineOptions = EngineOptions()) -> Engine:
-    """The engine rollout.engine names, built from the rollout section by its `from_config`."""
-    return get_engine(cfg.engine).load().from_config(cfg, model_path, options)

@@ -67,9 +67,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.base import (TORCH_DTYPES, Engine, GroupOutput, SamplingParamsSpec, check_weight_set,
-                                          encode_prompts)
-from rollout_workers.engines.registry import EngineOptions
+from rollout_workers.engines.base import (TORCH_DTYPES, Engine, EngineOptions, GroupOutput, SamplingParamsSpec,
+                                          check_weight_set, encode_prompts)
 from rollout_workers.model_dir import resolve_model_dir
 from rollout_workers.seeding import derive_seed
 from rollout_workers.engines.vllm_reload import RELOAD_EXTENSION, ReloadWeightsExtension
