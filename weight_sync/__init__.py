@@ -9,8 +9,9 @@ sync.WeightReceiver, sync.load_into_module; the transport registry in transports
 gloo_transport, ray_transport, vllm_transport); the typed engine control plane of the vLLM
 transports in engine_control; the shared plan/gather/pack logic in buckets.
 
-Layers, each importing only those below it (tests/test_imports.py checks there is no cycle):
-buckets -> base (SyncEndpoint, SyncError, the SenderLink / ReceiverLink protocols, the Transport
-spec) -> the links (gloo_transport, ray_transport, engine_control -> vllm_transport) ->
-transports (the registry; links imported lazily) -> config -> endpoint -> sync.
+Layers, bottom first; a module imports only ones listed before it (tests/test_imports.py checks
+there is no cycle): buckets; base (SyncEndpoint, SyncError, the SenderLink / ReceiverLink
+protocols, the Transport spec); the links (gloo_transport, ray_transport, engine_control,
+vllm_transport); transports (the registry: it imports the links lazily, at call time); config;
+endpoint (make_endpoint); sync.
 """
