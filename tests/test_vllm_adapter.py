@@ -20,11 +20,10 @@ import torch
 from safetensors.torch import load_file
 from torch.multiprocessing.reductions import reduce_tensor
 
-from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.engines.hf import HFEngine
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines import vllm_engine
-from rollout_workers.engines.base import EngineOptions, make_engine
+from rollout_workers.engines.base import EngineOptions, SamplingParamsSpec, make_engine
+from rollout_workers.engines.hf import HFEngine
 from rollout_workers.engines.vllm_engine import EngineWeightsLost, VLLMEngine, checkpoint_shapes, load_vllm
 from rollout_workers.model_dir import is_hub_id, resolve_model_dir
 from rollout_workers.types import Prompt
