@@ -30,7 +30,8 @@ except ImportError as e:
 
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
-from rollout_workers.engines.vllm_engine import VLLMEngine
+from rollout_workers.config import RolloutConfig
+from rollout_workers.engines.vllm_engine import VLLMEngine, cpu_build_kwargs
 from conftest import kill_engine_at_sync_then_resume
 from rollout_workers.types import Prompt
 
@@ -92,6 +93,25 @@ def test_logprobs_equal_teacher_forcing_and_groups_stream(engine, model_dir):
     assert sorted(g.prompt.uid for g in groups) == sorted(p.uid for p in PROMPTS)
     assert not engine.llm.llm_engine.has_unfinished_requests()
     assert_logprobs_match(groups, HFEngine(str(model_dir)).model)
+
+
+def test_cpu_build_settings_never_split_a_seeded_prompt_across_steps(model_dir):
+    """GSM8K with SmolLM2 on the CPU build killed the engine core: one step's prompts passed the
+    step budget, vLLM prefilled the last one partially and rewound its seeded generator, which a
+    CPU generator cannot do ("CPU Generator does not use offset"). 32 distinct prompts of ~150
+    tokens (no shared prefix: 4,800 tokens > the 4,096-token step) go through the production
+    settings (`cpu_build_kwargs`, what `VLLMEngine.from_config` uses on CPU); with
+    `enable_chunked_prefill=True` and the same budget, the same call raised that error here."""
+    kwargs = cpu_build_kwargs(RolloutConfig(engine="vllm", cpu_kv_cache_mb=64), str(model_dir))
+    assert kwargs["enable_chunked_prefill"] is False and kwargs["max_num_batched_tokens"] == 4096
+    engine = VLLMEngine(str(model_dir), vllm_module="vllm", llm_kwargs=kwargs)
+    prompts = [Prompt(f"long-{i}", f"Q{i}: " + " + ".join(str((i * j + j // 3) % 10) for j in range(70)) + " = ?\nA:",
+                      "0") for i in range(32)]
+    assert all(len(engine.tokenizer(p.text)["input_ids"]) > 128 for p in prompts)
+    groups = list(engine.generate(prompts, SamplingParamsSpec(n=2, max_new_tokens=6, seed=5)))
+    assert sorted(g.prompt.uid for g in groups) == sorted(p.uid for p in prompts)
+    assert all(len(g.completions) == 2 and all(1 <= len(c.token_ids) <= 6 for c in g.completions) for g in groups)
+    engine.llm.llm_engine.engine_core.shutdown()
 
 
 def test_greedy_is_the_argmax_copied_g_times(engine, model_dir):

@@ -115,6 +115,28 @@ def load_vllm(vllm_module: ModuleType | str | None, weight_path: str = "reload")
     return vllm_module
 
 
+CPU_STEP_TOKENS = 4096
+"""Tokens one engine step may schedule on vLLM's CPU build (its own default there, 0.32.0),
+raised to the model's context where that is longer (vLLM requires it without chunked prefill)."""
+
+
+def cpu_build_kwargs(cfg: RolloutConfig, model_path: str) -> dict[str, Any]:
+    """`LLM` settings for vLLM's CPU build: eager mode (compiling the graph takes minutes on a few
+    cores for no gain on the small models that run there), an explicit KV-cache size (its
+    gpu_memory_utilization would be a share of the machine's RAM; it also skips the warm-up pass
+    that sizes it), and no chunked prefill. The last one is a fix, not a tuning: a chunked
+    (partial) prefill of a seeded request makes vLLM rewind that request's generator
+    (gpu_model_runner.py `_bookkeeping_sync`: `gen.set_offset(gen.get_offset() - 4)`), and a CPU
+    torch.Generator has no offset: "RuntimeError: CPU Generator does not use offset" killed the
+    engine core as soon as one step's prompts passed the step budget (GSM8K with SmolLM2: 128
+    requests of ~100 prompt tokens). Every request here is seeded (`derive_seed`), so on CPU no
+    prompt may be split across steps; whole prompts wait for the next step instead."""
+    context = int(AutoConfig.from_pretrained(resolve_model_dir(model_path)).max_position_embeddings)
+    return {"enforce_eager": True, "kv_cache_memory_bytes": cfg.cpu_kv_cache_mb << 20,
+            "enable_chunked_prefill": False, "max_model_len": context,
+            "max_num_batched_tokens": max(CPU_STEP_TOKENS, context)}
+
+
 @contextlib.contextmanager
 def weights_file(nbytes: int) -> Iterator[str]:
     """A fresh path for a safetensors weight set of about `nbytes` that vLLM's engine core (in its
@@ -160,10 +182,7 @@ class VLLMEngine(Engine):
     def from_config(cls, cfg: RolloutConfig, model_path: str, options: EngineOptions) -> "VLLMEngine":
         """The engine of the rollout section, with vLLM's process settings: where its engine core
         runs (rollout.vllm_engine_core) and, without an accelerator, the CPU build's settings."""
-        # No accelerator: vLLM's CPU build. Compiling the model graph takes minutes on a few cores
-        # for no gain on the small models that run there, hence eager mode; an explicit KV-cache
-        # size (its gpu_memory_utilization would be a share of the machine's RAM) also skips the
-        # warm-up pass that sizes it.
+        # No accelerator: vLLM's CPU build, with its settings (cpu_build_kwargs).
         on_cpu = not torch.cuda.is_available()
         core = cfg.vllm_engine_core
         if core == "auto":
@@ -173,11 +192,10 @@ class VLLMEngine(Engine):
         # Read by vLLM when the LLM is built (and cached from then on, vllm/envs.py
         # enable_envs_cache); this process builds one engine only.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
-        cpu_kwargs = {"enforce_eager": True, "kv_cache_memory_bytes": cfg.cpu_kv_cache_mb << 20}
         return cls(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                    gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=cfg.enable_prefix_caching,
                    enable_sleep_mode=cfg.enable_sleep_mode, weight_transfer_backend=options.weight_transfer_backend,
-                   vllm_module=options.vllm_module, llm_kwargs=cpu_kwargs if on_cpu else None)
+                   vllm_module=options.vllm_module, llm_kwargs=cpu_build_kwargs(cfg, model_path) if on_cpu else None)
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True,
