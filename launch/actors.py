@@ -6,7 +6,7 @@ Both sides are reached through their public methods only: `LearnerRank.named_par
 learner, `RolloutWorker.engine_dtype()` / `update_weights()` / the vllm_* handshake on the engine.
 
 Used by `python -m launch.train`; tested by
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_integration.py -k "sync_makes and 0-1"
+    PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider tests/test_integration.py -k "sync_makes and 0-1"
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ writer was killed is never picked up: `latest_complete` ignores it and returns t
 The driver (launch.train) hands its state over as a `RunState`; this module knows nothing of it.
 
     python -m launch.train --resume RUN_DIR     # continues from latest_complete(RUN_DIR)
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_e2e.py -k resume
+    PYTHONPATH=$PWD python -m pytest -q tests/test_e2e.py -k resume
 """
 from __future__ import annotations
 

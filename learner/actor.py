@@ -10,7 +10,7 @@ gathers them with `deepspeed.zero.GatheredParameters`).
 Every ray.get has a timeout: a dead or stuck rank raises, never hangs.
 
 Tested by:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Group-relative advantages (DASH paper, arXiv 2505.17218, Sec. 2: GRPO; Dr.GRPO; RLOO).
 
 Pure tensor math, no Ray/DeepSpeed. Tested by:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ steps g = 0 .. S*E - 1 in order, step g trains on the samples of slot s = g mod 
   pass (asked for only when E > 1). Step 0 is then taken in end_batch, once every old logprob is in.
 
 Tested by:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 

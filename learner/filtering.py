@@ -3,7 +3,7 @@ BEFORE any forward pass, so a filtered sample costs no compute (the paper's code
 forward pass and saves nothing).
 
 Tested by:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 

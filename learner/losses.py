@@ -9,7 +9,7 @@ step. Gradients are linear, so the result equals the gradient of the aggregated 
 batch in one pass, for any micro-batch split.
 
 Pure tensor math, no Ray/DeepSpeed. Tested by:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 

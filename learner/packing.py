@@ -10,7 +10,7 @@ The same micro-batch converts to one padding-free row (`varlen_inputs`: concaten
 position ids restarting at 0) for varlen flash attention on GPUs.
 
 Pure tensor math, no Ray/DeepSpeed. Tested by:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 

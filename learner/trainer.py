@@ -23,7 +23,7 @@ packs them, so no extra all-reduce is needed. The factor is applied
 Result: the optimizer sees exactly grad(sum_t w_t l_t / normaliser) over the whole batch.
 
 Run its tests:
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 

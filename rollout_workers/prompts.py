@@ -1,6 +1,6 @@
 """Prompt sources (synthetic arithmetic, GSM8K, MATH) and the checkpointable training cursor.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_prompts.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_prompts.py`
 
 Sources and splits (`load_prompts(cfg, split)`, split "train" or "eval"):
 - synthetic: generated from `cfg.seed`; a problem belongs to "eval" iff a hash of its question text

@@ -1,6 +1,6 @@
 """Reward functions (math answer checking) and the process pool that runs them for a rollout worker.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_rewards.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_rewards.py`
 
 Why a process pool: math-verify bounds its own work with `signal.alarm`, which only works in the
 main thread of a process, and sympy can hang in C on hostile input (a power tower makes it build a

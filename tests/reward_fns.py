@@ -1,7 +1,7 @@
 """Reward functions for tests/test_rewards.py, loaded by import path inside the RewardPool processes.
 Signature of every reward function: (completion, gold, answer_format) -> float.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_rewards.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_rewards.py`
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The DASH bench's JSON, table and plot over seeds (hand-made runs), its plans, and smoke runs of its peers.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_bench_peers.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_bench_peers.py
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The DASH bench's aggregation over seeds: spreads, the target rule and ratios of medians, with
 hand-computed numbers.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_bench_stats.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_bench_stats.py
 """
 from __future__ import annotations
 

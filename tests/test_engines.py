@@ -2,7 +2,7 @@
 The engine registry: lookups, an unknown name refused from every entry point, its facts checked
 against the engine classes' capabilities, and an import that stays cheap.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_engines.py
+    PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider tests/test_engines.py
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the step driver's failure handling and result files (at most 8 under OUT, on the GPU path too),
 the learner step through the project's RankTrainer, and the CPU rehearsal's engine and sync steps.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_gpu_check.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_gpu_check.py
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The import structure of the production packages (DESIGN.md "Imports flow one way"): no module
 imports one that imports it back, and the packages depend on each other in one direction only.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_imports.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_imports.py
 
 The graph is read with `ast`, nothing is imported: module-level imports count, those under
 `if TYPE_CHECKING:` included (a cycle there is still a cycle in the design), imports inside a

@@ -3,7 +3,7 @@ filtered samples cost no forward pass, multi-step/epoch batches, non-finite step
 reference model only with KL, resume bit-identical, HF export, learner/sampler logprob mismatch,
 the varlen (one padding-free row) layout, the collective backends per accelerator.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_deepspeed.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_deepspeed.py
 """
 from __future__ import annotations
 

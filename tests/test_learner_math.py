@@ -1,6 +1,6 @@
 """Hand-computed tests of the learner's pure math (advantages, filtering, losses, packing).
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_learner_math.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_learner_math.py
 """
 from __future__ import annotations
 

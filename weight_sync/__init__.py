@@ -1,8 +1,8 @@
 """weight_sync: versioned, bucketed weights from the learner to every engine (tensors only: it
 imports nothing from launch, learner or rollout_workers).
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py
-    PYTHONPATH=$PWD .venv/bin/python -m launch.bench.sync --json /tmp/bench_sync.json
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py
+    PYTHONPATH=$PWD python -m launch.bench.sync --json /tmp/bench_sync.json
 
 Public API: endpoint.make_endpoint / SyncEndpoint / SyncError, sync.WeightSender,
 sync.WeightReceiver, sync.load_into_module; the transport registry in transports (links in

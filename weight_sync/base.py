@@ -4,7 +4,7 @@
 It imports only weight_sync.buckets; the registry (transports.py), the links and the endpoint
 factory (endpoint.py) sit on top of it.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py tests/test_imports.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py tests/test_imports.py
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What every transport shares: the send plan (names, full shapes, tied aliases, buckets), the
 bucket-by-bucket ZeRO-3 gather, dtype casting, flat packing of a bucket and the JSON header.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py -k "bucket or pack or header or plan"
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py -k "bucket or pack or header or plan"
 
 A bucket is the unit of one collective: its tensors are gathered together (never the whole model
 at once under ZeRO-3), cast to the wire dtype and copied into one contiguous uint8 buffer, so one

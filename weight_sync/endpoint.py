@@ -2,7 +2,7 @@
 and receiver (the record itself and `SyncError`, the one error every transport raises, live in
 weight_sync.base and are re-exported here), plus the per-round results.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py
 """
 from __future__ import annotations
 

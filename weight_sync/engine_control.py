@@ -1,7 +1,7 @@
 """The typed control plane between learner rank 0 and the inference engines for the transports in
 which the learner drives the engines itself (vLLM's native "nccl" and "ipc").
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py -k control
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py -k control
 
 - `EngineWeightControl`: what an engine actor offers a trainer-side transfer engine: vLLM's
   `VLLMWeightSyncClient` protocol (vllm/distributed/weight_transfer/base.py l.618-642 in vLLM

@@ -1,7 +1,7 @@
 """CPU transport: a side torch.distributed gloo group between learner rank 0 (rank 0, TCPStore
 master) and the engines (ranks 1..N), next to whatever default group DeepSpeed uses.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py -k gloo
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py -k gloo
 
 One round: header length (int64[1]) -> JSON header (uint8) -> one broadcast per packed bucket
 -> an ack all-reduce (int32[world], each receiver writes 1 in its own slot once it holds the

@@ -3,7 +3,7 @@ and posts the refs with the JSON header to a small mailbox actor (started by `ma
 each engine fetches the header and refs for the version it was asked for, gets the buckets and
 acknowledges. The sender holds the refs (it owns the objects) until every engine has acked.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py -k ray_transport
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py -k ray_transport
 """
 from __future__ import annotations
 

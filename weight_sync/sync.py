@@ -2,7 +2,7 @@
 `load_into_module` to apply a received version all-or-nothing. Each side holds one link of the
 transport the endpoint names (weight_sync.transports.TRANSPORTS: gloo, ray, nccl, ipc).
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py
 
 Driver, once:   host, port = <learner rank 0's node address and a port free there>
                 ep = make_endpoint(cfg.sync, engine_names, "bfloat16", host, port)

@@ -3,7 +3,7 @@ says how each side of a sync is built and what the transport needs from the run.
 `WeightReceiver`, `make_endpoint` and the driver's rules (launch.config) ask the registry; nothing
 else branches on a transport's name.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_weight_sync.py -k registry
+    PYTHONPATH=$PWD python -m pytest -q tests/test_weight_sync.py -k registry
 
 Links are imported lazily by their factories: "nccl" and "ipc" need vllm and CUDA, which a CPU
 machine lacks, and importing this module must stay cheap (weight_sync.config validates against it).

@@ -11,7 +11,7 @@ evaluation; both evaluate with `greedy_accuracy` (prompt text -> greedy decode u
 max_new_tokens -> score_math(text, gold) >= 1, scored in a RewardPool with a timeout), the same
 decode and reward as our driver's `evaluate`.
 
-Used by `python -m launch.bench dash`; test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_bench_peers.py`
+Used by `python -m launch.bench dash`; test: `PYTHONPATH=$PWD python -m pytest -q tests/test_bench_peers.py`
 """
 from __future__ import annotations
 

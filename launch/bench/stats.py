@@ -10,7 +10,7 @@ lowest is taken over the contenders the ratios compare (RATIO_CONTENDERS present
 every compared contender reaches the target on at least half of its seeds, and the target sits
 well above the start (not in its evaluation noise) whenever the weakest one learned at all.
 
-Test: `PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_bench_stats.py`
+Test: `PYTHONPATH=$PWD python -m pytest -q tests/test_bench_stats.py`
 """
 from __future__ import annotations
 

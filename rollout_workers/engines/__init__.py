@@ -3,5 +3,5 @@
 registered by name in `registry` (the `rollout.engine` values), which imports an engine's module
 only when one is built. Kept empty of imports so that `registry` stays cheap.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_engines.py tests/test_vllm_adapter.py
+    PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider tests/test_engines.py tests/test_vllm_adapter.py
 """

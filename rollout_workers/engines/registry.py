@@ -4,7 +4,7 @@ what the launcher must know about it before building one). Config validation, `b
 `make_rollout_workers` and placement's preflight ask the registry; nothing else branches on an
 engine's name.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_engines.py -k registry
+    PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider tests/test_engines.py -k registry
 
 This module imports no module of the project, not even for type hints: `rollout_workers.config`
 validates `rollout.engine` against it and `engines.base` builds engines from it, so it sits under
