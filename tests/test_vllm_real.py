@@ -104,14 +104,32 @@ def test_cpu_build_settings_never_split_a_seeded_prompt_across_steps(model_dir):
     `enable_chunked_prefill=True` and the same budget, the same call raised that error here."""
     kwargs = cpu_build_kwargs(RolloutConfig(engine="vllm", cpu_kv_cache_mb=64), str(model_dir))
     assert kwargs["enable_chunked_prefill"] is False and kwargs["max_num_batched_tokens"] == 4096
-    engine = VLLMEngine(str(model_dir), vllm_module="vllm", llm_kwargs=kwargs)
+    # A process of its own: a second vLLM engine beside the module's in this process would share
+    # vLLM's process-global state (its cached environment, its parallel state) with it.
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from test_vllm_real import sample_long_prompts; "
+              "print('RESULT ' + json.dumps(sample_long_prompts(sys.argv[2])))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(model_dir)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    min_prompt_tokens, groups = json.loads(lines[-1][len("RESULT "):])
+    assert min_prompt_tokens > 128
+    assert sorted(uid for uid, _ in groups) == sorted(f"long-{i}" for i in range(32))
+    assert all(len(lens) == 2 and all(1 <= n <= 6 for n in lens) for _, lens in groups)
+
+
+def sample_long_prompts(model_dir: str) -> tuple[int, list[tuple[str, list[int]]]]:
+    """(fewest prompt tokens, [(uid, completion lengths)]) of 32 distinct long prompts x 2 sampled
+    with the production CPU settings (run in a subprocess by the test above)."""
+    engine = VLLMEngine(model_dir, vllm_module="vllm",
+                        llm_kwargs=cpu_build_kwargs(RolloutConfig(engine="vllm", cpu_kv_cache_mb=64), model_dir))
     prompts = [Prompt(f"long-{i}", f"Q{i}: " + " + ".join(str((i * j + j // 3) % 10) for j in range(70)) + " = ?\nA:",
                       "0") for i in range(32)]
-    assert all(len(engine.tokenizer(p.text)["input_ids"]) > 128 for p in prompts)
-    groups = list(engine.generate(prompts, SamplingParamsSpec(n=2, max_new_tokens=6, seed=5)))
-    assert sorted(g.prompt.uid for g in groups) == sorted(p.uid for p in prompts)
-    assert all(len(g.completions) == 2 and all(1 <= len(c.token_ids) <= 6 for c in g.completions) for g in groups)
-    engine.llm.llm_engine.engine_core.shutdown()
+    fewest = min(len(engine.tokenizer(p.text)["input_ids"]) for p in prompts)
+    groups = engine.generate(prompts, SamplingParamsSpec(n=2, max_new_tokens=6, seed=5))
+    return fewest, [(g.prompt.uid, [len(c.token_ids) for c in g.completions]) for g in groups]
 
 
 def test_greedy_is_the_argmax_copied_g_times(engine, model_dir):
