@@ -27,12 +27,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from launch.config import GPU_PLACEMENTS, Config, ConfigError, resolved_placement
+from launch.tiny_model import TINY_VOCAB, tiny_config
 from learner.memory import learner_memory
 from rollout_workers.engines.registry import engine_names, get_engine
 from rollout_workers.model_dir import cached_model_dir
 
-TINY_VOCAB = 384
-"""Tokens of the embedded tiny model's tokenizer (launch.tiny_model.train_tokenizer's vocab_size)."""
 LEARNER_CONTEXT_BYTES = 1 << 30
 """A learner process's CUDA context and allocator slack, beside its tensors."""
 
@@ -121,16 +120,11 @@ def model_shape(cfg: Config) -> ModelShape:
     embedded tiny model from the model section): parameters are counted on the meta device, so
     no weight is read."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.model.path:
-        config = AutoConfig.from_pretrained(cfg.model.path)
-    else:  # launch.tiny_model's architecture; its tokenizer has TINY_VOCAB tokens
-        m = cfg.model
-        config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=m.tiny_hidden_size,
-                             intermediate_size=4 * m.tiny_hidden_size, num_hidden_layers=m.tiny_layers,
-                             num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_heads,
-                             tie_word_embeddings=True)
+    m = cfg.model
+    config = (AutoConfig.from_pretrained(m.path) if m.path
+              else tiny_config(TINY_VOCAB, m.tiny_hidden_size, m.tiny_layers, m.tiny_heads))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())  # a tied embedding is one parameter
@@ -147,19 +141,20 @@ def colocated_memory_problem(cfg: Config, shape: ModelShape, gpu_bytes: int) -> 
     need = learner_memory(shape.n_params, shape.layers, shape.hidden, shape.vocab, l.micro_batch_tokens,
                           l.zero_stage, l.num_ranks, l.bf16, reference_model=l.kl_coef > 0)
     engine = r.gpu_memory_utilization * gpu_bytes
-    if engine + need.total + LEARNER_CONTEXT_BYTES <= gpu_bytes:
+    learner = need.total + LEARNER_CONTEXT_BYTES
+    if engine + learner <= gpu_bytes:
         return None
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     parts = (f"model states {gib(need.model_states)}, activations {gib(need.activations)}, logits "
              f"{gib(need.logits)}" + (f", reference model {gib(need.reference)}" if need.reference else "")
              + f", CUDA context {gib(LEARNER_CONTEXT_BYTES)}")
-    fits = math.floor(100 * (gpu_bytes - need.total - LEARNER_CONTEXT_BYTES) / gpu_bytes) / 100
+    fits = math.floor(100 * (gpu_bytes - learner) / gpu_bytes) / 100
     advice = (f"set rollout.gpu_memory_utilization <= {fits:.2f}" if fits > 0 else
               "the learner alone does not fit: lower learner.micro_batch_tokens, raise learner.zero_stage or "
               "learner.num_ranks, or use train.placement=disaggregated")
     return (f"train.placement=colocated: rollout.gpu_memory_utilization={r.gpu_memory_utilization:g} gives the engine "
             f"{gib(engine)} of the {gib(gpu_bytes)} GPU, and the learner rank beside it needs about "
-            f"{gib(need.total + LEARNER_CONTEXT_BYTES)} ({parts}; learner.memory); {advice}")
+            f"{gib(learner)} ({parts}; learner.memory); {advice}")
 
 
 def gpu_memory_bytes(cfg: Config) -> int | None:

@@ -18,7 +18,11 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
+TINY_VOCAB = 384
+"""Tokens of the embedded tiny model's tokenizer (`train_tokenizer`'s default)."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
     """Byte-level BPE (every byte is in the vocab, so nothing is ever unknown); digits stay single
     tokens, which makes arithmetic learnable by a tiny model."""
     tok = Tokenizer(models.BPE())
@@ -34,16 +38,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTo
                                    padding_side="left", clean_up_tokenization_spaces=False)
 
 
+def tiny_config(vocab_size: int, hidden_size: int, layers: int, heads: int, max_positions: int = 256) -> Qwen2Config:
+    """The embedded model's architecture (also what `launch.placement.model_shape` counts before
+    the tokenizer exists)."""
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=True, torch_dtype="float32")
+
+
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2,
                      heads: int = 4, seed: int = 0, max_positions: int = 256) -> Qwen2ForCausalLM:
     """A Qwen2-architecture causal LM of a few M params, randomly initialised from `seed`."""
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        torch_dtype="float32",
-    )
+    config = tiny_config(len(tokenizer), hidden_size, layers, heads, max_positions)
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
