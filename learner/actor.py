@@ -30,7 +30,7 @@ from learner.config import LearnerConfig
 from learner.batcher import LearnStats, StreamingBatcher
 from learner.trainer import MicroResult, RankTrainer, StepResult
 from learner.packing import MicroBatch
-from rollout_workers.types import ScoredGroup
+from learner.groups import ScoredGroupLike
 
 
 class LearnerRank:
@@ -146,11 +146,13 @@ class LearnerGroup:
 
     def __init__(self, cfg: LearnerConfig, model_path: str, max_new_tokens: int, timeout_s: float,
                  placement_group=None, bundle_offset: int = 0, rank_cls: type = LearnerRank,
-                 gpu_fraction: float | None = None, sampling_temperature: float = 1.0) -> None:
+                 gpu_fraction: float | None = None, sampling_temperature: float = 1.0,
+                 sampler_exact: bool = False) -> None:
         """`rank_cls`: LearnerRank or a subclass adding methods (launch adds the weight-sync sender).
         `sampling_temperature`: the engines' (rollout.temperature); the learner's logprobs are those
         of the distribution the samples were drawn from (`learner.trainer.forward_logprobs`).
-        `gpu_fraction`: GPUs per rank actor (default cfg.gpus_per_rank; 0.5 when colocated)."""
+        `gpu_fraction`: GPUs per rank actor (default cfg.gpus_per_rank; 0.5 when colocated).
+        `sampler_exact`: the engines' logprobs are exact (see `StreamingBatcher`)."""
         self.cfg, self.model_path, self.timeout_s = cfg, model_path, timeout_s
         remote_cls = ray.remote(rank_cls)
         self._actors = []
@@ -169,7 +171,7 @@ class LearnerGroup:
         except (RayError, TimeoutError):
             self.shutdown()
             raise
-        self._batcher = StreamingBatcher(cfg, self._pool, max_new_tokens)
+        self._batcher = StreamingBatcher(cfg, self._pool, max_new_tokens, sampler_exact)
         self.optimizer_steps = 0
         self.policy_version = 0
 
@@ -179,14 +181,15 @@ class LearnerGroup:
         return list(self._actors)
 
     def begin_batch(self, num_groups: int) -> None:
-        """Announce a sampled batch of `num_groups` groups: num_groups / prompts_per_step * epochs_per_batch steps."""
-        self._batcher.begin_batch(num_groups)
+        """Announce a sampled batch of `num_groups` groups: num_groups / prompts_per_step * epochs_per_batch steps,
+        learned from the current `policy_version` (group staleness is measured against it)."""
+        self._batcher.begin_batch(num_groups, self.policy_version)
 
     def drop_slots(self, n: int) -> None:
         """`n` announced groups will never come (refused prompts; see `StreamingBatcher.drop_slots`)."""
         self._batcher.drop_slots(n)
 
-    def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
+    def add_groups(self, groups: Sequence[ScoredGroupLike]) -> None:
         """Filter, pack and dispatch backprop as micro-batches fill; does not wait for backprop."""
         self._batcher.add_groups(groups)
 
@@ -206,7 +209,7 @@ class LearnerGroup:
         """Drop the open batch after an error (see `StreamingBatcher.abort_batch`)."""
         self._batcher.abort_batch()
 
-    def probe_gradients(self, groups: Sequence[ScoredGroup]) -> dict[str, torch.Tensor]:
+    def probe_gradients(self, groups: Sequence[ScoredGroupLike]) -> dict[str, torch.Tensor]:
         """See `StreamingBatcher.probe_gradients` (diagnostics; takes no optimizer step)."""
         return self._batcher.probe_gradients(groups)
 

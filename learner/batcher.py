@@ -14,11 +14,19 @@ steps g = 0 .. S*E - 1 in order, step g trains on the samples of slot s = g mod 
   once the step's groups are all in, the rest goes (its last round is the accumulation boundary)
   and the step is taken. Later steps of the first epoch were sampled with the same weights, so
   their samples simply wait in their slot.
-- Old logprobs: "sampler" -> the engine's. "recompute" with S*E == 1 -> rho = 1 (the detached
-  current logprobs ARE the old ones: no extra pass). "recompute" with S*E > 1 -> the samples of
-  slots 1.. get a no-grad pass with the pre-update weights, streamed in rounds like the backward
-  passes as their groups arrive; step 0's samples keep the detached logprobs of their own backward
-  pass (asked for only when E > 1). Step 0 is then taken in end_batch, once every old logprob is in.
+- Old (proximal) logprobs, the PPO ratio's denominator: the policy of the weights the batch began
+  with. "sampler" -> the engine's. With S*E == 1 -> rho = 1 (the detached current logprobs ARE the
+  old ones: no extra pass). With S*E > 1 a sample of slots 1.. needs them from elsewhere:
+  - "auto", a group sampled by an exact engine (`sampler_exact`) at the learner's current version:
+    the engine's logprobs are the pre-update policy's, so they are taken as they are (no pass, and
+    step 0 streams like the others);
+  - otherwise ("recompute", or a stale / inexact group) a no-grad pass with the pre-update weights,
+    streamed in rounds like the backward passes as the groups arrive; step 0's samples keep the
+    detached logprobs of their own backward pass (asked for only when E > 1). Step 0 is then taken
+    in end_batch, once every old logprob is in.
+- Staleness: a group sampled more than `max_staleness` versions before the learner's current one is
+  dropped before any pass (reason "stale"); the behaviour/proximal gap of the others is corrected by
+  `learner.off_policy` (`losses.behaviour_weights`, in the rank's loss).
 
 Tested by:
     PYTHONPATH=$PWD python -m pytest -q tests/test_learner_deepspeed.py
@@ -33,11 +41,11 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 
 from learner.config import LearnerConfig
-from learner.filtering import Sample, select_samples
-from learner.losses import step_normaliser
+from learner.filtering import FilterResult, Sample, select_samples
+from learner.losses import ISStats, effective_sample_size, step_normaliser
 from learner.packing import MicroBatch, collate, pack_by_length, padded_cost, split_across_ranks
 from learner.trainer import MicroResult, RankTrainer, StepResult
-from rollout_workers.types import ScoredGroup
+from learner.groups import ScoredGroupLike
 
 
 class RankPool(Protocol):
@@ -107,6 +115,16 @@ class LearnStats:
     engines hold the learner's weights and top_p = 1 (nucleus truncation is not modelled)."""
     logprob_ratio_max: float = float("nan")
     """Max over the same tokens of exp(logprob_learner - logprob_sampler); NaN when none ran."""
+    staleness: dict[int, int] = field(default_factory=dict)
+    """Versions behind the learner -> groups received (dropped ones included)."""
+    is_weight_mean: float = float("nan")
+    """Mean over loss tokens of the off-policy weight pi_prox / pi_behav (before cap); NaN with no token."""
+    is_weight_max: float = float("nan")
+    """Max of the same weights."""
+    is_capped_fraction: float = 0.0
+    """Fraction of loss tokens whose weight exceeded learner.is_cap (truncated by tis, masked by decoupled)."""
+    effective_sample_size: float = float("nan")
+    """Normalised ESS of the applied weights, (sum a)^2 / (K sum a^2): 1 = no token outweighs another."""
     lr: float = 0.0
     """Learning rate of the last step."""
     samples_in: int = 0
@@ -145,7 +163,9 @@ class _Batch:
     total_steps: int
     """S * epochs_per_batch."""
     needs_old: bool
-    """Steps after the first need recomputed old logprobs (a no-grad pass, module docstring)."""
+    """Some sample of a later step needs a recomputed old logprob (a no-grad pass, module docstring)."""
+    policy_version: int
+    """The learner's version when the batch began (a group's staleness is this minus its own)."""
     take_step: Callable[[float], list[Any]]
     """Fires the optimizer step with the step's normaliser; returns its handles ([] = no step result)."""
     step_samples: list[list[Sample]]
@@ -160,6 +180,8 @@ class _Batch:
     samples_in: int = 0
     groups_dropped: int = 0
     drop_reasons: Counter = field(default_factory=Counter)
+    staleness: Counter = field(default_factory=Counter)
+    """Versions behind -> groups received."""
     step: int = 0
     """The step whose backward passes stream now (the next one to take)."""
     step_flushed: bool = False
@@ -169,7 +191,8 @@ class _Batch:
     unsent_old: list[Sample] = field(default_factory=list)
     """Samples of slots 1.. waiting for their no-grad old-logprob pass."""
     logprobs_old: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Sample.uid -> (C,) pre-update logprobs (filled before step 0 is taken, when needs_old)."""
+    """Sample.uid -> (C,) pre-update logprobs: the sampler's of exact groups as they arrive, the
+    recomputed ones before step 0 is taken (when needs_old)."""
     grad_passes: list[tuple[list[Any], int]] = field(default_factory=list)
     """(handles of a backprop round, the step it belongs to)."""
     old_passes: list[list[Any]] = field(default_factory=list)
@@ -189,8 +212,11 @@ class _Batch:
 class StreamingBatcher:
     """The DASH batching logic over a `RankPool` (see the module docstring)."""
 
-    def __init__(self, cfg: LearnerConfig, pool: RankPool, max_new_tokens: int) -> None:
-        self.cfg, self.pool, self.max_new_tokens = cfg, pool, max_new_tokens
+    def __init__(self, cfg: LearnerConfig, pool: RankPool, max_new_tokens: int, sampler_exact: bool = False) -> None:
+        """`sampler_exact`: the engines' logprobs are their weights' own policy up to float rounding
+        (fp32 engine, top_p = 1), so with learner.old_logprobs="auto" a group sampled at the
+        learner's current version needs no recomputed old logprobs."""
+        self.cfg, self.pool, self.max_new_tokens, self.sampler_exact = cfg, pool, max_new_tokens, sampler_exact
         self._batch: Optional[_Batch] = None
         self._open = False
         self.batches_done = 0
@@ -213,9 +239,10 @@ class StreamingBatcher:
         """Sample.uid -> (C,) recomputed old logprobs of the last batch (empty unless it needed them)."""
         return self._batch.logprobs_old if self._batch is not None else {}
 
-    def begin_batch(self, num_groups: int) -> None:
-        """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step)."""
-        self._begin(num_groups, self.pool.step)
+    def begin_batch(self, num_groups: int, policy_version: int = 0) -> None:
+        """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step), to be
+        learned by weights of version `policy_version` (what group staleness is measured against)."""
+        self._begin(num_groups, self.pool.step, policy_version)
 
     def drop_slots(self, n: int) -> None:
         """`n` announced groups will never arrive (their prompts were refused before sampling, e.g.
@@ -231,7 +258,7 @@ class StreamingBatcher:
         if not self.cfg.refill:
             b.num_groups -= n
 
-    def add_groups(self, groups: Sequence[ScoredGroup]) -> None:
+    def add_groups(self, groups: Sequence[ScoredGroupLike]) -> None:
         """Filter, route and send full rounds; returns without waiting for the ranks."""
         if not self._open:
             raise RuntimeError("add_groups before begin_batch")
@@ -245,8 +272,13 @@ class StreamingBatcher:
             elif len(g.completions) != b.group_size:
                 raise ValueError(f"group {g.prompt.uid!r} has {len(g.completions)} completions, expected "
                                  f"group_size={b.group_size} (the batch's first group)")
-            res = select_samples([g], self.cfg.advantage, self.cfg.filter_threshold, self.cfg.filter,
-                                 first_uid=b.received * b.group_size)
+            stale = b.policy_version - g.policy_version
+            b.staleness[stale] += 1
+            if stale > self.cfg.max_staleness:  # too far off-policy to correct: costs no pass
+                res = FilterResult([], Counter({"stale": b.group_size}), b.group_size)
+            else:
+                res = select_samples([g], self.cfg.advantage, self.cfg.filter_threshold, self.cfg.filter,
+                                     first_uid=b.received * b.group_size)
             b.received += 1
             b.samples_in += res.samples_in
             b.drop_reasons.update(res.drop_reasons)
@@ -257,9 +289,18 @@ class StreamingBatcher:
             b.slots += 1
             b.step_samples[slot].extend(res.samples)
             b.step_samples_in[slot] += res.samples_in
+            exact = self._sampler_is_old(stale)
+            if exact:
+                b.logprobs_old.update({s.uid: torch.tensor(s.logprobs_sampler) for s in res.samples})
+            elif self.cfg.old_logprobs == "auto" and b.total_steps > 1 and res.samples and not b.needs_old:
+                if b.step > 0:
+                    raise ValueError(f"group {g.prompt.uid!r} (version {g.policy_version}) needs recomputed old "
+                                     f"logprobs, but the batch's exact groups already took step 0 with the "
+                                     "weights that would compute them; a batch must be sampled by one version")
+                b.needs_old = True
             if slot == b.step:
                 b.unsent.extend(res.samples)
-            elif b.needs_old:
+            elif b.needs_old and not exact:
                 b.unsent_old.extend(res.samples)
         self._advance(at_end=False)
 
@@ -293,7 +334,7 @@ class StreamingBatcher:
         finally:
             self._open = False
 
-    def probe_gradients(self, groups: Sequence[ScoredGroup]) -> dict[str, torch.Tensor]:
+    def probe_gradients(self, groups: Sequence[ScoredGroupLike]) -> dict[str, torch.Tensor]:
         """Diagnostics (exactness tests): run the whole filter/pack/backprop path of ONE optimizer
         step over `groups` (len == prompts_per_step, epochs_per_batch == 1) and return the full
         normalised gradient the optimizer would get, by parameter name; then drop it (no step)."""
@@ -307,7 +348,7 @@ class StreamingBatcher:
             self.pool.wait(self.pool.discard_gradients())
             return []
 
-        self._begin(self.cfg.prompts_per_step, read_and_drop)
+        self._begin(self.cfg.prompts_per_step, read_and_drop, max((g.policy_version for g in groups), default=0))
         self.add_groups(groups)
         self.end_batch()
         if not gradients:
@@ -315,7 +356,11 @@ class StreamingBatcher:
         return gradients
 
     # ---- internals --------------------------------------------------------------------------
-    def _begin(self, num_groups: int, take_step: Callable[[float], list[Any]]) -> None:
+    def _sampler_is_old(self, staleness: int) -> bool:
+        """learner.old_logprobs="auto": a group's engine logprobs are the pre-update policy's."""
+        return self.cfg.old_logprobs == "auto" and self.sampler_exact and staleness == 0
+
+    def _begin(self, num_groups: int, take_step: Callable[[float], list[Any]], policy_version: int) -> None:
         if self._open:
             raise RuntimeError("begin_batch called while a batch is open (call end_batch first)")
         if num_groups < 1 or num_groups % self.cfg.prompts_per_step:
@@ -324,7 +369,7 @@ class StreamingBatcher:
         per_epoch = num_groups // self.cfg.prompts_per_step
         total = per_epoch * self.cfg.epochs_per_batch
         self._batch = _Batch(num_groups, per_epoch, total, self.cfg.old_logprobs == "recompute" and total > 1,
-                             take_step, [[] for _ in range(per_epoch)], [0] * per_epoch)
+                             policy_version, take_step, [[] for _ in range(per_epoch)], [0] * per_epoch)
         self._open = True
 
     def _advance(self, at_end: bool) -> None:
@@ -377,7 +422,7 @@ class StreamingBatcher:
         rounds, left = self._rounds(samples, final)
         if final and not rounds:
             rounds = [[[] for _ in range(self.pool.num_ranks)]]
-        old = b.logprobs_old if b.needs_old and b.step > 0 else None
+        old = b.logprobs_old if b.step > 0 and self.cfg.old_logprobs != "sampler" else None
         # with several epochs, step 0's own detached logprobs are its samples' old logprobs later
         want_logprobs = b.needs_old and b.step == 0 and self.cfg.epochs_per_batch > 1
         for k, per_rank in enumerate(rounds):
@@ -418,7 +463,9 @@ class StreamingBatcher:
     def _collect(self) -> LearnStats:
         b = self._batch
         st = LearnStats(samples_in=b.samples_in, samples_kept=sum(len(x) for x in b.step_samples),
-                        drop_reasons=dict(b.drop_reasons), refill_needed=b.groups_dropped, empty_steps=b.empty_steps)
+                        drop_reasons=dict(b.drop_reasons), refill_needed=b.groups_dropped, empty_steps=b.empty_steps,
+                        staleness=dict(sorted(b.staleness.items())))
+        iw = ISStats(0.0, 0.0, 0, 0.0, 0.0, 0)
         loss_per_step: dict[int, float] = {}
         clipped = kl = ratio = diff = 0.0
         diff_tokens, ratio_max = 0, 0.0
@@ -433,6 +480,10 @@ class StreamingBatcher:
                 loss_per_step[step] = loss_per_step.get(step, 0.0) + r.loss_sum
                 st.completion_tokens += r.tokens
                 clipped, kl, ratio = clipped + r.clipped_tokens, kl + r.kl_sum, ratio + r.ratio_sum
+                s = r.is_stats
+                iw = ISStats(iw.raw_sum + s.raw_sum, max(iw.raw_max, s.raw_max), iw.capped + s.capped,
+                             iw.applied_sum + s.applied_sum, iw.applied_sq_sum + s.applied_sq_sum,
+                             iw.num_tokens + s.num_tokens)
                 st.seconds_forward += r.seconds_forward
                 st.seconds_backward += r.seconds_backward
                 if step == 0:
@@ -459,6 +510,10 @@ class StreamingBatcher:
             st.loss, st.grad_norm = sum(losses) / len(losses), sum(norms) / len(norms)
         if st.completion_tokens:
             st.clip_frac, st.kl, st.ratio_mean = clipped / st.completion_tokens, kl / st.completion_tokens, ratio / st.completion_tokens
+        if iw.num_tokens:
+            st.is_weight_mean, st.is_weight_max = iw.raw_sum / iw.num_tokens, iw.raw_max
+            st.is_capped_fraction = iw.capped / iw.num_tokens
+            st.effective_sample_size = effective_sample_size(iw.applied_sum, iw.applied_sq_sum, iw.num_tokens)
         if diff_tokens:
             st.logprob_diff_mean, st.logprob_ratio_max = diff / diff_tokens, ratio_max
         st.seconds_wall = time.perf_counter() - b.t_begin

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from learner.advantages import ESTIMATORS
-from learner.losses import AGGREGATIONS
+from learner.losses import AGGREGATIONS, OFF_POLICY
+
+OLD_LOGPROBS = ("auto", "recompute", "sampler")
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,14 @@ class LearnerConfig:
     """Loss aggregation: "token_mean" (over all tokens of the optimizer batch), "seq_mean" or "constant" (Dr.GRPO)."""
     constant_normalizer: int = 0
     """Token count that divides the summed loss when loss_agg="constant" (0 = max_new_tokens x samples)."""
-    old_logprobs: str = "recompute"
-    """Where logprobs_old comes from for off-policy steps: "recompute" (exact no-grad pass) or "sampler" (engine logprobs)."""
-    tis_cap: float = 0.0
-    """Truncated importance sampling (Yao et al. 2025): weight each token by min(exp(logp_old - logp_sampler), tis_cap), logp_old = the learner's pre-update logprobs; needs old_logprobs="recompute" (0 = off)."""
+    old_logprobs: str = "auto"
+    """Where the proximal (old) logprobs of a batch's later optimizer steps come from: "recompute" (a no-grad pass with the pre-update weights), "sampler" (the engine's logprobs, always), or "auto": the engine's where they are the pre-update policy's (a group sampled with the learner's current version by an exact engine: fp32, top_p = 1), else recomputed."""
+    off_policy: str = "none"
+    """Correction for samples whose behaviour policy (the engine that sampled them) is not the proximal policy (stale with train.overlap, or a bf16 engine): "none", "tis" (truncated importance sampling, weight min(pi_prox / pi_behav, is_cap)) or "decoupled" (decoupled PPO: the same weight, tokens above is_cap masked out). Needs old_logprobs != "sampler"."""
+    is_cap: float = 2.0
+    """Cap C of the off-policy importance weight pi_prox / pi_behav (tis truncates at C, decoupled masks above C); > 1."""
+    max_staleness: int = 1
+    """Learned batches (policy versions) a group may lag the learner; older groups are dropped before any pass (drop reason "stale") and counted. train.overlap samples 1 version stale."""
     prompts_per_step: int = 16
     """Optimizer batch, in prompts (groups) before filtering."""
     epochs_per_batch: int = 1
@@ -79,12 +85,13 @@ class LearnerConfig:
         if self.refill_rounds < 1:
             raise ValueError(f"learner.refill_rounds must be >= 1, got {self.refill_rounds}")
         one_of("loss_agg", AGGREGATIONS)
-        one_of("old_logprobs", ("recompute", "sampler"))
+        one_of("old_logprobs", OLD_LOGPROBS)
+        one_of("off_policy", OFF_POLICY)
         one_of("lr_schedule", ("constant", "cosine"))
         one_of("zero_stage", (0, 1, 2, 3))
         if self.filter_threshold < 0:
             raise ValueError(f"learner.filter_threshold must be >= 0, got {self.filter_threshold}")
-        for key in ("clip_eps_low", "clip_eps_high", "kl_coef", "tis_cap", "weight_decay",
+        for key in ("clip_eps_low", "clip_eps_high", "kl_coef", "weight_decay",
                     "grad_clip", "constant_normalizer", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"learner.{key} must be >= 0, got {getattr(self, key)}")
@@ -92,9 +99,13 @@ class LearnerConfig:
                     "max_bad_steps", "total_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"learner.{key} must be >= 1, got {getattr(self, key)}")
-        if self.tis_cap > 0 and self.old_logprobs != "recompute":
-            raise ValueError("learner.tis_cap > 0 needs learner.old_logprobs='recompute' (in 'sampler' mode the "
-                             "ratio is already taken against the sampler, so the TIS weight would be 1)")
+        if self.off_policy != "none" and self.old_logprobs == "sampler":
+            raise ValueError(f"learner.off_policy={self.off_policy!r} needs learner.old_logprobs='auto' or 'recompute' "
+                             "(with 'sampler' the proximal policy is the behaviour policy, so the weight would be 1)")
+        if not self.is_cap > 1:
+            raise ValueError(f"learner.is_cap must be > 1, got {self.is_cap}")
+        if self.max_staleness < 0:
+            raise ValueError(f"learner.max_staleness must be >= 0, got {self.max_staleness}")
         if not self.lr > 0:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
         if self.torch_threads < 0:

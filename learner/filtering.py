@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from learner.advantages import group_advantages
-from rollout_workers.types import ScoredGroup
+from learner.groups import ScoredGroupLike
 
 
 def filter_mask(advantages: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -53,7 +53,7 @@ class FilterResult(NamedTuple):
     samples_in: int
 
 
-def validate_group(group: ScoredGroup, group_size: int, index: int) -> None:
+def validate_group(group: ScoredGroupLike, group_size: int, index: int) -> None:
     """Clear errors for a malformed group (the learner refuses it rather than guessing)."""
     g = len(group.completions)
     if g != group_size:
@@ -70,7 +70,7 @@ def validate_group(group: ScoredGroup, group_size: int, index: int) -> None:
                              f"but {len(c.logprobs_sampler)} sampler logprobs")
 
 
-def select_samples(groups: Sequence[ScoredGroup], estimator: str, threshold: float, apply_filter: bool,
+def select_samples(groups: Sequence[ScoredGroupLike], estimator: str, threshold: float, apply_filter: bool,
                    first_uid: int = 0) -> FilterResult:
     """Advantages (the group's own, else computed) + filter -> kept samples and drop reasons.
 

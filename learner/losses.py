@@ -1,5 +1,6 @@
 """The DASH policy loss (arXiv 2505.17218, Eq. 1-2): per-token PPO clip, optional k3 KL to a reference
-model, optional truncated importance sampling (TIS), and the three aggregations, all in SUM form.
+model, the off-policy correction weights (truncated IS or decoupled PPO: `behaviour_weights`), and
+the three aggregations, all in SUM form.
 
 Why SUM form: the token-mean normaliser (tokens of the whole optimizer batch, after filtering) is
 only known once the last group of the batch has arrived, but backward must start earlier
@@ -74,8 +75,8 @@ def ppo_clip_loss_sum(logprobs: torch.Tensor, logprobs_old: torch.Tensor, advant
     l_t = is_t * -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t) + kl_coef * k3_t
     with rho_t = exp(logprobs - logprobs_old) and k3_t = exp(ref - logp) - (ref - logp) - 1 (Schulman's
     k3, unbiased and >= 0). When logprobs_old == logprobs.detach(), rho = 1 and the gradient is the
-    vanilla policy gradient -A * grad logp. `is_weights` (detached, e.g. TIS min(exp(old - sampler), cap))
-    multiplies the policy term only. Returns sum_t weights_t * l_t.
+    vanilla policy gradient -A * grad logp. `is_weights` (detached, `behaviour_weights`) multiplies the
+    policy term only. Returns sum_t weights_t * l_t.
     """
     ratio = torch.exp(logprobs - logprobs_old)  # (K,)
     unclipped = ratio * advantages
@@ -94,9 +95,59 @@ def ppo_clip_loss_sum(logprobs: torch.Tensor, logprobs_old: torch.Tensor, advant
     return LossOut((per_token * weights).sum(), int(logprobs.numel()), clipped_tokens, kl_sum, ratio.detach().sum())
 
 
-def truncated_is_weights(logprobs_old: torch.Tensor, logprobs_sampler: torch.Tensor, cap: float) -> torch.Tensor:
-    """TIS (Yao et al. 2025): min(exp(logprobs_old - logprobs_sampler), cap), detached. (K,)"""
-    return torch.clamp(torch.exp(logprobs_old - logprobs_sampler), max=cap).detach()
+OFF_POLICY = ("none", "tis", "decoupled")
+
+
+class ISStats(NamedTuple):
+    """Sums over tokens of the behaviour importance weights w_t = pi_prox / pi_behav, so that
+    micro-batches and ranks add up (max: take the max)."""
+
+    raw_sum: float
+    """sum_t w_t (mean = raw_sum / num_tokens; 1.0 when the sampler holds the proximal weights)."""
+    raw_max: float
+    """max_t w_t; 0.0 over no tokens."""
+    capped: int
+    """Tokens with w_t > cap: truncated to cap (tis) or masked out (decoupled); counted in every mode."""
+    applied_sum: float
+    """sum_t a_t of the weights applied to the policy term (a_t = 1 with off_policy="none")."""
+    applied_sq_sum: float
+    """sum_t a_t^2: with applied_sum, the effective sample size (sum a)^2 / (K sum a^2)."""
+    num_tokens: int
+
+
+def effective_sample_size(applied_sum: float, applied_sq_sum: float, num_tokens: int) -> float:
+    """Normalised ESS of the applied weights, (sum a)^2 / (K sum a^2) in (0, 1]: 1 when every token
+    weighs the same, ~1/K when one token carries all the weight; 0.0 when nothing is weighted."""
+    if num_tokens == 0 or applied_sq_sum == 0:
+        return 0.0
+    return applied_sum ** 2 / (num_tokens * applied_sq_sum)
+
+
+def behaviour_weights(logprobs_prox: torch.Tensor, logprobs_behav: torch.Tensor, mode: str,
+                      cap: float) -> tuple[torch.Tensor, ISStats]:
+    """Off-policy correction weights of the policy term, (K,) detached, and their statistics.
+
+    w_t = exp(logprobs_prox - logprobs_behav): the proximal policy (the learner's weights when the
+    batch began: the PPO ratio's denominator) over the behaviour policy (the engine that sampled,
+    possibly versions stale or in another precision).
+      none:      a_t = 1 (the PPO ratio alone; biased when the sampler is not the proximal policy)
+      tis:       a_t = min(w_t, cap)                      (truncated IS, Yao et al. 2025)
+      decoupled: a_t = w_t if w_t <= cap else 0           (decoupled PPO, AReaL, arXiv 2505.24298:
+                 tokens whose weight exceeds the cap are masked out, not truncated)
+    """
+    if mode not in OFF_POLICY:
+        raise ValueError(f"off-policy mode must be one of {list(OFF_POLICY)}, got {mode!r}")
+    w = torch.exp(logprobs_prox.detach().double() - logprobs_behav.double())  # (K,)
+    over = w > cap
+    if mode == "tis":
+        applied = torch.clamp(w, max=cap)
+    elif mode == "decoupled":
+        applied = torch.where(over, torch.zeros_like(w), w)
+    else:
+        applied = torch.ones_like(w)
+    stats = ISStats(float(w.sum()), float(w.max()) if w.numel() else 0.0, int(over.sum()), float(applied.sum()),
+                    float((applied * applied).sum()), int(w.numel()))
+    return applied.to(logprobs_prox.dtype), stats
 
 
 class LogprobMismatch(NamedTuple):

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from learner.config import LearnerConfig
-from learner.losses import LogprobMismatch, logprob_mismatch, ppo_clip_loss_sum, truncated_is_weights
+from learner.losses import ISStats, LogprobMismatch, behaviour_weights, logprob_mismatch, ppo_clip_loss_sum
 from learner.packing import MicroBatch, varlen_inputs
 
 
@@ -55,12 +55,18 @@ class MicroResult(NamedTuple):
     ratio_sum: float
     mismatch: LogprobMismatch
     """Learner vs sampler logprobs on the micro-batch's tokens (with the weights of this pass)."""
+    is_stats: ISStats
+    """Off-policy weights pi_prox / pi_behav of the micro-batch's tokens (backprop passes; zeros otherwise)."""
     seconds_forward: float
     """Forward pass and loss wall time on the rank."""
     seconds_backward: float
     """Backward pass wall time on the rank (0 for a no-grad pass)."""
     logprobs: dict[int, torch.Tensor]
     """Sample.uid -> (C,) detached learner logprobs, when asked for (old logprobs for later steps)."""
+
+
+NO_IS_STATS = ISStats(0.0, 0.0, 0, 0.0, 0.0, 0)
+"""The off-policy statistics of a pass with no loss tokens (dummy, no-grad)."""
 
 
 class StepResult(NamedTuple):
@@ -277,26 +283,27 @@ class RankTrainer:
             loss = logits.float().sum() * 0.0
             t1 = time.perf_counter()
             self.ds.backward(loss, scale_wrt_gas=False)
-            return MicroResult(0.0, 0, 0, 0.0, 0.0, LogprobMismatch(0.0, 0.0, 0), t1 - t0, time.perf_counter() - t1, {})
+            return MicroResult(0.0, 0, 0, 0.0, 0.0, LogprobMismatch(0.0, 0.0, 0), NO_IS_STATS, t1 - t0,
+                               time.perf_counter() - t1, {})
         if self.cfg.old_logprobs == "sampler":
             logprobs_old = mb.logprobs_sampler  # (K,) the engine's distribution is the behaviour policy
-        else:  # recomputed pre-update logprobs, or (first pass before any step) the detached current ones
+        else:  # the batcher's (recomputed or, where exact, the sampler's), or before any step the detached current ones
             logprobs_old = mb.logprobs_old if mb.logprobs_old is not None else logprobs.detach()  # (K,)
-        is_weights = None
-        if self.cfg.tis_cap > 0:  # config guarantees recompute mode: corrects sampler/learner mismatch
-            is_weights = truncated_is_weights(logprobs_old, mb.logprobs_sampler, self.cfg.tis_cap)
+        # logprobs_old is the proximal policy; the engine's is the behaviour policy (stale, or another precision)
+        is_weights, is_stats = behaviour_weights(logprobs_old, mb.logprobs_sampler, self.cfg.off_policy, self.cfg.is_cap)
         logprobs_ref = None
         if self.ref_model is not None:
             with torch.no_grad():
                 logprobs_ref, _ = self._logprobs(self.ref_model, mb)  # (K,)
         out = ppo_clip_loss_sum(logprobs, logprobs_old, mb.advantages, mb.weights, self.cfg.clip_eps_low,
-                                self.cfg.clip_eps_high, logprobs_ref, self.cfg.kl_coef, is_weights)
+                                self.cfg.clip_eps_high, logprobs_ref, self.cfg.kl_coef,
+                                is_weights if self.cfg.off_policy != "none" else None)
         if not torch.isfinite(out.loss_sum):
             self._bad_since_step = True
         t1 = time.perf_counter()
         self.ds.backward(out.loss_sum, scale_wrt_gas=False)
         return MicroResult(float(out.loss_sum.detach()), out.num_tokens, int(out.clipped_tokens), float(out.kl_sum),
-                           float(out.ratio_sum), logprob_mismatch(logprobs, mb.logprobs_sampler), t1 - t0,
+                           float(out.ratio_sum), logprob_mismatch(logprobs, mb.logprobs_sampler), is_stats, t1 - t0,
                            time.perf_counter() - t1, self._split(logprobs.detach(), mb) if return_logprobs else {})
 
     @torch.no_grad()
@@ -304,7 +311,7 @@ class RankTrainer:
         """No-grad pass with the current (pre-update) weights: Sample.uid -> (C,) logprobs_old."""
         t0 = time.perf_counter()
         logprobs, _ = self._logprobs(self.ds, mb)
-        return MicroResult(0.0, 0, 0, 0.0, 0.0, logprob_mismatch(logprobs, mb.logprobs_sampler),
+        return MicroResult(0.0, 0, 0, 0.0, 0.0, logprob_mismatch(logprobs, mb.logprobs_sampler), NO_IS_STATS,
                            time.perf_counter() - t0, 0.0, self._split(logprobs, mb))
 
     @staticmethod

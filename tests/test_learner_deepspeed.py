@@ -19,7 +19,7 @@ from learner.config import LearnerConfig
 from learner.batcher import LocalRankPool, StreamingBatcher
 from learner.trainer import CollectiveBackends, clear_stale_build_lock, collective_backends
 from learner.filtering import Sample, select_samples
-from learner.losses import ppo_clip_loss_sum, step_normaliser, token_weights
+from learner.losses import behaviour_weights, effective_sample_size, ppo_clip_loss_sum, step_normaliser, token_weights
 from learner.packing import collate
 from rollout_workers.types import Completion, Prompt, ScoredGroup
 from weight_sync.endpoint import free_port
@@ -53,8 +53,10 @@ def reference_gradients(model_dir, samples: list[Sample], cfg: LearnerConfig, sa
         logits = model(torch.tensor([s.prompt_token_ids + s.completion_token_ids])).logits[0]
         logprobs = torch.log_softmax(logits[p - 1:p - 1 + c], -1).gather(1, torch.tensor(s.completion_token_ids)[:, None])[:, 0]
         old = torch.tensor(s.logprobs_sampler) if cfg.old_logprobs == "sampler" else logprobs.detach()
+        weights, _ = behaviour_weights(old, torch.tensor(s.logprobs_sampler), cfg.off_policy, cfg.is_cap)
         total = total + ppo_clip_loss_sum(logprobs, old, torch.full((c,), s.advantage), token_weights(torch.tensor([c]), cfg.loss_agg),
-                                          cfg.clip_eps_low, cfg.clip_eps_high).loss_sum
+                                          cfg.clip_eps_low, cfg.clip_eps_high,
+                                          is_weights=weights if cfg.off_policy != "none" else None).loss_sum
     normaliser = step_normaliser(cfg.loss_agg, sum(len(s.completion_token_ids) for s in samples), len(samples),
                                  cfg.constant_normalizer or MAX_NEW * samples_in)
     (total / normaliser).backward()
@@ -188,6 +190,81 @@ def test_multi_step_epochs_recompute_and_loss_goes_down(trainers, tiny_model_dir
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
 
 
+def test_old_logprobs_auto_takes_exact_fresh_sampler_logprobs_and_recomputes_stale_ones(trainers, tiny_model_dir):
+    trainer = trainers(0, lr=3e-3, prompts_per_step=2, micro_batch_tokens=32)  # old_logprobs="auto", the default
+    cfg = trainer.cfg
+    groups = make_groups(4, seed=3)  # 2 optimizer steps per batch
+    kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter).samples
+    slot1 = [s for s in kept if s.uid >= 2 * 4]
+    exact = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW, sampler_exact=True)
+
+    # fresh groups (sampled at the learner's version) from an exact engine: no old-logprob pass, and
+    # step 0 is taken as soon as its groups are in, while step 1's are still to come
+    steps, calls = trainer.optimizer_steps, trainer.forward_calls
+    exact.begin_batch(4, policy_version=0)
+    exact.add_groups(groups[:2])
+    assert trainer.optimizer_steps == steps + 1
+    exact.add_groups(groups[2:])
+    fresh = exact.end_batch()
+    assert fresh.seconds_old_logprobs == 0 and fresh.steps == 2 and fresh.staleness == {0: 4}
+    assert all(torch.equal(exact.logprobs_old[s.uid], torch.tensor(s.logprobs_sampler)) for s in slot1)
+
+    # the same groups one version stale: the engine was not the pre-update policy -> recomputed
+    weights_before = trainer.full_weights()
+    exact.begin_batch(4, policy_version=1)
+    exact.add_groups(groups[:2])
+    assert trainer.optimizer_steps == steps + 2  # step 0 now waits for the old-logprob pass
+    exact.add_groups(groups[2:])
+    stale = exact.end_batch()
+    assert stale.seconds_old_logprobs > 0 and stale.staleness == {1: 4}
+    expected = logprobs_under(tiny_model_dir, weights_before, slot1)
+    assert all(torch.allclose(exact.logprobs_old[u], expected[u], atol=2e-5) for u in expected)
+
+    # two versions stale with learner.max_staleness = 1: dropped before any pass, counted
+    calls = trainer.forward_calls
+    exact.begin_batch(4, policy_version=2)
+    exact.add_groups(groups)
+    dropped = exact.end_batch()
+    assert dropped.drop_reasons == {"stale": 16} and dropped.samples_kept == 0 and dropped.steps == 0
+    assert trainer.forward_calls == calls and dropped.staleness == {2: 4}
+
+    # an engine that is not exact (bf16, top_p < 1): "auto" recomputes even fresh groups
+    inexact = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW, sampler_exact=False)
+    inexact.begin_batch(4, policy_version=0)
+    inexact.add_groups(groups)
+    assert inexact.end_batch().seconds_old_logprobs > 0
+
+
+@pytest.mark.parametrize("mode", ["tis", "decoupled"])
+def test_off_policy_gradient_and_weight_statistics_match_a_reference(trainers, tiny_model_dir, mode):
+    """Fast path (streamed, packed micro-batches) vs one sample at a time in plain torch: the
+    off-policy weights pi_prox / pi_behav (random engine logprobs here, so many exceed the cap)."""
+    trainer = trainers(0, prompts_per_step=6, off_policy=mode, is_cap=1.5)
+    cfg = trainer.cfg
+    rng = random.Random(11)  # engine logprobs around the tiny model's (~ -ln 250 = -5.5): weights on both sides of the cap
+    groups = [dataclasses.replace(g, completions=tuple(
+        dataclasses.replace(c, logprobs_sampler=tuple(rng.uniform(-6.5, -5.0) for _ in c.token_ids)) for c in g.completions))
+        for g in make_groups(6, seed=11)]
+    kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter)
+    probe = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=37), LocalRankPool(trainer), MAX_NEW)
+    assert max_rel_error(probe.probe_gradients(groups),
+                         reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)) <= 1e-5
+    prox = logprobs_under(tiny_model_dir, trainer.full_weights(), kept.samples)
+    w = torch.cat([torch.exp(prox[s.uid].double() - torch.tensor(s.logprobs_sampler, dtype=torch.float64))
+                   for s in kept.samples])
+    applied = torch.clamp(w, max=1.5) if mode == "tis" else torch.where(w > 1.5, 0.0, w)
+    batcher = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW)
+    batcher.begin_batch(6)
+    batcher.add_groups(groups)
+    stats = batcher.end_batch()
+    assert 0 < int((w > 1.5).sum()) < len(w)
+    assert stats.is_weight_mean == pytest.approx(float(w.mean()), rel=1e-4)
+    assert stats.is_weight_max == pytest.approx(float(w.max()), rel=1e-4)
+    assert stats.is_capped_fraction == int((w > 1.5).sum()) / len(w)
+    assert stats.effective_sample_size == pytest.approx(
+        effective_sample_size(float(applied.sum()), float((applied ** 2).sum()), len(w)), rel=1e-4)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_nonfinite_step_skipped_then_exact_then_abort(trainers, tiny_model_dir, stage):
     trainer = trainers(stage, old_logprobs="sampler", prompts_per_step=3, max_bad_steps=2)
@@ -311,6 +388,7 @@ def test_two_ranks_exact_resume_export(ray_local, tiny_model_dir, tmp_path, stag
         def train(bs):
             for b in bs:
                 group.begin_batch(6)
+                b = [dataclasses.replace(g, policy_version=group.policy_version) for g in b]  # sampled on-policy
                 group.add_groups(b[:3])
                 group.add_groups(b[3:])
                 assert group.end_batch().steps == 1

@@ -11,7 +11,8 @@ import torch
 
 from learner.advantages import group_advantages
 from learner.filtering import filter_mask, select_samples
-from learner.losses import logprob_mismatch, ppo_clip_loss_sum, step_normaliser, token_weights, truncated_is_weights
+from learner.losses import (behaviour_weights, effective_sample_size, logprob_mismatch, ppo_clip_loss_sum,
+                            step_normaliser, token_weights)
 from learner.packing import collate, pack_by_length, padded_cost, split_across_ranks, varlen_inputs
 from rollout_workers.types import Completion, Prompt, ScoredGroup
 
@@ -106,10 +107,59 @@ def test_k3_kl_and_tis():
     k3 = math.exp(-1.0) + 1.0 - 1.0  # delta = -1: e^-1 - (-1) - 1
     assert out.kl_sum.item() == pytest.approx(k3, rel=1e-6)
     assert out.loss_sum.item() == pytest.approx(0.5 * k3, rel=1e-6)
-    w = truncated_is_weights(torch.tensor([0.0, 0.0]), torch.tensor([-0.1, -5.0]), cap=2.0)
+    w, _ = behaviour_weights(torch.tensor([0.0, 0.0]), torch.tensor([-0.1, -5.0]), "tis", cap=2.0)
     assert torch.allclose(w, torch.tensor([math.exp(0.1), 2.0]))
     out = ppo_clip_loss_sum(logp, logp, torch.ones(2), torch.ones(2), 0.2, 0.2, is_weights=w)
     assert out.loss_sum.item() == pytest.approx(-(math.exp(0.1) + 2.0), rel=1e-6)
+
+
+def test_behaviour_weights_by_mode_hand_computed():
+    # prox - behav = [0, ln 1.5, ln 3, -ln 2]: w = [1, 1.5, 3, 0.5], cap 2 -> only token 2 exceeds it
+    prox = torch.tensor([-1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+    behav = prox - torch.tensor([0.0, math.log(1.5), math.log(3.0), -math.log(2.0)], dtype=torch.float64)
+    expected = {"none": [1.0, 1.0, 1.0, 1.0], "tis": [1.0, 1.5, 2.0, 0.5], "decoupled": [1.0, 1.5, 0.0, 0.5]}
+    for mode, applied in expected.items():
+        w, st = behaviour_weights(prox, behav, mode, cap=2.0)
+        assert w.tolist() == pytest.approx(applied, abs=1e-12), mode
+        assert st.raw_sum == pytest.approx(6.0, abs=1e-9) and st.raw_max == pytest.approx(3.0, abs=1e-9)
+        assert st.capped == 1 and st.num_tokens == 4
+        assert st.applied_sum == pytest.approx(sum(applied), abs=1e-9)
+        assert st.applied_sq_sum == pytest.approx(sum(a * a for a in applied), abs=1e-9)
+    # ESS: tis (1 + 1.5 + 2 + 0.5)^2 / (4 * (1 + 2.25 + 4 + 0.25)) = 25 / 30
+    assert effective_sample_size(5.0, 7.5, 4) == pytest.approx(25 / 30, abs=1e-12)
+    assert effective_sample_size(4.0, 4.0, 4) == 1.0 and effective_sample_size(0.0, 0.0, 0) == 0.0
+    with pytest.raises(ValueError, match="off-policy mode"):
+        behaviour_weights(prox, behav, "naive", cap=2.0)
+
+
+def test_decoupled_loss_gradient_is_ratio_to_prox_times_weight():
+    # d/dlogp of -min(rho A, clip(rho) A) * a at rho = exp(logp - prox) inside the clip range is -rho * A * a:
+    # the ratio is to the proximal policy, the behaviour policy only enters through the detached weight a.
+    logp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    prox = torch.tensor([-1.1, -2.0])
+    behav = torch.tensor([-1.5, -2.0 - math.log(4.0)])  # w = [exp(0.4), 4.0]: token 1 above the cap of 2
+    a, _ = behaviour_weights(prox, behav, "decoupled", cap=2.0)
+    out = ppo_clip_loss_sum(logp, prox, torch.tensor([1.0, 1.0]), torch.ones(2), 0.2, 0.2, is_weights=a)
+    out.loss_sum.backward()
+    rho0 = math.exp(0.1)
+    assert logp.grad.tolist() == pytest.approx([-rho0 * math.exp(0.4), 0.0], abs=1e-6)
+
+
+def test_scored_group_satisfies_the_learner_protocol():
+    """The learner reads groups through `learner.groups` Protocols (it imports nothing of the
+    workers): every attribute they declare exists on the worker's record, with the same meaning."""
+    import dataclasses
+    import typing
+
+    from learner import groups as protocols
+    from rollout_workers.types import Completion as C, Prompt as P, ScoredGroup as SG
+
+    for proto, record in ((protocols.ScoredGroupLike, SG), (protocols.CompletionLike, C), (protocols.PromptLike, P)):
+        declared = {n for n, v in vars(proto).items() if isinstance(v, property)}
+        assert declared and declared <= {f.name for f in dataclasses.fields(record)}, (proto, record)
+    g = group([1.0, 0.0])
+    assert isinstance(g.prompt.uid, str) and isinstance(g.policy_version, int) and isinstance(g.batch_id, int)
+    assert typing.get_type_hints(protocols.CompletionLike.token_ids.fget)["return"] is not None
 
 
 def test_aggregation_weights_and_normaliser():
