@@ -2,8 +2,8 @@
 
     python -m launch.train --config launch/presets/tiny-cpu.yaml learner.filter_threshold=0.1 run.dir=/tmp/x
 
-Each component owns a frozen dataclass with its defaults (rollout_workers.config, learner.config,
-weight_sync.config); this module adds the run-level sections and composes them into `Config`.
+Each component owns a frozen dataclass with its defaults (launch.data.config, rollout_workers.config,
+learner.config, weight_sync.config); this module adds the run-level sections and composes them into `Config`.
 Everything is validated here, before any actor starts: unknown keys (with the nearest valid key),
 wrong types, and combinations that cannot work. Nothing is silently rewritten.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from learner.config import LearnerConfig
-from rollout_workers.config import DataConfig, RolloutConfig
+from launch.data.config import DataConfig
+from rollout_workers.config import ON_WORKER_DEATH, RolloutConfig
 from rollout_workers.engines.registry import engine_names, get_engine
 from rollout_workers.model_dir import is_hub_id
 from weight_sync.base import PLACEMENTS
@@ -109,8 +110,8 @@ class TrainConfig:
             raise ValueError(f"train.mode must be one of {list(TRAIN_MODES)}, got {self.mode!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"train.placement must be one of {list(PLACEMENTS)}, got {self.placement!r}")
-        if self.on_worker_death not in ("restart", "redispatch", "raise"):
-            raise ValueError(f"train.on_worker_death must be one of ['restart', 'redispatch', 'raise'], got {self.on_worker_death!r}")
+        if self.on_worker_death not in ON_WORKER_DEATH:
+            raise ValueError(f"train.on_worker_death must be one of {list(ON_WORKER_DEATH)}, got {self.on_worker_death!r}")
         for key in ("checkpoint_every", "num_gpus", "gpu_memory_gib"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")

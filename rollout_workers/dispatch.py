@@ -12,12 +12,11 @@ from typing import Callable, Iterator, Sequence
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
+from rollout_workers.config import ON_WORKER_DEATH
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.types import Prompt, ScoredGroup
 from rollout_workers.seeding import derive_seed
 from rollout_workers.worker import RefusedPrompt, RolloutRequest
-
-ON_WORKER_DEATH = ("redispatch", "restart", "raise")
 
 
 @dataclass

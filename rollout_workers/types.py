@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+OVER_MAX_PROMPT_TOKENS = "over_max_prompt_tokens"
+"""Why a prompt is dropped at load time (`launch.data.model_prompts.drop_long_prompts`) or refused
+by a worker: more tokens than rollout.max_prompt_tokens."""
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -21,6 +25,11 @@ class Prompt:
     solution: str = ""
     """A worked solution ending in `\\boxed{gold}` (synthetic "chain" problems), the SFT warm-up's
     target; empty = the target is the boxed gold answer alone."""
+    token_ids: tuple[int, ...] | None = None
+    """`text` as the policy's tokenizer encodes it (`rollout_workers.engines.base.prompt_token_ids`,
+    the engines' own call), set when the driver loads the prompt so that it is tokenized once: the
+    worker's length check and the engine reuse these ids. None = not tokenized yet (prompts built
+    by hand); the worker tokenizes it then. (P,)"""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Generic, Iterator, NamedTuple, Sequence, TypeVar
 
 import ray
@@ -28,10 +28,9 @@ import torch
 
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, EngineOptions, MissingCapability, NativeWeightTransfer,
-                                          SamplingParamsSpec, Sleepable, make_engine)
+                                          SamplingParamsSpec, Sleepable, make_engine, prompt_token_ids)
 from rollout_workers.engines.registry import engine_names, get_engine
-from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS
-from rollout_workers.types import Prompt, ScoredGroup
+from rollout_workers.types import OVER_MAX_PROMPT_TOKENS, Prompt, ScoredGroup
 
 
 @dataclass(frozen=True)
@@ -166,7 +165,7 @@ class RolloutWorker:
 
     def __init__(self, cfg: RolloutConfig, model_path: str, name: str, vllm_module: str = "vllm",
                  weight_transfer_backend: str = "reload") -> None:
-        from rollout_workers.rewards import RewardPool
+        from rollout_workers.reward_pool import RewardPool
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self._cfg = cfg
@@ -366,11 +365,15 @@ class RolloutWorker:
 
     def _admissible(self, request: RolloutRequest) -> tuple[list[Prompt], list[RefusedPrompt]]:
         """The prompts the engine can take, and the refused ones with their reason (the second line
-        behind the load-time `drop_long_prompts`)."""
+        behind the driver's load-time `drop_long_prompts`). Lengths come from the ids the prompts
+        carry; one that arrives without (built by hand) is tokenized here, once, and the engine
+        gets it with its ids."""
         context_limit = self._engine.context - request.params.max_new_tokens
         kept, refused = [], []
         for p in request.prompts:
-            n = len(self._engine.tokenizer(p.text)["input_ids"]) if p.text else 0
+            if p.text and p.token_ids is None:
+                p = replace(p, token_ids=tuple(prompt_token_ids(self._engine.tokenizer, p.text)))
+            n = len(p.token_ids) if p.text else 0
             reason = ("empty" if n == 0 else OVER_MAX_PROMPT_TOKENS if n > self._cfg.max_prompt_tokens
                       else "over_context" if n > context_limit else None)
             if reason is None:

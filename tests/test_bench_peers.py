@@ -9,7 +9,7 @@ import pytest
 from launch.bench.dash import (OURS, PLANS, PRESET, contender_overrides, fmt_spread, phase_totals, shared_overrides,
                                start_key, summarize, table, write_plot)
 from launch.bench.peers import PHASES, group_mix, sft_curve, trl_grpo_curve
-from rollout_workers.prompts import synthetic_problems
+from launch.data.synthetic import synthetic_problems
 
 
 def curve(*points: tuple[float, int, float]) -> list[dict]:

@@ -9,8 +9,10 @@ import re
 import pytest
 
 from launch.tiny_model import train_tokenizer
-from rollout_workers.config import DataConfig
-from rollout_workers.prompts import CHAIN_MAX_OPS, CHAIN_MIN_OPS, load_prompts, sft_target, synthetic_problems
+from launch.data.config import DataConfig
+from launch.data.sources import load_prompts
+from launch.data.synthetic import CHAIN_MAX_OPS, CHAIN_MIN_OPS, synthetic_problems
+from launch.data.templates import sft_target
 from rollout_workers.rewards import score_math
 
 _LINE = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)$")

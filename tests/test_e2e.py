@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from launch import checkpoints
 from launch.train import main
-from rollout_workers.prompts import OVER_MAX_PROMPT_TOKENS, LoadResult
+from launch.data.sources import LoadResult
+from rollout_workers.types import OVER_MAX_PROMPT_TOKENS
 from tests.reward_fns import digit_fraction
 
 PROMPTS, G, ITERS = 16, 4, 4

@@ -1,4 +1,5 @@
-"""HF engine: shapes, the batch-wise cut at the first EOS, logprobs vs a teacher-forced pass, determinism, greedy, chunking, bad input.
+"""HF engine: shapes, the batch-wise cut at the first EOS, logprobs vs a teacher-forced pass, determinism, greedy, chunking, bad input,
+and token ids carried from load time (`Prompt.token_ids`) equal to the engine's own encoding.
 The engine registry: lookups, an unknown name refused from every entry point, its facts checked
 against the engine classes' capabilities, and an import that stays cheap.
 
@@ -7,13 +8,17 @@ against the engine classes' capabilities, and an import that stays cheap.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch.data.model_prompts import prompts_for_model
+from launch.data.synthetic import synthetic_problems
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (Engine, EngineOptions, NativeWeightTransfer, SamplingParamsSpec, Sleepable,
                                           make_engine)
@@ -145,6 +150,48 @@ def test_bad_input_is_refused_clearly(engine):
         list(engine.generate([too_long], params))
     with pytest.raises(ValueError, match="group size G"):
         SamplingParamsSpec(n=0)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+"""A ChatML-like template for the tiny tokenizer (which has none), so that a chat-templated prompt
+can be sampled by the tiny model."""
+
+
+def test_load_time_token_ids_are_the_engines_own(engine, tiny_model_dir, tmp_path):
+    """The driver tokenizes each prompt once at load (`prompts_for_model` -> `Prompt.token_ids`) and
+    the engine samples those ids as they are: they must be exactly the ids the engine makes itself
+    from the text, for a plain prompt and a chat-templated one, and sampling gives the same groups."""
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "tiny_chat"
+    shutil.copytree(tiny_model_dir, chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat_dir)
+    problems = synthetic_problems(["add"], 2, 4, 0, "train")
+    params = SamplingParamsSpec(n=2, max_new_tokens=6, seed=5)
+    for model_dir, eng in ((tiny_model_dir, engine), (chat_dir, HFEngine(str(chat_dir), seed=0))):
+        loaded = prompts_for_model(problems, str(model_dir), "auto", "boxed")
+        chat = model_dir == chat_dir
+        assert all(p.text.startswith("<|system|>") == chat for p in loaded)
+        assert all(p.token_ids for p in loaded)
+        bare = [replace(p, token_ids=None) for p in loaded]
+        own, carried = list(eng.generate(bare, params)), list(eng.generate(loaded, params))
+        assert [g.prompt_token_ids for g in own] == [p.token_ids for p in loaded]
+        assert [g.prompt_token_ids for g in carried] == [p.token_ids for p in loaded]
+        assert [[c.token_ids for c in g.completions] for g in own] == \
+            [[c.token_ids for c in g.completions] for g in carried]
+
+
+def test_carried_token_ids_are_sampled_as_they_are(engine):
+    """The engine does not re-tokenize a prompt that carries ids (its length check reads them too)."""
+    prompt = replace(PROMPTS[0], token_ids=tuple(engine.tokenizer(PROMPTS[1].text)["input_ids"]))
+    (group,) = engine.generate([prompt], SamplingParamsSpec(n=1, max_new_tokens=2, greedy=True))
+    assert group.prompt_token_ids == prompt.token_ids
+    too_long = replace(PROMPTS[0], token_ids=(5,) * 400)
+    with pytest.raises(ValueError, match="has 400 tokens, longer than the engine's limit"):
+        list(engine.generate([too_long], SamplingParamsSpec(n=1)))
 
 
 def test_prompt_is_prefilled_once_per_group_not_per_sample(engine):

@@ -20,7 +20,9 @@ from launch import checkpoints
 from launch.config import load_config
 from learner.actor import LearnerGroup
 from learner.config import LearnerConfig
-from rollout_workers.prompts import PromptCursor, load_prompts, synthetic_problems
+from launch.data.cursor import PromptCursor
+from launch.data.sources import load_prompts
+from launch.data.synthetic import synthetic_problems
 from conftest import kill_engine_at_sync_then_resume
 from test_integration import fake_groups
 

@@ -21,7 +21,7 @@ from learner.config import LearnerConfig
 from rollout_workers.config import RolloutConfig
 from rollout_workers.dispatch import Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.prompts import synthetic_problems
+from launch.data.synthetic import synthetic_problems
 from rollout_workers.types import Completion, ScoredGroup
 from rollout_workers.worker import make_rollout_workers
 from weight_sync.config import SyncConfig

@@ -13,19 +13,13 @@ import re
 
 import pytest
 
-from rollout_workers.config import DataConfig
-from rollout_workers.prompts import (
-    MAX_PROMPT_CHARS,
-    OVER_MAX_PROMPT_TOKENS,
-    REASONING_TEMPLATE,
-    LoadResult,
-    PromptCursor,
-    drop_long_prompts,
-    load_prompts,
-    sft_target,
-    synthetic_problems,
-)
-from rollout_workers.types import Prompt
+from launch.data.config import DataConfig
+from launch.data.cursor import PromptCursor
+from launch.data.model_prompts import drop_long_prompts
+from launch.data.sources import MAX_PROMPT_CHARS, LoadResult, load_prompts
+from launch.data.synthetic import synthetic_problems
+from launch.data.templates import REASONING_TEMPLATE, sft_target
+from rollout_workers.types import OVER_MAX_PROMPT_TOKENS, Prompt
 
 # ------------------------------------------------------------------ synthetic
 

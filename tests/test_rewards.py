@@ -11,16 +11,8 @@ from fractions import Fraction
 
 import pytest
 
-from rollout_workers.rewards import (
-    RewardPool,
-    ScoreResult,
-    extract_final_answer,
-    has_final_answer,
-    is_safe_answer,
-    plain_number,
-    resolve_reward_fn,
-    score_math,
-)
+from rollout_workers.reward_pool import RewardPool, ScoreResult, resolve_reward_fn
+from rollout_workers.rewards import extract_final_answer, has_final_answer, is_safe_answer, plain_number, score_math
 
 GSM8K_COMPLETION = (
     "Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so she sells 16 - 3 - 4 = 9 eggs.\n"

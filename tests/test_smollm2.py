@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from launch.config import load_config
-from rollout_workers.prompts import (CHAT_INSTRUCTIONS, REASONING_TEMPLATE, chat_prompts, problem_of,
-                                     prompts_for_model, synthetic_problems, use_chat_template)
+from launch.data.model_prompts import prompts_for_model, with_token_ids
+from launch.data.synthetic import synthetic_problems
+from launch.data.templates import CHAT_INSTRUCTIONS, REASONING_TEMPLATE, chat_prompts, problem_of, use_chat_template
 from rollout_workers.rewards import score_math
 from rollout_workers.types import Prompt
 
@@ -91,10 +92,13 @@ def test_chat_template_modes(smollm2_tokenizer_dir, tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="data.chat_template must be one of"):
         use_chat_template("yes", smol)
     prompts = synthetic_problems(["add"], 2, 2, 0, "eval")
-    assert prompts_for_model(prompts, str(tiny_model_dir), "auto", "boxed") == prompts
-    assert prompts_for_model(prompts, str(smollm2_tokenizer_dir), "off", "boxed") == prompts
-    assert prompts_for_model(prompts, str(smollm2_tokenizer_dir), "auto", "last_number") == \
-        chat_prompts(prompts, smol, "last_number")
+    # prompts_for_model also carries each prompt's ids under the model's tokenizer (tokenized once).
+    assert prompts_for_model(prompts, str(tiny_model_dir), "auto", "boxed") == with_token_ids(prompts, tiny)
+    assert prompts_for_model(prompts, str(smollm2_tokenizer_dir), "off", "boxed") == with_token_ids(prompts, smol)
+    chats = prompts_for_model(prompts, str(smollm2_tokenizer_dir), "auto", "last_number")
+    assert chats == with_token_ids(chat_prompts(prompts, smol, "last_number"), smol)
+    # The chat markers are SmolLM2's special tokens, encoded as single ids, not spelled out.
+    assert all(p.token_ids[0] == smol.convert_tokens_to_ids("<|im_start|>") for p in chats)
 
 
 def test_preset_loads_wherever_the_model_is(tmp_path) -> None:

@@ -214,7 +214,7 @@ def run_ours(name: str, seed: int, plan: Plan, model_dir: Path, bench_dir: Path,
 
 def run_peer(name: str, seed: int, plan: Plan, model_dir: Path, cfg, budget_s: float, n_evals: int) -> dict:
     from launch.bench.peers import sft_curve, trl_grpo_curve
-    from rollout_workers.prompts import load_prompts
+    from launch.data.sources import load_prompts
 
     train_prompts = load_prompts(cfg.data, "train").prompts
     eval_prompts = load_prompts(cfg.data, "eval").prompts[:cfg.eval.size]
@@ -237,7 +237,7 @@ def start_groups(model_dir: Path, cfg, plan: Plan, n_prompts: int = 64) -> dict:
     """The warm start's group mix on `n_prompts` training problems (G samples each, the RL
     contenders' temperature): the share of all-right and all-wrong groups."""
     from launch.bench.peers import group_mix
-    from rollout_workers.prompts import load_prompts
+    from launch.data.sources import load_prompts
 
     t0 = time.perf_counter()
     prompts = load_prompts(cfg.data, "train").prompts[:n_prompts]
@@ -280,7 +280,7 @@ def run_bench(plan: Plan, regime: str, seeds: int, bench_dir: Path, starts_dir: 
     """Build (or reuse) the shared start, then every contender's seeds round-robin. After each run
     `on_progress` gets the summary of the runs so far (a bench cut short still leaves its numbers)."""
     from launch.config import load_config
-    from rollout_workers.prompts import load_prompts
+    from launch.data.sources import load_prompts
 
     # The warm start depends only on these overrides (not on the budget or the seeds), so a bench
     # run reuses the one an earlier run built with the same ones (prepare_model resumes from it).

@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rollout_workers.prompts import sft_target
-from rollout_workers.rewards import RewardPool
+from launch.data.templates import sft_target
+from rollout_workers.reward_pool import RewardPool
 from rollout_workers.types import Prompt
 
 

@@ -22,7 +22,8 @@ import torch
 from launch.bench.output import write_json
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
-from rollout_workers.prompts import prompts_for_model, synthetic_problems
+from launch.data.model_prompts import prompts_for_model
+from launch.data.synthetic import synthetic_problems
 
 
 def main(argv: list[str]) -> dict:

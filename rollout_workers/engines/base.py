@@ -183,9 +183,18 @@ class MissingCapability(TypeError):
     not implement; the message names the engine and the capability."""
 
 
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """`text` as an engine tokenizes a prompt: the tokenizer's own call with its default special
+    tokens (a BOS where the model's tokenizer adds one; none for Qwen2-style ones). Every
+    tokenization of a prompt goes through here: the driver's at load time (`Prompt.token_ids`), the
+    worker's for a prompt without ids, and `encode_prompts`; so carried ids equal the engine's own."""
+    return tokenizer(text)["input_ids"]
+
+
 def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, context: int) -> list[list[int]]:
-    """Tokenize every prompt, refusing (before any sampling) empty ones and ones that cannot fit
-    `context` positions together with `max_new_tokens` new tokens."""
+    """Every prompt's token ids (its carried `Prompt.token_ids`, else `prompt_token_ids`), refusing
+    (before any sampling) empty prompts and ones that cannot fit `context` positions together with
+    `max_new_tokens` new tokens."""
     limit = context - max_new_tokens
     if limit < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
@@ -194,7 +203,7 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, co
     for p in prompts:
         if not p.text:
             raise ValueError(f"prompt {p.uid!r} is empty")
-        ids = tokenizer(p.text)["input_ids"]
+        ids = list(p.token_ids) if p.token_ids is not None else prompt_token_ids(tokenizer, p.text)
         if not ids:
             raise ValueError(f"prompt {p.uid!r} encodes to zero tokens")
         if len(ids) > limit:
