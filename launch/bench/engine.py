@@ -20,8 +20,8 @@ import torch
 
 from launch.bench.output import write_json
 from launch.tiny_model import _default_texts, write_tiny_model_dir
-from rollout_workers.engines.base import Engine, SamplingParamsSpec
-from rollout_workers.engines.hf import HFEngine
+from rollout_workers.config import RolloutConfig
+from rollout_workers.engines.base import Engine, EngineOptions, SamplingParamsSpec, make_engine
 from rollout_workers.types import Prompt
 
 MODELS = {
@@ -32,10 +32,14 @@ MODELS = {
 ENGINES = ("transformers", "vllm")
 
 
-def make_engine(kind: str, path: Path, device: str, max_batch: int) -> Engine:
+def bench_engine(kind: str, path: Path, device: str, max_batch: int) -> Engine:
+    """The engine `kind` on the model at `path`. The transformers engine is the registry's
+    (`make_engine`), with a budget that holds the largest batch in one generate() call: one call,
+    one batch size. vLLM is built directly: the curve needs `max_num_seqs` = the largest batch (so
+    that no batch is split into waves) and a fixed 1 GiB KV cache, which the rollout section does
+    not express."""
     if kind == "transformers":
-        # The budget holds the largest batch in one generate() call: one call, one batch size.
-        return HFEngine(str(path), device=device, gen_batch_tokens=10 ** 9)
+        return make_engine(RolloutConfig(engine=kind, gen_batch_tokens=10 ** 9), str(path), EngineOptions(device=device))
     from rollout_workers.engines.vllm_engine import VLLMEngine
 
     # As rollout workers run it on CPU (rollout_workers.worker): engine core in this process, eager.
@@ -58,7 +62,7 @@ def run_engine(kind: str, paths: dict[str, Path], args: argparse.Namespace) -> d
     out: dict = {}
     started = time.perf_counter()
     for name, path in paths.items():
-        engine = make_engine(kind, path, args.device, max(args.batch_sizes))
+        engine = bench_engine(kind, path, args.device, max(args.batch_sizes))
         n_params = sum(p.numel() for n, p in engine.named_weights() if n != "lm_head.weight")
         measure(engine, 2, 4)  # warm-up (allocator, kernels)
         sizes, rates, skipped = [], [], []

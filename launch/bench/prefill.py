@@ -20,10 +20,10 @@ import time
 import torch
 
 from launch.bench.output import write_json
-from rollout_workers.engines.base import SamplingParamsSpec
-from rollout_workers.engines.hf import HFEngine
 from launch.data.model_prompts import prompts_for_model
 from launch.data.synthetic import synthetic_problems
+from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.hf import HFEngine
 
 
 def main(argv: list[str]) -> dict:
@@ -41,6 +41,8 @@ def main(argv: list[str]) -> dict:
     prompts = prompts_for_model(synthetic_problems(["add"], 2, args.prompts, 0, "train"), args.model, "auto",
                                 args.answer_format)
     params = SamplingParamsSpec(n=args.group_size, max_new_tokens=args.max_new_tokens, seed=0)
+    # Built directly, not through the engine registry: `shared_prefill` is the engine's internal
+    # switch under test here, not a setting of the rollout section.
     engines = {mode: HFEngine(args.model, shared_prefill=mode == "shared_prefill")
                for mode in ("shared_prefill", "prefill_per_sample")}
     runs: dict[str, list[dict]] = {mode: [] for mode in engines}
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> dict:
             tokens = sum(len(c.token_ids) for g in engine.generate(prompts, params) for c in g.completions)
             seconds = time.perf_counter() - start
             runs[mode].append({"completion_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds})
-    prompt_tokens = [len(engines["shared_prefill"].tokenizer(p.text)["input_ids"]) for p in prompts]
+    prompt_tokens = [len(p.token_ids) for p in prompts]  # tokenized once, by prompts_for_model
     result = {"model": args.model, "prompts": args.prompts, "group_size": args.group_size,
               "max_new_tokens": args.max_new_tokens, "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
               "threads": args.threads, "runs": runs,

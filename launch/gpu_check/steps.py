@@ -17,7 +17,7 @@ it passes a scratch directory outside its result folder):
   torch.matmul in the learner's dtype on the same device), with the peak memory next to
   `learner.memory`'s estimate. The model is Qwen2.5-0.5B-shaped (random init from its config: no
   hub) on the GPU, a tiny Qwen2 on the CPU rehearsal.
-- engine: the transformers engine (`rollout_workers.engines.hf.HFEngine`) tokens/s against batch
+- engine: the transformers engine (the registry's, `rollout_workers.engines.base.make_engine`) tokens/s against batch
   size on the same shape, each batch size repeated (median, min, max); vLLM's too when
   `import vllm` works on the machine.
 - sync: moving the 0.5B shape's bf16 weights learner -> engine on one device, against a device
@@ -415,8 +415,8 @@ def _rate_curve(batch_sizes: tuple[int, ...], max_new_tokens: int, repeats: int,
 
 def measure_engine(p: Profile, cap_s: float, scratch: Path) -> dict:
     """Generation tokens/s against batch size: the transformers engine, then vLLM if importable."""
-    from rollout_workers.engines.base import SamplingParamsSpec
-    from rollout_workers.engines.hf import HFEngine
+    from rollout_workers.config import RolloutConfig
+    from rollout_workers.engines.base import EngineOptions, SamplingParamsSpec, make_engine
 
     started = time.monotonic()
     dtype = "bfloat16" if p.device == "cuda" else "float32"
@@ -427,7 +427,9 @@ def measure_engine(p: Profile, cap_s: float, scratch: Path) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        engine = HFEngine(tmp, dtype=dtype, device=p.device, gen_batch_tokens=10**9)  # one generate() per call
+        # The registry's transformers engine, as a worker builds it; one generate() per call.
+        engine = make_engine(RolloutConfig(engine="transformers", dtype=dtype, gen_batch_tokens=10**9), tmp,
+                             EngineOptions(device=p.device))
         out["model_params"] = sum(t.numel() for _, t in engine.named_weights())
 
         def hf_run(batch: int) -> int:
