@@ -95,6 +95,28 @@ def test_logprobs_equal_teacher_forcing_and_groups_stream(engine, model_dir):
     assert_logprobs_match(groups, HFEngine(str(model_dir)).model)
 
 
+def test_load_time_token_ids_are_vllms_own(engine, model_dir):
+    """The driver tokenizes each prompt once at load (`prompts_for_model` -> `Prompt.token_ids`) and
+    the engine samples those ids as they are: they must equal what vLLM's own tokenizer makes of the
+    text, for plain prompts and chat-templated ones (a template set on the tiny tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from launch.data.model_prompts import prompts_for_model, with_token_ids
+    from launch.data.templates import chat_prompts
+
+    loaded = prompts_for_model(PROMPTS[:4], str(model_dir), "auto", "boxed")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    chats = with_token_ids(chat_prompts(PROMPTS[:4], tokenizer, "boxed"), tokenizer)
+    for p in loaded + chats:
+        assert list(p.token_ids) == engine.tokenizer(p.text)["input_ids"]
+    params = SamplingParamsSpec(n=2, max_new_tokens=4, seed=1)
+    own = [g.prompt_token_ids for g in engine.generate(PROMPTS[:4], params)]
+    carried = [g.prompt_token_ids for g in engine.generate(loaded, params)]
+    assert own == carried == [p.token_ids for p in loaded]
+
+
 def test_cpu_build_settings_never_split_a_seeded_prompt_across_steps(model_dir):
     """GSM8K with SmolLM2 on the CPU build killed the engine core: one step's prompts passed the
     step budget, vLLM prefilled the last one partially and rewound its seeded generator, which a
