@@ -15,7 +15,7 @@ import pytest
 
 from launch.data.config import DataConfig
 from launch.data.cursor import PromptCursor
-from launch.data.model_prompts import drop_long_prompts
+from launch.data.model_prompts import drop_long_prompts, prompts_for_model
 from launch.data.sources import MAX_PROMPT_CHARS, LoadResult, load_prompts
 from launch.data.synthetic import synthetic_problems
 from launch.data.templates import REASONING_TEMPLATE, sft_target
@@ -40,6 +40,27 @@ def test_over_long_prompts_are_dropped_at_load_time_by_token_count(tiny_model_di
     assert kept.skipped == collections.Counter({"no_gold": 2, OVER_MAX_PROMPT_TOKENS: len(long_ones)})
     assert loaded.skipped == collections.Counter({"no_gold": 2})  # the input is not changed
     assert drop_long_prompts(loaded, count, max_tokens=10_000) == loaded
+
+
+def test_long_prompts_are_measured_by_their_carried_token_ids(tiny_model_dir) -> None:
+    """Prompts tokenized at load (`prompts_for_model`) carry their ids, and the length filter reads
+    them instead of tokenizing again: the same prompts are dropped as by counting the text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    problems = synthetic_problems(("add", "word"), 2, 100, seed=0, split="train")
+    carried = prompts_for_model(problems, str(tiny_model_dir), "auto", "boxed")
+    assert [p.text for p in carried] == [p.text for p in problems]  # no chat template on the tiny model
+    assert [list(p.token_ids) for p in carried] == [tokenizer(p.text)["input_ids"] for p in problems]
+
+    def never(text: str) -> int:
+        raise AssertionError("a prompt with token ids was tokenized again")
+
+    kept = drop_long_prompts(LoadResult(carried, collections.Counter()), never, max_tokens=14)
+    by_count = drop_long_prompts(LoadResult(problems, collections.Counter()),
+                                 lambda text: len(tokenizer(text)["input_ids"]), max_tokens=14)
+    assert [p.uid for p in kept.prompts] == [p.uid for p in by_count.prompts]
+    assert kept.skipped == by_count.skipped and kept.skipped[OVER_MAX_PROMPT_TOKENS] > 0
 
 
 def test_synthetic_is_deterministic_and_seeded() -> None:

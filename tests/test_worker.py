@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import replace
 from typing import Iterator
 
 import pytest
@@ -70,6 +71,24 @@ def test_every_prompt_once_streamed_and_scored(workers):
         # The first group left the worker while most of its batch was still unsampled.
         assert batch >= 4 and done_when_first_left < batch
         assert s.batches_in_flight == 0
+
+
+def test_length_check_and_engine_read_the_carried_token_ids(workers, tiny_model_dir):
+    """A prompt tokenized at load carries its ids: the worker measures it by them (a short text
+    with 41 carried ids is over max_prompt_tokens=40) and the engine samples them as they are; a
+    prompt without ids is tokenized by the worker, once, and travels on with them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    bare = _prompts(4, "c")
+    carried = [replace(p, uid=f"{p.uid}-ids", token_ids=tuple(tokenizer(p.text)["input_ids"])) for p in bare]
+    padded = replace(bare[0], uid="c-padded", token_ids=(tokenizer.eos_token_id,) * 41)
+    disp, report = Dispatcher(workers, timeout_s=120), BatchReport()
+    groups = list(disp.run(bare + carried + [padded], batch_id=8, params=PARAMS, report=report))
+    assert report.refused == Counter({"over_max_prompt_tokens": 1}) and disp.skipped == ["c-padded"]
+    assert len(groups) == 8
+    for g in groups:
+        assert g.prompt.token_ids == g.prompt_token_ids == tuple(tokenizer(g.prompt.text)["input_ids"])
 
 
 def test_update_weights_through_the_actor(workers, tiny_model_dir):

@@ -3,7 +3,7 @@ filter. Each prompt is tokenized once, here, with the engines' own call
 (`rollout_workers.engines.base.prompt_token_ids`); the ids travel on `Prompt.token_ids`, so the
 rollout worker checks the length and the engine samples without tokenizing again.
 
-    PYTHONPATH=$PWD python -m pytest -q tests/test_prompts.py tests/test_engines.py -k token_ids
+    PYTHONPATH=$PWD python -m pytest -q tests/test_prompts.py tests/test_engines.py -k "token_ids or long_prompts"
 """
 from __future__ import annotations
 
