@@ -84,6 +84,8 @@ class TrainConfig:
     """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter: learner.filter resolves to false, and setting it true is an error)."""
     overlap: bool = False
     """Sample batch t+1 with the current weights while the learner trains on batch t (one policy version off-policy; staleness is logged). The pipeline drains before each checkpoint, so --resume stays exact."""
+    thread_handover: bool = True
+    """train.placement=cpu: hand the job's reserved cores to the phase that runs. While the engines sample, each gets all of them (divided among engines; the learner's streamed passes keep learner.torch_threads); in the learn tail each learner rank gets them (divided among ranks). With train.overlap both run at once, so each keeps its own reservation. false = each actor always keeps its own."""
     placement: str = "auto"
     """"auto", "cpu", "colocated" (engines and learner share GPUs) or "disaggregated" (separate GPUs)."""
     num_gpus: int = 0
@@ -267,6 +269,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"rollout.prompts_per_generation ({r.prompts_per_generation}) must be a multiple of "
             f"learner.prompts_per_step ({l.prompts_per_step}): one generation feeds whole optimizer steps")
+    if cfg.train.overlap and l.max_staleness < 1:
+        raise ConfigError("train.overlap=true samples every batch one policy version stale: learner.max_staleness "
+                          f"must be >= 1 (got {l.max_staleness}), or every prefetched group would be dropped")
     if l.refill and cfg.train.overlap:
         raise ConfigError("learner.refill=true with train.overlap=true is not supported: a prefetched batch is "
                           "sampled before the learner knows which of its groups the filter drops")

@@ -96,7 +96,9 @@ def console_line(r: dict) -> str:
     loss = "   n/a " if r["loss"] is None or r["loss"] != r["loss"] else f"{r['loss']:+.4f}"
     return (f"it {r['iteration']:>4} | reward {r['reward_mean']:.3f} | acc {r['accuracy']:.3f} | kept {r['kept_fraction']:.2f} "
             f"| len {r['response_length_mean']:.1f} | loss {loss} | gen {r['time/generate']:.1f}s "
-            f"learn {r['time/learn']:.1f}s sync {r['time/sync']:.2f}s | {r['tokens_per_second']:.0f} tok/s | v{r['policy_version']}")
+            f"learn {r['time/learn']:.1f}s sync {r['time/sync']:.2f}s | {r['tokens_per_second']:.0f} tok/s | v{r['policy_version']}"
+            # off-policy samples (train.overlap): how stale, and how much the correction weights spread
+            + (f" | stale {r['staleness_mean']:.1f} ess {r['effective_sample_size']:.2f}" if r["staleness_max"] else ""))
 
 
 def write_plots(run_dir: Path, evals: list[tuple[int, float]]) -> Path:

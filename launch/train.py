@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from launch import checkpoints
-from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, to_dict
+from launch.config import Config, ConfigError, dump_yaml, help_text, list_presets, load_config, resolved_placement, to_dict
 from launch.eval import held_out_set
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, ds_accelerator, make_placement, preflight
@@ -45,6 +45,7 @@ from learner.advantages import group_advantages
 from learner.batcher import LearnStats
 from rollout_workers.dispatch import BatchReport, Dispatcher
 from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.registry import get_engine
 from launch.data.cursor import PromptCursor
 from launch.data.model_prompts import drop_long_prompts, prompts_for_model
 from launch.data.sources import LoadResult, load_prompts
@@ -115,9 +116,9 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
     (train.overlap) the engines sample batch t+1 with the current weights while the learner
     trains on batch t; batch t+1 is then one policy version stale, which the record logs."""
     cfg, timer = run.cfg, PhaseTimer()
-    version_learn = run.learner.policy_version
     report = BatchReport()
     with timer.phase("generate"):
+        run.learner.set_threads(thread_budget(cfg, "generate").learner)  # the engines' share rides on their requests
         refill_prompts = 0
         if run.prefetched is None:
             # sample + score (workers) -> filter + learn (learner), streamed group by group, so the
@@ -153,6 +154,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
         with timer.phase("sync"):
             ray.get([w.sleep.remote() for w in run.dispatcher.workers], timeout=cfg.train.actor_timeout_s)
     with timer.phase("learn"):
+        run.learner.set_threads(thread_budget(cfg, "learn").learner)  # the engines are idle: the tail gets the cores
         stats = run.learner.end_batch()
     with timer.phase("generate"):  # the engines must be idle before their weights change
         if run.prefetched is not None:
@@ -163,7 +165,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
         restart_dead_workers(run)
         sync_error = sync_engines(run)
     timer.seconds["score"] = sum(g.score_seconds for g in groups)  # inside "generate", in the workers
-    record = iteration_record(run, groups, stats, timer.finish(), version_learn, refill_prompts)
+    record = iteration_record(run, groups, stats, timer.finish(), refill_prompts)
     record["prompts_refused"] = dict(report.refused)
     run.prompts_refused.update(report.refused)
     run.samples_generated += record["samples_generated"]
@@ -221,7 +223,8 @@ def dispatch(run: Run, prompts: list[Prompt], batch_id: int, params: SamplingPar
              on_driver_thread: bool = True) -> Iterator[ScoredGroup]:
     """One dispatcher call; on the driver's thread, prompts left unsampled because every worker
     died are sampled again once `restart_dead_workers` has replaced them."""
-    yield from run.dispatcher.run(prompts, batch_id=batch_id, params=params, report=report)
+    threads = thread_budget(run.cfg, "generate").engine
+    yield from run.dispatcher.run(prompts, batch_id=batch_id, params=params, report=report, engine_threads=threads)
     restarts = 0
     while on_driver_thread and report.unsampled:
         if restarts == RESTARTS_PER_CALL:
@@ -230,7 +233,7 @@ def dispatch(run: Run, prompts: list[Prompt], batch_id: int, params: SamplingPar
         restart_dead_workers(run)
         left, report.unsampled, restarts = report.unsampled, [], restarts + 1
         again = replace(params, seed=derive_seed(params.seed, "after_restart", restarts))  # not the first call's streams
-        yield from run.dispatcher.run(left, batch_id=batch_id, params=again, report=report)
+        yield from run.dispatcher.run(left, batch_id=batch_id, params=again, report=report, engine_threads=threads)
 
 
 def restart_dead_workers(run: Run) -> None:
@@ -282,11 +285,12 @@ def sampling_params(cfg: Config, iteration: int, refill: int = 0) -> SamplingPar
 
 
 def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, times: dict[str, float],
-                     version_learn: int, refill_prompts: int) -> dict:
+                     refill_prompts: int) -> dict:
     rewards = [x for g in groups for x in g.rewards]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     tokens = sum(lengths)
-    staleness = [version_learn - g.policy_version for g in groups]  # 0 when on-policy, 1 with train.overlap
+    staleness = stats.staleness  # versions behind -> groups: {0: n} on-policy, {1: n} with train.overlap
+    num_groups = sum(staleness.values())
     return {
         "iteration": run.iteration,
         "policy_version": run.version,
@@ -300,7 +304,8 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
         "samples_kept": stats.samples_kept,
         "refill_prompts": refill_prompts,
         "tokens_per_second": tokens / max(1e-9, times["time/total"]),
-        "staleness_mean": sum(staleness) / max(1, len(staleness)),
+        "staleness": {str(lag): n for lag, n in staleness.items()},
+        "staleness_mean": sum(lag * n for lag, n in staleness.items()) / max(1, num_groups),
         "staleness_max": max(staleness, default=0),
         "optimizer_steps": stats.steps,
         "lr": stats.lr,
@@ -314,6 +319,11 @@ def iteration_record(run: Run, groups: list[ScoredGroup], stats: LearnStats, tim
         # engine/learner drift: learner (pre-update weights) vs sampler logprobs on the same tokens
         "logprob_diff_mean": stats.logprob_diff_mean,
         "logprob_ratio_max": stats.logprob_ratio_max,
+        # off-policy weights pi_prox / pi_behav (learner.off_policy applies them; logged in every mode)
+        "is_weight_mean": stats.is_weight_mean,
+        "is_weight_max": stats.is_weight_max,
+        "is_capped_fraction": stats.is_capped_fraction,
+        "effective_sample_size": stats.effective_sample_size,
         # the learn phase split; rank-side seconds summed over learner ranks
         "time/learn_forward": stats.seconds_forward,
         "time/learn_backward": stats.seconds_backward,
@@ -339,6 +349,13 @@ def evaluate(run: Run, train_seconds: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- set-up
+
+def sampler_logprobs_exact(cfg: Config) -> bool:
+    """The engines' logprobs are their weights' own policy up to float rounding (fp32 weights, no
+    nucleus truncation; the temperature is modelled by the learner), so learner.old_logprobs=auto
+    may take them as the old logprobs of a group sampled at the learner's current version."""
+    return cfg.rollout.dtype == "float32" and cfg.rollout.top_p == 1.0
+
 
 def prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -401,6 +418,32 @@ def connect_ray(cfg: Config) -> None:
 
 
 
+class ThreadBudget(NamedTuple):
+    """Intra-op torch threads of one phase (train.thread_handover)."""
+
+    engine: int
+    """Per rollout engine."""
+    learner: int
+    """Per learner rank."""
+
+
+def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
+    """Threads for `phase` ("generate": engines sample while the learner only streams; "learn": the
+    backprop tail while the engines idle). On CPU the phase that runs gets the job's reserved cores
+    (a 2-core machine: 2 engine threads, then 2 learner threads); with overlap, on GPUs, or with
+    the handover off, every actor keeps its own reservation."""
+    if phase not in ("generate", "learn"):
+        raise ValueError(f"phase must be 'generate' or 'learn', got {phase!r}")
+    r, l = cfg.rollout, cfg.learner
+    cores = min(needed_cpus(cfg), os.cpu_count() or 1)  # what the job reserved, on this node
+    own = ThreadBudget(max(1, int(r.cpus_per_worker)), l.torch_threads or max(1, int(l.cpus_per_rank)))
+    if not cfg.train.thread_handover or cfg.train.overlap or resolved_placement(cfg) != "cpu":
+        return own
+    if phase == "generate":  # an engine that binds its threads at start keeps them
+        return own._replace(engine=max(1, cores // r.num_workers)) if get_engine(r.engine).threads_per_call else own
+    return own._replace(learner=max(1, cores // l.num_ranks))
+
+
 def needed_cpus(cfg: Config) -> int:
     return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
 
@@ -446,7 +489,7 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     learner = LearnerGroup(cfg.learner, str(model_path), cfg.rollout.max_new_tokens, timeout,
                            placement_group=placement.pg, bundle_offset=placement.learner_bundle_offset,
                            rank_cls=SyncedLearnerRank, gpu_fraction=placement.gpu_fraction,
-                           sampling_temperature=cfg.rollout.temperature)
+                           sampling_temperature=cfg.rollout.temperature, sampler_exact=sampler_logprobs_exact(cfg))
 
     def new_workers(indices: list[int] | None = None) -> list:
         return make_rollout_workers(cfg.rollout, str(model_path), placement.pg, first_bundle=placement.worker_bundles[0][0],

@@ -64,6 +64,12 @@ class LearnerRank:
     def old_logprobs(self, mb: MicroBatch) -> MicroResult:
         return self.trainer.old_logprobs(mb)
 
+    def set_threads(self, threads: int) -> None:
+        """Intra-op torch threads of the passes after this call (the actor runs calls in order)."""
+        if threads < 1:
+            raise ValueError(f"set_threads needs >= 1 thread, got {threads}")
+        torch.set_num_threads(threads)
+
     def step(self, normaliser: float) -> StepResult:
         return self.trainer.step(normaliser)
 
@@ -197,6 +203,14 @@ class LearnerGroup:
     def groups_wanted(self) -> int:
         """With learner.refill: empty slots of the open batch (see `StreamingBatcher.groups_wanted`)."""
         return self._batcher.groups_wanted
+
+    def set_threads(self, threads: int) -> None:
+        """Each rank's intra-op torch threads from its next pass on (the driver's per-phase thread
+        handover). Not waited for: the ranks run it in order before any later call of this driver."""
+        if threads < 1:
+            raise ValueError(f"set_threads needs >= 1 thread, got {threads}")
+        for a in self._actors:
+            a.set_threads.remote(threads)
 
     def end_batch(self) -> LearnStats:
         """Run the rest of the batch's steps and wait for every rank."""

@@ -72,6 +72,8 @@ class Dispatcher:
         self.skipped: list[str] = []
         """Uids that a worker refused (a RefusedPrompt) or ended its stream without returning."""
         self._requests = 0
+        self._engine_threads = 0
+        """Of the current run() call (see `run`)."""
 
     @property
     def dead(self) -> list[int]:
@@ -91,14 +93,16 @@ class Dispatcher:
         return restarted
 
     def run(self, prompts: Sequence[Prompt], batch_id: int, params: SamplingParamsSpec,
-            report: BatchReport | None = None) -> Iterator[ScoredGroup]:
+            report: BatchReport | None = None, engine_threads: int = 0) -> Iterator[ScoredGroup]:
         """Sample every prompt once; yield each scored group as it arrives (any order). Refused and
-        unsampled prompts go to `report` (a fresh one when None: then nothing may be left unsampled)."""
+        unsampled prompts go to `report` (a fresh one when None: then nothing may be left unsampled).
+        `engine_threads`: torch threads each engine samples with (`RolloutRequest.engine_threads`)."""
         uids = [p.uid for p in prompts]
         if len(set(uids)) != len(uids):
             raise ValueError(f"batch {batch_id} has duplicate prompt uids; groups could not be told apart")
         streams: list[_Stream] = []
         self._requests = 0
+        self._engine_threads = engine_threads
         own_report = report is None
         report = BatchReport() if report is None else report
         try:
@@ -174,7 +178,8 @@ class Dispatcher:
             start += take
             # Each request of a batch samples from its own seed: workers must not share random streams.
             req = RolloutRequest(prompts=tuple(chunk), batch_id=batch_id,
-                                 params=replace(params, seed=derive_seed(params.seed, "request", self._requests)))
+                                 params=replace(params, seed=derive_seed(params.seed, "request", self._requests)),
+                                 engine_threads=self._engine_threads)
             self._requests += 1
             streams.append(_Stream(i, self.workers[i].generate.remote(req), {p.uid: p for p in chunk}))
         assert start == len(prompts)

@@ -43,6 +43,10 @@ class RolloutRequest:
     """Iteration id echoed into every ScoredGroup (the driver dedupes on (uid, batch_id))."""
     params: SamplingParamsSpec
     """Sampling parameters; `params.n` is the group size G."""
+    engine_threads: int = 0
+    """Intra-op torch threads the engine samples this request with (0 = the actor's reservation,
+    rollout.cpus_per_worker). The driver raises it while the learner waits (train.thread_handover).
+    In-process torch engines only: vLLM's CPU build binds its threads when it starts."""
 
 
 class RefusedPrompt(NamedTuple):
@@ -152,6 +156,13 @@ class GroupFeed(Generic[T]):
             if isinstance(item, _Failed):
                 raise item.error
             yield item
+
+
+def with_torch_threads(threads: int, source: Generator[T, None, None]) -> Generator[T, None, None]:
+    """`source`, run with `threads` intra-op torch threads (torch's count is process-wide: set when
+    the engine starts the request, on the thread that runs it)."""
+    torch.set_num_threads(threads)
+    yield from source
 
 
 def actor_device() -> str:
@@ -335,8 +346,9 @@ class RolloutWorker:
                     yield r
                 # The engine samples on the feed's thread while this one scores: leaving the block
                 # (done, cancelled by the driver, or failed) stops the engine before the lock is released.
-                with GroupFeed(self._engine.generate(kept, request.params), first_progress, cancelled,
-                               self._name) as groups:
+                threads = request.engine_threads or max(1, int(self._cfg.cpus_per_worker))
+                with GroupFeed(with_torch_threads(threads, self._engine.generate(kept, request.params)),
+                               first_progress, cancelled, self._name) as groups:
                     for scored in self._score_stream(groups, request.batch_id, cancelled):
                         yield scored
             finally:

@@ -49,10 +49,39 @@ def test_wrong_type_names_key_and_type():
     (["learner.refill=true", "train.overlap=true"], r"learner\.refill=true with train\.overlap=true is not supported"),
     (["learner.refill=true", "train.mode=standard_grpo"], r"learner\.refill=true needs the gradient filter"),
     (["learner.refill_rounds=0"], r"learner\.refill_rounds must be >= 1"),
+    (["train.overlap=true", "learner.max_staleness=0"], r"learner\.max_staleness must be >= 1 \(got 0\)"),
+    (["learner.off_policy=tis", "learner.old_logprobs=sampler"], r"learner\.off_policy='tis' needs learner\.old_logprobs='auto' or 'recompute'"),
+    (["learner.off_policy=ppo"], r"learner\.off_policy must be one of \['none', 'tis', 'decoupled'\]"),
+    (["learner.is_cap=1.0"], r"learner\.is_cap must be > 1"),
+    (["learner.old_logprobs=exact"], r"learner\.old_logprobs must be one of \['auto', 'recompute', 'sampler'\]"),
 ])
 def test_impossible_combinations_say_why(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_thread_budget_hands_the_reserved_cores_to_the_phase_that_runs(monkeypatch):
+    """2 reserved cores (1 engine + 1 learner rank): the engine samples on both, the learner's tail
+    runs on both; with overlap, on GPUs, with vLLM's CPU build (threads bound at start) or with
+    the handover off, each keeps its own."""
+    from launch.train import ThreadBudget, thread_budget
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    cfg = load_config(None, [])
+    assert thread_budget(cfg, "generate") == ThreadBudget(engine=2, learner=1)
+    assert thread_budget(cfg, "learn") == ThreadBudget(engine=1, learner=2)
+    two = load_config(None, ["rollout.num_workers=2", "learner.num_ranks=2", "learner.torch_threads=3"])
+    assert thread_budget(two, "generate") == ThreadBudget(engine=2, learner=3)
+    assert thread_budget(two, "learn") == ThreadBudget(engine=1, learner=2)
+    for overrides in (["train.overlap=true"], ["train.thread_handover=false"]):
+        cfg = load_config(None, overrides)
+        assert thread_budget(cfg, "generate") == thread_budget(cfg, "learn") == ThreadBudget(1, 1)
+    vllm = load_config(None, ["rollout.engine=vllm"])
+    assert thread_budget(vllm, "generate") == ThreadBudget(1, 1) and thread_budget(vllm, "learn") == ThreadBudget(1, 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # never more threads than the node has
+    assert thread_budget(load_config(None, []), "generate") == ThreadBudget(1, 1)
+    with pytest.raises(ValueError, match="phase must be"):
+        thread_budget(cfg, "score")
 
 
 def test_unknown_engine_lists_the_registered_engines():

@@ -102,7 +102,8 @@ def test_resume_continues_as_if_never_stopped(full_run, tiny_model_dir, tmp_path
 
 
 # Mixed rewards from the untrained model, so every batch takes a step and the version advances.
-OVERLAP = [*COMMON, "train.overlap=true", "train.checkpoint_every=2", "rollout.reward_fn=tests.reward_fns:odd_length"]
+OVERLAP = [*COMMON, "train.overlap=true", "train.checkpoint_every=2", "rollout.reward_fn=tests.reward_fns:odd_length",
+           "learner.off_policy=decoupled"]
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,12 @@ def test_overlap_samples_ahead_one_version_and_drains_at_checkpoints(overlap_run
     # checkpoint, so the pipeline drains and 3 samples fresh; 4 was prefetched during 3.
     assert [r["staleness_max"] for r in recs] == [0, 1, 0, 1]
     assert [r["staleness_mean"] for r in recs] == [0, 1, 0, 1]
+    assert [r["staleness"] for r in recs] == [{"0": PROMPTS}, {"1": PROMPTS}] * 2
+    # learner.old_logprobs=auto: a fresh batch from the fp32 engine takes the engine's logprobs as
+    # the old ones (no pass, importance weights exactly 1 on the later step); a stale one is recomputed
+    assert [r["time/learn_old_logprobs"] > 0 for r in recs] == [False, True, False, True]
+    for r in recs[1::2]:  # decoupled PPO on the stale batches: weights pi_prox / pi_behav move off 1
+        assert r["is_weight_max"] > 1.0 and 0 < r["effective_sample_size"] < 1.0
     assert [r["samples_generated"] for r in recs] == [PROMPTS * G] * ITERS
     assert json.loads((overlap_run / "summary.json").read_text())["samples_generated"] == ITERS * PROMPTS * G
 

@@ -96,3 +96,24 @@ def test_cancel_while_waiting_for_the_engine_ends_the_stream():
             cancelled.set()  # the driver cancels while the engine samples the next chunk
         release.set()
     assert seen == [0]
+
+
+def test_engine_samples_with_the_threads_its_request_names():
+    """train.thread_handover: the engine's request carries its share of the cores; the count is
+    in force while the engine runs on the feed's thread."""
+    import torch
+
+    from rollout_workers.worker import with_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+
+        def engine() -> Iterator[int]:
+            yield torch.get_num_threads()
+            yield torch.get_num_threads()
+
+        with GroupFeed(with_torch_threads(3, engine())) as feed:
+            assert list(feed) == [3, 3]
+    finally:
+        torch.set_num_threads(before)

