@@ -164,7 +164,7 @@ def parse_latex(answer: str) -> list:
     """math-verify parse of `answer` wrapped in `\\boxed{}`, LaTeX parser only (module docstring)."""
     from math_verify import LatexExtractionConfig, parse
 
-    # Timeouts off: they use signal.alarm; the pool bounds the time instead (module docstring).
+    # Timeouts off: they use signal.alarm; the pool bounds the time instead (rollout_workers.reward_pool).
     return parse("\\boxed{" + answer + "}", extraction_config=[LatexExtractionConfig()],
                  parsing_timeout=None)
 
