@@ -64,8 +64,9 @@ class EvalResult(NamedTuple):
 def held_out_set(data: DataConfig, to_model: Callable[[list[Prompt]], list[Prompt]], count_tokens: Callable[[str], int],
                  max_prompt_tokens: int, size: int | None) -> LoadResult:
     """Held-out prompts as `launch.train` evaluates them: the eval split of `data` as the model sees
-    it (`to_model`: the chat template, `prompts_for_model`), minus the prompts longer than
-    `max_prompt_tokens` (counted in `skipped`), the first `size` of the rest (None = all)."""
+    it (`to_model`: the chat template and the token ids, `prompts_for_model`), minus the prompts
+    longer than `max_prompt_tokens` (measured by their token ids, by `count_tokens` for a prompt
+    that `to_model` left without; counted in `skipped`), the first `size` of the rest (None = all)."""
     loaded = load_prompts(data, "eval")
     result = drop_long_prompts(LoadResult(to_model(loaded.prompts), loaded.skipped), count_tokens, max_prompt_tokens)
     return LoadResult(result.prompts[:size], result.skipped)
