@@ -1,7 +1,10 @@
 """Typed records that cross actor boundaries: prompts in, scored groups out.
 
-These are the only types the learner imports from `rollout_workers` (imports flow
-launch -> rollout_workers / learner / weight_sync; learner -> these types).
+The driver (`launch.data`) builds the prompts and the workers emit the groups; the learner
+imports nothing of this package: it reads the groups through the Protocols of `learner.groups`,
+which these records satisfy (imports flow launch -> rollout_workers / learner / weight_sync).
+
+    PYTHONPATH=$PWD python -m pytest -q tests/test_worker.py tests/test_imports.py
 """
 from __future__ import annotations
 
