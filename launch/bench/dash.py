@@ -31,7 +31,7 @@ optimizer step:
 Regimes (`--regime`):
 - tiny: the embedded default's 2-digit addition (8-token answers `\\boxed{57}`), as the tiny-cpu
   preset runs it;
-- reasoning: the synthetic "chain" task (rollout_workers/prompts.py): 4-6 step additions and
+- reasoning: the synthetic "chain" task (launch/data/synthetic.py): 4-6 step additions and
   subtractions whose completions are worked solutions of 51-89 tokens ending in `\\boxed{}`, with
   difficulty mixed so that many groups are all right or all wrong after the warm start (the JSON's
   `start_groups` measures it), as on MATH with small models.
