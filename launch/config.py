@@ -85,7 +85,7 @@ class TrainConfig:
     overlap: bool = False
     """Sample batch t+1 with the current weights while the learner trains on batch t (one policy version off-policy; staleness is logged). The pipeline drains before each checkpoint, so --resume stays exact."""
     thread_handover: bool = True
-    """train.placement=cpu: hand the job's reserved cores to the phase that runs. While the engines sample, each gets all of them (divided among engines; the learner's streamed passes keep learner.torch_threads); in the learn tail each learner rank gets them (divided among ranks). With train.overlap both run at once, so each keeps its own reservation. false = each actor always keeps its own."""
+    """train.placement=cpu: a phase in which only one side works gets the job's reserved cores: the learn tail (the engines idle; divided among learner ranks) and evaluation (the learner idles; divided among engines). While the engines sample, the learner streams the groups already in, so each keeps its own reservation; with train.overlap too. false = each actor always keeps its own."""
     placement: str = "auto"
     """"auto", "cpu", "colocated" (engines and learner share GPUs) or "disaggregated" (separate GPUs)."""
     num_gpus: int = 0

@@ -61,14 +61,14 @@ class EvalResult(NamedTuple):
     """Reward of each completion."""
 
 
-def held_out_set(data: DataConfig, to_model: Callable[[list[Prompt]], list[Prompt]], count_tokens: Callable[[str], int],
-                 max_prompt_tokens: int, size: int | None) -> LoadResult:
+def held_out_set(data: DataConfig, to_model: Callable[[list[Prompt]], list[Prompt]], max_prompt_tokens: int,
+                 size: int | None) -> LoadResult:
     """Held-out prompts as `launch.train` evaluates them: the eval split of `data` as the model sees
     it (`to_model`: the chat template and the token ids, `prompts_for_model`), minus the prompts
-    longer than `max_prompt_tokens` (measured by their token ids, by `count_tokens` for a prompt
-    that `to_model` left without; counted in `skipped`), the first `size` of the rest (None = all)."""
+    longer than `max_prompt_tokens` (measured by their token ids; counted in `skipped`), the first
+    `size` of the rest (None = all)."""
     loaded = load_prompts(data, "eval")
-    result = drop_long_prompts(LoadResult(to_model(loaded.prompts), loaded.skipped), count_tokens, max_prompt_tokens)
+    result = drop_long_prompts(LoadResult(to_model(loaded.prompts), loaded.skipped), max_prompt_tokens)
     return LoadResult(result.prompts[:size], result.skipped)
 
 
@@ -140,9 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = make_engine(r, model_dir, EngineOptions(device=args.device))
     # The engine refuses a prompt that leaves no room for max_new_tokens in its context: skip those too.
     limit = min(r.max_prompt_tokens if config_file else engine.context, engine.context - max_new_tokens)
-    count_tokens = lambda text: len(engine.tokenizer(text)["input_ids"])
     to_model = lambda prompts: prompts_for_model(prompts, model_dir, data.chat_template, answer_format)
-    loaded = held_out_set(data, to_model, count_tokens, limit, args.limit or (cfg.eval.size if config_file else None))
+    loaded = held_out_set(data, to_model, limit, args.limit or (cfg.eval.size if config_file else None))
     origin = f"config {config_file}" if config_file else "config defaults"
     described = (f"{data.source} eval split ({origin}"
                  + (f"; tasks {list(data.synthetic_tasks)}, {data.synthetic_digits} digits, seed {data.seed}"

@@ -118,7 +118,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
     cfg, timer = run.cfg, PhaseTimer()
     report = BatchReport()
     with timer.phase("generate"):
-        run.learner.set_threads(thread_budget(cfg, "generate").learner)  # the engines' share rides on their requests
+        run.learner.set_threads(thread_budget(cfg, "sample").learner)  # the engines' share rides on their requests
         refill_prompts = 0
         if run.prefetched is None:
             # sample + score (workers) -> filter + learn (learner), streamed group by group, so the
@@ -220,10 +220,11 @@ RESTARTS_PER_CALL = 3
 
 
 def dispatch(run: Run, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec, report: BatchReport,
-             on_driver_thread: bool = True) -> Iterator[ScoredGroup]:
+             on_driver_thread: bool = True, phase: str = "sample") -> Iterator[ScoredGroup]:
     """One dispatcher call; on the driver's thread, prompts left unsampled because every worker
-    died are sampled again once `restart_dead_workers` has replaced them."""
-    threads = thread_budget(run.cfg, "generate").engine
+    died are sampled again once `restart_dead_workers` has replaced them. `phase` ("sample" or
+    "eval") sets the engines' thread share (`thread_budget`)."""
+    threads = thread_budget(run.cfg, phase).engine
     yield from run.dispatcher.run(prompts, batch_id=batch_id, params=params, report=report, engine_threads=threads)
     restarts = 0
     while on_driver_thread and report.unsampled:
@@ -340,7 +341,7 @@ def evaluate(run: Run, train_seconds: float) -> dict:
     Returns one point of the accuracy curve (against training wall seconds and samples)."""
     params = SamplingParamsSpec(n=1, greedy=True, max_new_tokens=run.cfg.eval.max_new_tokens, seed=0)
     rewards, report = [], BatchReport()
-    for group in dispatch(run, run.eval_prompts, -1 - run.iteration, params, report):
+    for group in dispatch(run, run.eval_prompts, -1 - run.iteration, params, report, phase="eval"):
         rewards.append(group.rewards[0])
     # A refused eval prompt counts as wrong (the load-time filter makes this 0 in a normal run).
     return {"iteration": run.iteration, "train_seconds": train_seconds, "samples_generated": run.samples_generated,
@@ -427,33 +428,34 @@ class ThreadBudget(NamedTuple):
     """Per learner rank."""
 
 
+PHASES = ("sample", "learn", "eval")
+
+
 def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
-    """Threads for `phase` ("generate": engines sample while the learner only streams; "learn": the
-    backprop tail while the engines idle). On CPU the phase that runs gets the job's reserved cores
-    (a 2-core machine: 2 engine threads, then 2 learner threads); with overlap, on GPUs, or with
-    the handover off, every actor keeps its own reservation."""
-    if phase not in ("generate", "learn"):
-        raise ValueError(f"phase must be 'generate' or 'learn', got {phase!r}")
+    """Threads for `phase`: on CPU, a phase in which only one side works gets the job's reserved
+    cores; where both work, each keeps its own reservation, since more threads than cores cost
+    more than they give (measured: README, "Async, off-policy correction and threads").
+      sample: the engines sample while the learner streams the passes of the groups already in;
+      learn:  the backprop tail after the last group: the engines idle (unless train.overlap
+              samples the next batch meanwhile);
+      eval:   the engines sample the held-out set; the learner idles.
+    With the handover off or the engines on GPUs every actor keeps its own reservation."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
     r, l = cfg.rollout, cfg.learner
     cores = min(needed_cpus(cfg), os.cpu_count() or 1)  # what the job reserved, on this node
     own = ThreadBudget(max(1, int(r.cpus_per_worker)), l.torch_threads or max(1, int(l.cpus_per_rank)))
-    if not cfg.train.thread_handover or cfg.train.overlap or resolved_placement(cfg) != "cpu":
+    if not cfg.train.thread_handover or resolved_placement(cfg) != "cpu":
         return own
-    if phase == "generate":  # an engine that binds its threads at start keeps them
-        return own._replace(engine=max(1, cores // r.num_workers)) if get_engine(r.engine).threads_per_call else own
-    return own._replace(learner=max(1, cores // l.num_ranks))
+    if phase == "learn" and not cfg.train.overlap:
+        return own._replace(learner=max(1, cores // l.num_ranks))
+    if phase == "eval" and get_engine(r.engine).threads_per_call:  # an engine that binds its threads at start keeps them
+        return own._replace(engine=max(1, cores // r.num_workers))
+    return own
 
 
 def needed_cpus(cfg: Config) -> int:
     return math.ceil(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.learner.num_ranks * cfg.learner.cpus_per_rank)
-
-
-def token_counter(model_path: Path) -> Callable[[str], int]:
-    """Prompt length in tokens as the engines count it (the policy's own tokenizer)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    return lambda text: len(tokenizer(text)["input_ids"])
 
 
 def restart_worker(new_workers: Callable[[list[int]], list], sync: SyncGroup, learner: LearnerGroup, index: int):
@@ -472,11 +474,10 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
     # once the model exists (the SFT warm-up is not bound by the engine's prompt limit). Over-long
     # prompts are dropped here and counted as skipped rows, so no worker has to refuse them.
     model_path, sft_info = prepare_model(cfg, run_dir, train.prompts)
-    count_tokens = token_counter(model_path)
-    # Prompts as the model sees them (its chat template, data.chat_template) before they are counted.
+    # Prompts as the model sees them (its chat template, data.chat_template), tokenized once: the ids travel with them.
     to_model = lambda prompts: prompts_for_model(prompts, str(model_path), cfg.data.chat_template, cfg.rollout.answer_format)
-    train = drop_long_prompts(LoadResult(to_model(train.prompts), train.skipped), count_tokens, cfg.rollout.max_prompt_tokens)
-    evals = held_out_set(cfg.data, to_model, count_tokens, cfg.rollout.max_prompt_tokens, cfg.eval.size)  # = launch.eval's
+    train = drop_long_prompts(LoadResult(to_model(train.prompts), train.skipped), cfg.rollout.max_prompt_tokens)
+    evals = held_out_set(cfg.data, to_model, cfg.rollout.max_prompt_tokens, cfg.eval.size)  # = launch.eval's
     if not train.prompts or not evals.prompts:
         raise ConfigError(f"no prompt of the {'train' if not train.prompts else 'eval'} split fits in "
                           f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} "

@@ -60,28 +60,28 @@ def test_impossible_combinations_say_why(overrides, message):
         load_config(None, overrides)
 
 
-def test_thread_budget_hands_the_reserved_cores_to_the_phase_that_runs(monkeypatch):
-    """2 reserved cores (1 engine + 1 learner rank): the engine samples on both, the learner's tail
-    runs on both; with overlap, on GPUs, with vLLM's CPU build (threads bound at start) or with
-    the handover off, each keeps its own."""
+def test_thread_budget_hands_the_reserved_cores_to_the_side_that_works_alone(monkeypatch):
+    """2 reserved cores (1 engine + 1 learner rank): while the engine samples and the learner
+    streams, each keeps its own; the learn tail gets both cores, evaluation too. With overlap the
+    tail runs beside the next batch's sampling; with vLLM's CPU build (threads bound at start) the
+    engine keeps its own; with the handover off every phase keeps the reservations."""
     from launch.train import ThreadBudget, thread_budget
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     cfg = load_config(None, [])
-    assert thread_budget(cfg, "generate") == ThreadBudget(engine=2, learner=1)
-    assert thread_budget(cfg, "learn") == ThreadBudget(engine=1, learner=2)
+    assert [thread_budget(cfg, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 2), (2, 1)]
     two = load_config(None, ["rollout.num_workers=2", "learner.num_ranks=2", "learner.torch_threads=3"])
-    assert thread_budget(two, "generate") == ThreadBudget(engine=2, learner=3)
-    assert thread_budget(two, "learn") == ThreadBudget(engine=1, learner=2)
-    for overrides in (["train.overlap=true"], ["train.thread_handover=false"]):
-        cfg = load_config(None, overrides)
-        assert thread_budget(cfg, "generate") == thread_budget(cfg, "learn") == ThreadBudget(1, 1)
+    assert [thread_budget(two, p) for p in ("sample", "learn", "eval")] == [(1, 3), (1, 2), (2, 3)]
+    overlap = load_config(None, ["train.overlap=true"])
+    assert [thread_budget(overlap, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 1), (2, 1)]
+    off = load_config(None, ["train.thread_handover=false"])
+    assert {thread_budget(off, p) for p in ("sample", "learn", "eval")} == {ThreadBudget(1, 1)}
     vllm = load_config(None, ["rollout.engine=vllm"])
-    assert thread_budget(vllm, "generate") == ThreadBudget(1, 1) and thread_budget(vllm, "learn") == ThreadBudget(1, 2)
+    assert [thread_budget(vllm, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 2), (1, 1)]
     monkeypatch.setattr("os.cpu_count", lambda: 1)  # never more threads than the node has
-    assert thread_budget(load_config(None, []), "generate") == ThreadBudget(1, 1)
-    with pytest.raises(ValueError, match="phase must be"):
-        thread_budget(cfg, "score")
+    assert thread_budget(load_config(None, []), "learn") == ThreadBudget(1, 1)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        thread_budget(cfg, "generate")
 
 
 def test_unknown_engine_lists_the_registered_engines():

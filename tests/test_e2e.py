@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -167,7 +166,7 @@ def test_over_long_prompts_are_skipped_at_load_and_refused_by_the_worker_and_the
     for the training split only, so its word problems (longer than rollout.max_prompt_tokens=14
     tokens) reach the worker and are refused there: their slots are dropped and every refusal is
     counted. The held-out split keeps the load-time filter (`launch.eval.held_out_set`)."""
-    def no_filter(result: LoadResult, count_tokens: Callable[[str], int], max_tokens: int) -> LoadResult:
+    def no_filter(result: LoadResult, max_tokens: int) -> LoadResult:
         return result
 
     monkeypatch.setattr("launch.train.drop_long_prompts", no_filter)

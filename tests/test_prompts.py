@@ -31,15 +31,16 @@ def test_over_long_prompts_are_dropped_at_load_time_by_token_count(tiny_model_di
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     count = lambda text: len(tokenizer(text)["input_ids"])
-    problems = synthetic_problems(("add", "word"), 2, 300, seed=0, split="train")
+    problems = prompts_for_model(synthetic_problems(("add", "word"), 2, 300, seed=0, split="train"),
+                                 str(tiny_model_dir), "auto", "boxed")
     loaded = LoadResult(problems, collections.Counter({"no_gold": 2}))
-    kept = drop_long_prompts(loaded, count, max_tokens=14)
+    kept = drop_long_prompts(loaded, max_tokens=14)
     long_ones = [p for p in problems if count(p.text) > 14]
     assert 0 < len(long_ones) < len(problems)
     assert kept.prompts == [p for p in problems if count(p.text) <= 14]  # file order kept
     assert kept.skipped == collections.Counter({"no_gold": 2, OVER_MAX_PROMPT_TOKENS: len(long_ones)})
     assert loaded.skipped == collections.Counter({"no_gold": 2})  # the input is not changed
-    assert drop_long_prompts(loaded, count, max_tokens=10_000) == loaded
+    assert drop_long_prompts(loaded, max_tokens=10_000) == loaded
 
 
 def test_long_prompts_are_measured_by_their_carried_token_ids(tiny_model_dir) -> None:
@@ -53,14 +54,12 @@ def test_long_prompts_are_measured_by_their_carried_token_ids(tiny_model_dir) ->
     assert [p.text for p in carried] == [p.text for p in problems]  # no chat template on the tiny model
     assert [list(p.token_ids) for p in carried] == [tokenizer(p.text)["input_ids"] for p in problems]
 
-    def never(text: str) -> int:
-        raise AssertionError("a prompt with token ids was tokenized again")
-
-    kept = drop_long_prompts(LoadResult(carried, collections.Counter()), never, max_tokens=14)
-    by_count = drop_long_prompts(LoadResult(problems, collections.Counter()),
-                                 lambda text: len(tokenizer(text)["input_ids"]), max_tokens=14)
-    assert [p.uid for p in kept.prompts] == [p.uid for p in by_count.prompts]
-    assert kept.skipped == by_count.skipped and kept.skipped[OVER_MAX_PROMPT_TOKENS] > 0
+    kept = drop_long_prompts(LoadResult(carried, collections.Counter()), max_tokens=14)
+    by_count = [p for p in problems if len(tokenizer(p.text)["input_ids"]) <= 14]
+    assert [p.uid for p in kept.prompts] == [p.uid for p in by_count]
+    assert kept.skipped[OVER_MAX_PROMPT_TOKENS] == len(problems) - len(by_count) > 0
+    with pytest.raises(ValueError, match="needs prompts with token ids .* 100 have none, e.g. 'synthetic-"):
+        drop_long_prompts(LoadResult(problems, collections.Counter()), max_tokens=14)  # not through prompts_for_model
 
 
 def test_synthetic_is_deterministic_and_seeded() -> None:

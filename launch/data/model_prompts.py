@@ -8,7 +8,7 @@ rollout worker checks the length and the engine samples without tokenizing again
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from launch.data.sources import LoadResult
@@ -36,13 +36,16 @@ def with_token_ids(prompts: Sequence[Prompt], tokenizer) -> list[Prompt]:
     return [replace(p, token_ids=tuple(prompt_token_ids(tokenizer, p.text))) for p in prompts]
 
 
-def drop_long_prompts(result: LoadResult, count_tokens: Callable[[str], int], max_tokens: int) -> LoadResult:
+def drop_long_prompts(result: LoadResult, max_tokens: int) -> LoadResult:
     """`result` without the prompts longer than `max_tokens` tokens; they are added to `skipped`
-    under OVER_MAX_PROMPT_TOKENS. A prompt's length is that of its carried token ids, else
-    `count_tokens(text)` (the policy's tokenizer). Run at load time so that the rollout workers'
-    own length check (a second line) refuses nothing in a normal run."""
-    kept = [p for p in result.prompts
-            if (len(p.token_ids) if p.token_ids is not None else count_tokens(p.text)) <= max_tokens]
+    under OVER_MAX_PROMPT_TOKENS. A prompt's length is that of its carried token ids
+    (`prompts_for_model` attaches them: nothing is tokenized here). Run at load time so that the
+    rollout workers' own length check (a second line) refuses nothing in a normal run."""
+    missing = [p.uid for p in result.prompts if p.token_ids is None]
+    if missing:
+        raise ValueError(f"drop_long_prompts needs prompts with token ids (prompts_for_model); {len(missing)} "
+                         f"have none, e.g. {missing[0]!r}")
+    kept = [p for p in result.prompts if len(p.token_ids) <= max_tokens]
     skipped = collections.Counter(result.skipped)
     if len(kept) < len(result.prompts):
         skipped[OVER_MAX_PROMPT_TOKENS] += len(result.prompts) - len(kept)
