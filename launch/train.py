@@ -72,6 +72,8 @@ class Prefetched(NamedTuple):
     """A batch whose sampling started during the previous iteration (train.overlap)."""
 
     num_prompts: int
+    version: int
+    """Weight version of the engines that sample it (one behind the learner once this iteration syncs)."""
     cursor_before: dict
     """Data cursor before this batch was drawn: a checkpoint taken while it is pending rewinds to it."""
     sampled: Future  # -> Sampled
@@ -124,12 +126,12 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             # sample + score (workers) -> filter + learn (learner), streamed group by group, so the
             # backprop of early groups overlaps the sampling of later ones.
             num_prompts, groups = batch_prompts(cfg), []
-            run.learner.begin_batch(num_prompts)
+            run.learner.begin_batch(num_prompts, sampled_version=run.version)
             prompts = run.cursor.next_batch(num_prompts)
         else:  # sampled during the previous iteration's learn phase; only the rest of the wait is on the clock
             num_prompts, (groups, report) = run.prefetched.num_prompts, run.prefetched.sampled.result(cfg.train.actor_timeout_s)
+            run.learner.begin_batch(num_prompts, sampled_version=run.prefetched.version)
             run.prefetched = None
-            run.learner.begin_batch(num_prompts)
             run.learner.add_groups(groups)
             prompts, report.unsampled = report.unsampled, []  # every worker died during the prefetch
         for group in sample(run, prompts, run.iteration, report):
@@ -249,7 +251,8 @@ def start_prefetch(run: Run, num_prompts: int) -> Prefetched:
     while it is pending rewinds to it and --resume samples that batch again."""
     cursor_before = run.cursor.state()
     prompts = run.cursor.next_batch(num_prompts)
-    return Prefetched(num_prompts, cursor_before, run.prefetcher.submit(sample_all, run, prompts, run.iteration + 1))
+    return Prefetched(num_prompts, run.version, cursor_before,
+                      run.prefetcher.submit(sample_all, run, prompts, run.iteration + 1))
 
 
 def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> Sampled:

@@ -186,10 +186,12 @@ class LearnerGroup:
         """The LearnerRank actor handles, rank order (see the module docstring for what they hold)."""
         return list(self._actors)
 
-    def begin_batch(self, num_groups: int) -> None:
+    def begin_batch(self, num_groups: int, sampled_version: int | None = None) -> None:
         """Announce a sampled batch of `num_groups` groups: num_groups / prompts_per_step * epochs_per_batch steps,
-        learned from the current `policy_version` (group staleness is measured against it)."""
-        self._batcher.begin_batch(num_groups, self.policy_version)
+        learned from the current `policy_version` (group staleness is measured against it), sampled by
+        engines holding `sampled_version` (None: the current one)."""
+        sampled = self.policy_version if sampled_version is None else sampled_version
+        self._batcher.begin_batch(num_groups, self.policy_version, self.policy_version - sampled)
 
     def drop_slots(self, n: int) -> None:
         """`n` announced groups will never come (refused prompts; see `StreamingBatcher.drop_slots`)."""

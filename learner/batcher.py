@@ -17,9 +17,9 @@ steps g = 0 .. S*E - 1 in order, step g trains on the samples of slot s = g mod 
 - Old (proximal) logprobs, the PPO ratio's denominator: the policy of the weights the batch began
   with. "sampler" -> the engine's. With S*E == 1 -> rho = 1 (the detached current logprobs ARE the
   old ones: no extra pass). With S*E > 1 a sample of slots 1.. needs them from elsewhere:
-  - "auto", a group sampled by an exact engine (`sampler_exact`) at the learner's current version:
-    the engine's logprobs are the pre-update policy's, so they are taken as they are (no pass, and
-    step 0 streams like the others);
+  - "auto", a batch that `begin_batch` announces as sampled by the current weights, from an exact
+    engine (`sampler_exact`): the engine's logprobs are the pre-update policy's, so they are taken
+    as they are (no pass, and step 0 streams like the others);
   - otherwise ("recompute", or a stale / inexact group) a no-grad pass with the pre-update weights,
     streamed in rounds like the backward passes as the groups arrive; step 0's samples keep the
     detached logprobs of their own backward pass (asked for only when E > 1). Step 0 is then taken
@@ -163,7 +163,10 @@ class _Batch:
     total_steps: int
     """S * epochs_per_batch."""
     needs_old: bool
-    """Some sample of a later step needs a recomputed old logprob (a no-grad pass, module docstring)."""
+    """The samples of later steps need recomputed old logprobs (a no-grad pass, module docstring)."""
+    sampler_is_old: bool
+    """learner.old_logprobs="auto" with an exact engine and a batch sampled by the current weights:
+    the engine's logprobs are the old ones."""
     policy_version: int
     """The learner's version when the batch began (a group's staleness is this minus its own)."""
     take_step: Callable[[float], list[Any]]
@@ -239,10 +242,13 @@ class StreamingBatcher:
         """Sample.uid -> (C,) recomputed old logprobs of the last batch (empty unless it needed them)."""
         return self._batch.logprobs_old if self._batch is not None else {}
 
-    def begin_batch(self, num_groups: int, policy_version: int = 0) -> None:
+    def begin_batch(self, num_groups: int, policy_version: int = 0, staleness: int = 0) -> None:
         """Announce a sampled batch of `num_groups` groups (a multiple of prompts_per_step), to be
-        learned by weights of version `policy_version` (what group staleness is measured against)."""
-        self._begin(num_groups, self.pool.step, policy_version)
+        learned by weights of version `policy_version` (what group staleness is measured against),
+        sampled by engines `staleness` versions behind (0: synchronous; 1: train.overlap's prefetch).
+        The announcement decides, before any group arrives, whether the batch needs recomputed old
+        logprobs (learner.old_logprobs="auto")."""
+        self._begin(num_groups, self.pool.step, policy_version, staleness)
 
     def drop_slots(self, n: int) -> None:
         """`n` announced groups will never arrive (their prompts were refused before sampling, e.g.
@@ -289,18 +295,16 @@ class StreamingBatcher:
             b.slots += 1
             b.step_samples[slot].extend(res.samples)
             b.step_samples_in[slot] += res.samples_in
-            exact = self._sampler_is_old(stale)
+            exact = b.sampler_is_old and stale == 0
             if exact:
                 b.logprobs_old.update({s.uid: torch.tensor(s.logprobs_sampler) for s in res.samples})
-            elif self.cfg.old_logprobs == "auto" and b.total_steps > 1 and res.samples and not b.needs_old:
-                if b.step > 0:
-                    raise ValueError(f"group {g.prompt.uid!r} (version {g.policy_version}) needs recomputed old "
-                                     f"logprobs, but the batch's exact groups already took step 0 with the "
-                                     "weights that would compute them; a batch must be sampled by one version")
-                b.needs_old = True
+            elif b.sampler_is_old and res.samples and b.total_steps > 1:
+                raise ValueError(f"group {g.prompt.uid!r} was sampled {stale} versions behind the learner, in a batch "
+                                 "announced as sampled by the current weights (begin_batch staleness=0): its old "
+                                 "logprobs cannot be recomputed once the batch's steps have begun")
             if slot == b.step:
                 b.unsent.extend(res.samples)
-            elif b.needs_old and not exact:
+            elif b.needs_old:
                 b.unsent_old.extend(res.samples)
         self._advance(at_end=False)
 
@@ -348,7 +352,7 @@ class StreamingBatcher:
             self.pool.wait(self.pool.discard_gradients())
             return []
 
-        self._begin(self.cfg.prompts_per_step, read_and_drop, max((g.policy_version for g in groups), default=0))
+        self._begin(self.cfg.prompts_per_step, read_and_drop, max((g.policy_version for g in groups), default=0), 0)
         self.add_groups(groups)
         self.end_batch()
         if not gradients:
@@ -356,11 +360,8 @@ class StreamingBatcher:
         return gradients
 
     # ---- internals --------------------------------------------------------------------------
-    def _sampler_is_old(self, staleness: int) -> bool:
-        """learner.old_logprobs="auto": a group's engine logprobs are the pre-update policy's."""
-        return self.cfg.old_logprobs == "auto" and self.sampler_exact and staleness == 0
-
-    def _begin(self, num_groups: int, take_step: Callable[[float], list[Any]], policy_version: int) -> None:
+    def _begin(self, num_groups: int, take_step: Callable[[float], list[Any]], policy_version: int,
+               staleness: int) -> None:
         if self._open:
             raise RuntimeError("begin_batch called while a batch is open (call end_batch first)")
         if num_groups < 1 or num_groups % self.cfg.prompts_per_step:
@@ -368,8 +369,12 @@ class StreamingBatcher:
                              f"{self.cfg.prompts_per_step} groups, got {num_groups}")
         per_epoch = num_groups // self.cfg.prompts_per_step
         total = per_epoch * self.cfg.epochs_per_batch
-        self._batch = _Batch(num_groups, per_epoch, total, self.cfg.old_logprobs == "recompute" and total > 1,
-                             policy_version, take_step, [[] for _ in range(per_epoch)], [0] * per_epoch)
+        # learner.old_logprobs="auto": the engines' logprobs are the pre-update policy's when they are
+        # exact and sampled with the learner's current weights; then no old-logprob pass is needed
+        sampler_is_old = self.cfg.old_logprobs == "auto" and self.sampler_exact and staleness == 0
+        needs_old = total > 1 and self.cfg.old_logprobs != "sampler" and not sampler_is_old
+        self._batch = _Batch(num_groups, per_epoch, total, needs_old, sampler_is_old, policy_version, take_step,
+                             [[] for _ in range(per_epoch)], [0] * per_epoch)
         self._open = True
 
     def _advance(self, at_end: bool) -> None:

@@ -211,7 +211,7 @@ def test_old_logprobs_auto_takes_exact_fresh_sampler_logprobs_and_recomputes_sta
 
     # the same groups one version stale: the engine was not the pre-update policy -> recomputed
     weights_before = trainer.full_weights()
-    exact.begin_batch(4, policy_version=1)
+    exact.begin_batch(4, policy_version=1, staleness=1)
     exact.add_groups(groups[:2])
     assert trainer.optimizer_steps == steps + 2  # step 0 now waits for the old-logprob pass
     exact.add_groups(groups[2:])
@@ -222,11 +222,17 @@ def test_old_logprobs_auto_takes_exact_fresh_sampler_logprobs_and_recomputes_sta
 
     # two versions stale with learner.max_staleness = 1: dropped before any pass, counted
     calls = trainer.forward_calls
-    exact.begin_batch(4, policy_version=2)
+    exact.begin_batch(4, policy_version=2, staleness=2)
     exact.add_groups(groups)
     dropped = exact.end_batch()
     assert dropped.drop_reasons == {"stale": 16} and dropped.samples_kept == 0 and dropped.steps == 0
     assert trainer.forward_calls == calls and dropped.staleness == {2: 4}
+
+    # a group staler than its batch was announced: its old logprobs could no longer be recomputed
+    exact.begin_batch(4, policy_version=1, staleness=0)
+    with pytest.raises(ValueError, match="announced as sampled by the current weights"):
+        exact.add_groups(groups)
+    exact.abort_batch()
 
     # an engine that is not exact (bf16, top_p < 1): "auto" recomputes even fresh groups
     inexact = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW, sampler_exact=False)
