@@ -65,9 +65,8 @@ class LearnerRank:
         return self.trainer.old_logprobs(mb)
 
     def set_threads(self, threads: int) -> None:
-        """Intra-op torch threads of the passes after this call (the actor runs calls in order)."""
-        if threads < 1:
-            raise ValueError(f"set_threads needs >= 1 thread, got {threads}")
+        """Intra-op torch threads of the passes after this call (the actor runs calls in order;
+        `LearnerGroup.set_threads` checks the count)."""
         torch.set_num_threads(threads)
 
     def step(self, normaliser: float) -> StepResult:

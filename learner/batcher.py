@@ -42,7 +42,7 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.filtering import FilterResult, Sample, select_samples
-from learner.losses import ISStats, effective_sample_size, step_normaliser
+from learner.losses import NO_IS_STATS, effective_sample_size, step_normaliser
 from learner.packing import MicroBatch, collate, pack_by_length, padded_cost, split_across_ranks
 from learner.trainer import MicroResult, RankTrainer, StepResult
 from learner.groups import ScoredGroupLike
@@ -470,7 +470,7 @@ class StreamingBatcher:
         st = LearnStats(samples_in=b.samples_in, samples_kept=sum(len(x) for x in b.step_samples),
                         drop_reasons=dict(b.drop_reasons), refill_needed=b.groups_dropped, empty_steps=b.empty_steps,
                         staleness=dict(sorted(b.staleness.items())))
-        iw = ISStats(0.0, 0.0, 0, 0.0, 0.0, 0)
+        iw = NO_IS_STATS
         loss_per_step: dict[int, float] = {}
         clipped = kl = ratio = diff = 0.0
         diff_tokens, ratio_max = 0, 0.0
@@ -485,10 +485,7 @@ class StreamingBatcher:
                 loss_per_step[step] = loss_per_step.get(step, 0.0) + r.loss_sum
                 st.completion_tokens += r.tokens
                 clipped, kl, ratio = clipped + r.clipped_tokens, kl + r.kl_sum, ratio + r.ratio_sum
-                s = r.is_stats
-                iw = ISStats(iw.raw_sum + s.raw_sum, max(iw.raw_max, s.raw_max), iw.capped + s.capped,
-                             iw.applied_sum + s.applied_sum, iw.applied_sq_sum + s.applied_sq_sum,
-                             iw.num_tokens + s.num_tokens)
+                iw = iw.plus(r.is_stats)
                 st.seconds_forward += r.seconds_forward
                 st.seconds_backward += r.seconds_backward
                 if step == 0:

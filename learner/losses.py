@@ -114,6 +114,16 @@ class ISStats(NamedTuple):
     """sum_t a_t^2: with applied_sum, the effective sample size (sum a)^2 / (K sum a^2)."""
     num_tokens: int
 
+    def plus(self, other: "ISStats") -> "ISStats":
+        """The statistics of both token sets (sums add, the max is the larger)."""
+        return ISStats(self.raw_sum + other.raw_sum, max(self.raw_max, other.raw_max), self.capped + other.capped,
+                       self.applied_sum + other.applied_sum, self.applied_sq_sum + other.applied_sq_sum,
+                       self.num_tokens + other.num_tokens)
+
+
+NO_IS_STATS = ISStats(0.0, 0.0, 0, 0.0, 0.0, 0)
+"""The statistics over no token (a dummy or no-grad pass; the start of a sum)."""
+
 
 def effective_sample_size(applied_sum: float, applied_sq_sum: float, num_tokens: int) -> float:
     """Normalised ESS of the applied weights, (sum a)^2 / (K sum a^2) in (0, 1]: 1 when every token

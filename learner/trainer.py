@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 from learner.config import LearnerConfig
-from learner.losses import ISStats, LogprobMismatch, behaviour_weights, logprob_mismatch, ppo_clip_loss_sum
+from learner.losses import NO_IS_STATS, ISStats, LogprobMismatch, behaviour_weights, logprob_mismatch, ppo_clip_loss_sum
 from learner.packing import MicroBatch, varlen_inputs
 
 
@@ -63,10 +63,6 @@ class MicroResult(NamedTuple):
     """Backward pass wall time on the rank (0 for a no-grad pass)."""
     logprobs: dict[int, torch.Tensor]
     """Sample.uid -> (C,) detached learner logprobs, when asked for (old logprobs for later steps)."""
-
-
-NO_IS_STATS = ISStats(0.0, 0.0, 0, 0.0, 0.0, 0)
-"""The off-policy statistics of a pass with no loss tokens (dummy, no-grad)."""
 
 
 class StepResult(NamedTuple):

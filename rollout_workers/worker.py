@@ -45,7 +45,8 @@ class RolloutRequest:
     """Sampling parameters; `params.n` is the group size G."""
     engine_threads: int = 0
     """Intra-op torch threads the engine samples this request with (0 = the actor's reservation,
-    rollout.cpus_per_worker). The driver raises it while the learner waits (train.thread_handover).
+    rollout.cpus_per_worker). The driver raises it while the learner idles (evaluation,
+    train.thread_handover).
     In-process torch engines only: vLLM's CPU build binds its threads when it starts."""
 
 
@@ -178,7 +179,9 @@ class RolloutWorker:
                  weight_transfer_backend: str = "reload") -> None:
         from rollout_workers.reward_pool import RewardPool
 
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        self._own_threads = max(1, int(cfg.cpus_per_worker))
+        """Torch threads of the actor's CPU reservation (a request may name another count)."""
+        torch.set_num_threads(self._own_threads)
         self._cfg = cfg
         self._name = name
         self._engine = make_engine(cfg, model_path, EngineOptions(
@@ -346,7 +349,7 @@ class RolloutWorker:
                     yield r
                 # The engine samples on the feed's thread while this one scores: leaving the block
                 # (done, cancelled by the driver, or failed) stops the engine before the lock is released.
-                threads = request.engine_threads or max(1, int(self._cfg.cpus_per_worker))
+                threads = request.engine_threads or self._own_threads
                 with GroupFeed(with_torch_threads(threads, self._engine.generate(kept, request.params)),
                                first_progress, cancelled, self._name) as groups:
                     for scored in self._score_stream(groups, request.batch_id, cancelled):
