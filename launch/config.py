@@ -84,8 +84,10 @@ class TrainConfig:
     """"dash" (preemptive sampling + gradient filtering) or "standard_grpo" (one micro-batch sampled at a time, no filter: learner.filter resolves to false, and setting it true is an error)."""
     overlap: bool = False
     """Sample batch t+1 with the current weights while the learner trains on batch t (one policy version off-policy; staleness is logged). The pipeline drains before each checkpoint, so --resume stays exact."""
+    stream_learn: bool = True
+    """The learner backprops each group as it arrives, while the engines still sample (DASH's streamed learner: it pays where engines and learner have their own devices). false: the learner is handed the groups when the sampling ends, so on CPU with train.thread_handover the engines sample on all the job's cores and the learner then learns on all of them. With train.overlap it concerns only the first batch (later ones are sampled during the previous batch's learning, and each side keeps its cores)."""
     thread_handover: bool = True
-    """train.placement=cpu: a phase in which only one side works gets the job's reserved cores: the learn tail (the engines idle; divided among learner ranks) and evaluation (the learner idles; divided among engines). While the engines sample, the learner streams the groups already in, so each keeps its own reservation; with train.overlap too. false = each actor always keeps its own."""
+    """train.placement=cpu: a phase in which only one side works gets the job's reserved cores: the learn tail (the engines idle; divided among learner ranks), evaluation (the learner idles; divided among engines), and with train.stream_learn=false sampling too (the learner waits; divided among engines). While the engines sample and the learner streams, each keeps its own reservation; with train.overlap too. false = each actor always keeps its own."""
     placement: str = "auto"
     """"auto", "cpu", "colocated" (engines and learner share GPUs) or "disaggregated" (separate GPUs)."""
     num_gpus: int = 0
@@ -272,6 +274,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.overlap and l.max_staleness < 1:
         raise ConfigError("train.overlap=true samples every batch one policy version stale: learner.max_staleness "
                           f"must be >= 1 (got {l.max_staleness}), or every prefetched group would be dropped")
+    if l.refill and not cfg.train.stream_learn:
+        raise ConfigError("learner.refill=true with train.stream_learn=false is not supported: a refill round needs the "
+                          "filter's verdict on the groups while the engines still sample")
     if l.refill and cfg.train.overlap:
         raise ConfigError("learner.refill=true with train.overlap=true is not supported: a prefetched batch is "
                           "sampled before the learner knows which of its groups the filter drops")

@@ -25,7 +25,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import ray
 import torch
@@ -134,9 +134,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             run.prefetched = None
             run.learner.add_groups(groups)
             prompts, report.unsampled = report.unsampled, []  # every worker died during the prefetch
-        for group in sample(run, prompts, run.iteration, report):
-            groups.append(group)
-            run.learner.add_groups([group])
+        groups += learn_as_sampled(run, sample(run, prompts, run.iteration, report))
         # A prompt a worker refused (too long for the engine) never sends a group: its slot is
         # dropped, or left empty for the refill below (learner.refill).
         run.learner.drop_slots(sum(report.refused.values()))
@@ -147,9 +145,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             if wanted == 0:
                 break
             refill_prompts += wanted
-            for group in sample(run, run.cursor.next_batch(wanted), run.iteration, report, refill):
-                groups.append(group)
-                run.learner.add_groups([group])
+            groups += learn_as_sampled(run, sample(run, run.cursor.next_batch(wanted), run.iteration, report, refill))
     if prefetch_next:
         run.prefetched = start_prefetch(run, num_prompts)
     if cfg.rollout.enable_sleep_mode:  # colocated: free the GPUs for the learner until the sync
@@ -203,6 +199,19 @@ def sync_engines(run: Run) -> SyncError | None:
     except SyncError as e:
         return e
     return None
+
+
+def learn_as_sampled(run: Run, groups: Iterable[ScoredGroup]) -> list[ScoredGroup]:
+    """Hand sampled groups to the learner: each as it arrives (train.stream_learn), or all of them
+    once the sampling ends, so that the engines had the cores to themselves (`thread_budget`)."""
+    got = []
+    for group in groups:
+        got.append(group)
+        if run.cfg.train.stream_learn:
+            run.learner.add_groups([group])
+    if not run.cfg.train.stream_learn:
+        run.learner.add_groups(got)
+    return got
 
 
 def sample(run: Run, prompts: list[Prompt], iteration: int, report: BatchReport, refill: int = 0,
@@ -439,6 +448,9 @@ def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
     cores; where both work, each keeps its own reservation, since more threads than cores cost
     more than they give (measured: README, "Async, off-policy correction and threads").
       sample: the engines sample while the learner streams the passes of the groups already in;
+              with train.stream_learn=false the learner waits instead: the engines get the
+              cores, and the learner its learn share for when the groups are handed over
+              (not with train.overlap, whose engines sample while the learner learns);
       learn:  the backprop tail after the last group: the engines idle (unless train.overlap
               samples the next batch meanwhile);
       eval:   the engines sample the held-out set; the learner idles.
@@ -450,10 +462,14 @@ def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
     own = ThreadBudget(max(1, int(r.cpus_per_worker)), l.torch_threads or max(1, int(l.cpus_per_rank)))
     if not cfg.train.thread_handover or resolved_placement(cfg) != "cpu":
         return own
+    learn_share = max(1, cores // l.num_ranks)
+    engine_share = max(1, cores // r.num_workers) if get_engine(r.engine).threads_per_call else own.engine
+    if phase == "sample" and not cfg.train.stream_learn and not cfg.train.overlap:
+        return ThreadBudget(engine_share, learn_share)
     if phase == "learn" and not cfg.train.overlap:
-        return own._replace(learner=max(1, cores // l.num_ranks))
-    if phase == "eval" and get_engine(r.engine).threads_per_call:  # an engine that binds its threads at start keeps them
-        return own._replace(engine=max(1, cores // r.num_workers))
+        return own._replace(learner=learn_share)
+    if phase == "eval":  # an engine that binds its threads at start (threads_per_call false) keeps them
+        return own._replace(engine=engine_share)
     return own
 
 

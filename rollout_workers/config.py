@@ -47,11 +47,11 @@ class RolloutConfig:
     """Longest prompt accepted; longer prompts are skipped and counted."""
     dtype: str = "float32"
     """Engine weight dtype: "float32" or "bfloat16" (sync casts learner weights to it)."""
-    gen_batch_tokens: int = 16384
-    """transformers engine: budget per generate() chunk, in (prompt+completion) tokens. On 2 CPU
-    cores the reasoning bench's 512 samples of 144 tokens ran 1.8x faster in chunks of 16,384
-    tokens than of 65,536 (9.5k against 5.2k tokens/s): a bigger batch's KV cache outgrows the CPU
-    caches. Raise it on a GPU."""
+    gen_batch_tokens: int = 131072
+    """transformers engine: budget per decode chunk, in (prompt+completion) tokens. On 2 CPU cores
+    the reasoning bench's 512 samples of up to 144 tokens decode in 5.9 ms each in one chunk against
+    8.4 ms in chunks of 16,384 (`python -m launch.bench decode`, README "Sampling speed"); smaller
+    chunks hand their groups over sooner (train.stream_learn) and hold less KV cache."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs per engine (placement bundles per worker)."""
     gpu_memory_utilization: float = 0.5

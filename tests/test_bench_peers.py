@@ -70,24 +70,29 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
         per_iteration = cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
         seen[name] = (cfg.train.iterations * per_iteration, cfg.eval.every * per_iteration, cfg.learner.filter,
                       cfg.train.mode, cfg.rollout.prompts_per_generation, cfg.learner.old_logprobs,
-                      cfg.train.thread_handover, cfg.train.overlap, cfg.learner.off_policy)
+                      cfg.train.thread_handover, cfg.train.overlap, cfg.learner.off_policy, cfg.train.stream_learn)
         assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.learner.lr, cfg.eval.size) == (
             plan.group_size, plan.max_new_tokens, plan.lr, plan.eval_size)
         assert cfg.data.synthetic_tasks == (plan.task,) and cfg.data.seed == 0  # same problems for every seed
         assert (cfg.train.seed, cfg.rollout.seed, cfg.learner.seed) == (2, 2, 2)
     assert {v[:2] for v in seen.values()} == {(plan.prompts, plan.eval_every_prompts)}
     dash = (True, "dash", plan.prompts_per_generation)
-    assert seen["dash"][2:] == (*dash, "auto", True, False, "none")
-    assert seen["standard_grpo"][2:4] == (False, "standard_grpo") and seen["standard_grpo"][6] is True
-    assert seen["standard_grpo_no_handover"][2:6] + seen["standard_grpo_no_handover"][7:] == seen["standard_grpo"][2:6] + (False, "none")
-    assert seen["standard_grpo_no_handover"][6] is False
+    # (filter, mode, prompts_per_generation, old_logprobs, thread_handover, overlap, off_policy, stream_learn);
+    # dash waits for its engine call (the preset's stream_learn=false), standard GRPO streams (its faster mode)
+    assert seen["dash"][2:] == (*dash, "auto", True, False, "none", False)
+    assert seen["dash_stream"][2:] == (*dash, "auto", True, False, "none", True)
+    assert seen["standard_grpo"][2:4] == (False, "standard_grpo") and seen["standard_grpo"][6:] == (True, False, "none", True)
+    assert seen["standard_grpo_no_handover"][2:6] == seen["standard_grpo"][2:6]
+    assert seen["standard_grpo_no_handover"][6:] == (False, False, "none", True)
+    assert seen["standard_grpo_no_stream"][2:6] == seen["standard_grpo"][2:6]
+    assert seen["standard_grpo_no_stream"][6:] == (True, False, "none", False)
     assert seen["dash_no_filter"][2:5] == (False, "dash", plan.prompts_per_generation)
     assert seen["dash_no_preemptive"][2:5] == (True, "dash", plan.prompts_per_step)
-    assert seen["dash_recompute"][2:] == (*dash, "recompute", True, False, "none")
-    assert seen["dash_no_handover"][2:] == (*dash, "auto", False, False, "none")
-    assert seen["dash_async"][2:] == (*dash, "auto", True, True, "decoupled")
-    assert seen["dash_async_tis"][2:] == (*dash, "auto", True, True, "tis")
-    assert seen["dash_async_naive"][2:] == (*dash, "auto", True, True, "none")
+    assert seen["dash_recompute"][2:] == (*dash, "recompute", True, False, "none", False)
+    assert seen["dash_no_handover"][2:] == (*dash, "auto", False, False, "none", False)
+    assert seen["dash_async"][2:-1] == (*dash, "auto", True, True, "decoupled")
+    assert seen["dash_async_tis"][2:-1] == (*dash, "auto", True, True, "tis")
+    assert seen["dash_async_naive"][2:-1] == (*dash, "auto", True, True, "none")
     assert {PLANS[(r, q)].task for r, q in PLANS} == {"add", "chain"}
 
 

@@ -47,6 +47,7 @@ def test_wrong_type_names_key_and_type():
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),
     (["learner.torch_threads=-1"], r"learner\.torch_threads must be >= 0"),
     (["learner.refill=true", "train.overlap=true"], r"learner\.refill=true with train\.overlap=true is not supported"),
+    (["learner.refill=true", "train.stream_learn=false"], r"learner\.refill=true with train\.stream_learn=false is not supported"),
     (["learner.refill=true", "train.mode=standard_grpo"], r"learner\.refill=true needs the gradient filter"),
     (["learner.refill_rounds=0"], r"learner\.refill_rounds must be >= 1"),
     (["train.overlap=true", "learner.max_staleness=0"], r"learner\.max_staleness must be >= 1 \(got 0\)"),
@@ -64,7 +65,8 @@ def test_thread_budget_hands_the_reserved_cores_to_the_side_that_works_alone(mon
     """2 reserved cores (1 engine + 1 learner rank): while the engine samples and the learner
     streams, each keeps its own; the learn tail gets both cores, evaluation too. With overlap the
     tail runs beside the next batch's sampling; with vLLM's CPU build (threads bound at start) the
-    engine keeps its own; with the handover off every phase keeps the reservations."""
+    engine keeps its own; with train.stream_learn=false sampling is a phase the engine works alone;
+    with the handover off every phase keeps the reservations."""
     from launch.train import ThreadBudget, thread_budget
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
@@ -78,6 +80,16 @@ def test_thread_budget_hands_the_reserved_cores_to_the_side_that_works_alone(mon
     assert {thread_budget(off, p) for p in ("sample", "learn", "eval")} == {ThreadBudget(1, 1)}
     vllm = load_config(None, ["rollout.engine=vllm"])
     assert [thread_budget(vllm, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 2), (1, 1)]
+    # train.stream_learn=false: the learner waits while the engine samples, so the engine gets the
+    # cores and the learner is set to its learn share before the groups are handed over
+    wait = load_config(None, ["train.stream_learn=false"])
+    assert [thread_budget(wait, p) for p in ("sample", "learn", "eval")] == [(2, 2), (1, 2), (2, 1)]
+    wait_vllm = load_config(None, ["train.stream_learn=false", "rollout.engine=vllm"])
+    assert [thread_budget(wait_vllm, p) for p in ("sample", "learn", "eval")] == [(1, 2), (1, 2), (1, 1)]
+    wait_overlap = load_config(None, ["train.stream_learn=false", "train.overlap=true"])  # prefetch beside learning
+    assert [thread_budget(wait_overlap, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 1), (2, 1)]
+    wait_off = load_config(None, ["train.stream_learn=false", "train.thread_handover=false"])
+    assert {thread_budget(wait_off, p) for p in ("sample", "learn", "eval")} == {ThreadBudget(1, 1)}
     monkeypatch.setattr("os.cpu_count", lambda: 1)  # never more threads than the node has
     assert thread_budget(load_config(None, []), "learn") == ThreadBudget(1, 1)
     with pytest.raises(ValueError, match="phase must be one of"):

@@ -208,8 +208,30 @@ def test_prompt_is_prefilled_once_per_group_not_per_sample(engine):
         hook.remove()
     assert [len(g.completions) for g in groups] == [n, n]
     assert calls[0] == (2, width - 1)  # one prefill of the prompts, all but their last token
-    assert all(rows == 2 * n and length == 1 for rows, length in calls[1:])  # then one token per step
-    assert len(calls) >= 2
+    assert calls[1] == (2 * n, 1)  # then one token per step for every sample
+    assert all(length == 1 and rows <= 2 * n for rows, length in calls[2:])  # (ended rows leave the batch)
+
+
+def test_ended_rows_leave_the_batch_and_the_rest_keep_their_cache(engine):
+    """An EOS takes its row out of the decode batch and its KV cache (HFEngine._decode): the
+    steps after it run fewer rows, and every completion, those of the rows that stayed
+    included, still has the logprobs of a teacher-forced pass (a cache row left behind or
+    misaligned would change them)."""
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of each forward: prefills run > 1 token
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        params = SamplingParamsSpec(n=4, temperature=1.0, max_new_tokens=10, seed=11)
+        groups = list(engine.generate(PROMPTS, params))
+    finally:
+        hook.remove()
+    completions = [(g, c) for g in groups for c in g.completions]
+    assert {c.finish_reason for _, c in completions} == {"stop", "length"}, "the seed should give both kinds"
+    shrank = [a[1] == b[1] == 1 and b[0] < a[0] for a, b in zip(calls, calls[1:])]  # decode step after decode step
+    assert any(shrank), f"no decode step ran fewer rows than the one before it: {calls}"
+    for g, c in completions:
+        want = _teacher_forced_logprobs(engine, g.prompt_token_ids, c.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(c.logprobs_sampler), want, atol=1e-4, rtol=0)
 
 
 def _cut_one_element_at_a_time(new_tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids) -> list[CutRow]:

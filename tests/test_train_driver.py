@@ -81,3 +81,39 @@ def test_log_samples_must_not_be_negative():
     assert load_config(None, []).run.log_samples == 4
     with pytest.raises(ConfigError, match=r"run\.log_samples must be >= 0"):
         load_config(None, ["run.log_samples=-1"])
+
+
+class _RecordingLearner:
+    """Stands in for LearnerGroup's add_groups: records what it was handed, and when."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def add_groups(self, groups) -> None:
+        self.events.append(("learner", tuple(groups)))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_groups_reach_the_learner_as_sampled_or_once_the_sampling_ends(stream):
+    """train.stream_learn: streamed, each group is handed over before the next is sampled (its
+    backprop overlaps the sampling); not streamed, nothing reaches the learner until the engines
+    are done, so they had every core (thread_budget's "sample" phase)."""
+    from types import SimpleNamespace
+
+    from launch.train import learn_as_sampled
+
+    events: list = []
+
+    def sampled():
+        for g in ("g0", "g1", "g2"):
+            events.append(("engine", g))
+            yield g
+
+    cfg = load_config(None, [f"train.stream_learn={str(stream).lower()}"])
+    run = SimpleNamespace(cfg=cfg, learner=_RecordingLearner(events))
+    assert learn_as_sampled(run, sampled()) == ["g0", "g1", "g2"]
+    if stream:
+        assert events == [("engine", "g0"), ("learner", ("g0",)), ("engine", "g1"), ("learner", ("g1",)),
+                          ("engine", "g2"), ("learner", ("g2",))]
+    else:
+        assert events == [("engine", "g0"), ("engine", "g1"), ("engine", "g2"), ("learner", ("g0", "g1", "g2"))]

@@ -7,6 +7,7 @@
     python -m launch.bench all [--quick] [--skip dash]   # all of the above + the README table (runs/bench/table.md)
     python -m launch.bench rewards --samples 2000          # scoring ms/sample: exact fast path vs math-verify
     python -m launch.bench prefill --model DIR             # HF engine: shared vs per-sample prompt prefill
+    python -m launch.bench decode --model DIR              # HF engine: chunk budgets, ended rows leaving the batch
     python -m launch.bench layout --json runs/bench/layout.json  # learner micro-batch layouts: dense mask vs padded
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ from launch.bench.dash import fmt, fmt_spread
 
 BENCHES = {"learner": "launch.bench.learner", "engine": "launch.bench.engine", "sync": "launch.bench.sync",
            "dash": "launch.bench.dash"}
-EXTRA = {"rewards": "launch.bench.rewards", "prefill": "launch.bench.prefill", "layout": "launch.bench.layout"}
-"""Benchmarks run by name only (not by `all`): prefill needs a real model directory; layout compares
+EXTRA = {"rewards": "launch.bench.rewards", "prefill": "launch.bench.prefill", "decode": "launch.bench.decode",
+         "layout": "launch.bench.layout"}
+"""Benchmarks run by name only (not by `all`): prefill and decode need a model directory; layout compares
 the learner's micro-batch layouts (a design measurement, not a table figure)."""
 
 

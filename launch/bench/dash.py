@@ -16,12 +16,14 @@ optimizer step:
 | contender          | what runs                                                                     |
 |--------------------|-------------------------------------------------------------------------------|
 | dash               | `launch.train` with train.mode=dash (preemptive sampling + gradient filter)   |
-| standard_grpo      | train.mode=standard_grpo learner.filter=false (one micro-batch per engine call)|
+| standard_grpo      | train.mode=standard_grpo learner.filter=false (one micro-batch per engine call), train.stream_learn=true (its faster mode here) |
 | dash_no_filter     | dash with learner.filter=false                                                |
 | dash_no_preemptive | dash with rollout.prompts_per_generation = learner.prompts_per_step           |
 | dash_recompute     | dash with learner.old_logprobs=recompute (old-logprob pass even when exact)   |
 | dash_no_handover   | dash with train.thread_handover=false (each actor keeps its reserved cores)   |
 | standard_grpo_no_handover | standard_grpo with train.thread_handover=false                         |
+| dash_stream        | dash with train.stream_learn=true (the learner backprops during sampling, each side on its own core) |
+| standard_grpo_no_stream | standard_grpo with train.stream_learn=false                              |
 | dash_async         | dash with train.overlap=true and learner.off_policy=decoupled (decoupled PPO) |
 | dash_async_tis     | dash_async with learner.off_policy=tis (truncated importance sampling)        |
 | dash_async_naive   | dash_async with learner.off_policy=none (no correction for the stale samples) |
@@ -81,7 +83,7 @@ from launch.bench.stats import aggregate
 PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
-        "standard_grpo_no_handover", "dash_async", "dash_async_tis", "dash_async_naive")
+        "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_tis", "dash_async_naive")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
 REGIMES = ("tiny", "reasoning")
@@ -159,17 +161,20 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
     """What makes each of our contenders what it is, its seeds, iteration count and eval cadence."""
     variant = {
         "dash": [],
-        "standard_grpo": ["train.mode=standard_grpo", "learner.filter=false"],
+        "standard_grpo": ["train.mode=standard_grpo", "learner.filter=false", "train.stream_learn=true"],
         "dash_no_filter": ["learner.filter=false"],
         "dash_no_preemptive": [f"rollout.prompts_per_generation={plan.prompts_per_step}"],
         "dash_recompute": ["learner.old_logprobs=recompute"],
         "dash_no_handover": ["train.thread_handover=false"],
-        "standard_grpo_no_handover": ["train.mode=standard_grpo", "learner.filter=false", "train.thread_handover=false"],
+        "standard_grpo_no_handover": ["train.mode=standard_grpo", "learner.filter=false", "train.stream_learn=true",
+                                      "train.thread_handover=false"],
+        "dash_stream": ["train.stream_learn=true"],
+        "standard_grpo_no_stream": ["train.mode=standard_grpo", "learner.filter=false", "train.stream_learn=false"],
         "dash_async": ["train.overlap=true", "learner.off_policy=decoupled"],
         "dash_async_tis": ["train.overlap=true", "learner.off_policy=tis"],
         "dash_async_naive": ["train.overlap=true", "learner.off_policy=none"],
     }[name]
-    one_step = ("standard_grpo", "standard_grpo_no_handover", "dash_no_preemptive")
+    one_step = ("standard_grpo", "standard_grpo_no_handover", "standard_grpo_no_stream", "dash_no_preemptive")
     per_iteration = plan.prompts_per_step if name in one_step else plan.prompts_per_generation
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)

@@ -1,6 +1,6 @@
 """Benchmark: completion tokens/s of the transformers engine on a real model, with the prompt KV
-cache shared by a group's G samples (`HFEngine(shared_prefill=True)`, the default) against
-`num_return_sequences=G` (each prompt prefilled G times). Prompts are the smollm2-135m preset's:
+cache shared by a group's G samples (`HFEngine(shared_prefill=True)`, the default) against each
+prompt prefilled G times (`shared_prefill=False`, what `model.generate(num_return_sequences=G)` does). Prompts are the smollm2-135m preset's:
 2-digit additions in SmolLM2's chat template, at the preset's batch and completion length.
 
     python -m launch.bench prefill --model runs/models/smollm2-135m --json runs/bench_prefill.json

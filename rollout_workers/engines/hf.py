@@ -1,20 +1,21 @@
-"""Hugging Face transformers engine: `model.generate` with sampling, for CPU and small GPUs.
+"""Hugging Face transformers engine: a transformers causal LM sampled by our decode loop, for CPU and small GPUs.
 
 Preemptive sampling (DASH, arXiv 2505.17218 Sec. 4) wants one engine call for a whole step's
-prompts; `generate` then runs them in chunks that fit a token budget (prompts x G x (prompt +
+prompts; the engine runs them in chunks that fit a token budget (prompts x G x (prompt +
 max_new) <= gen_batch_tokens), and each chunk's groups are yielded as soon as the chunk ends.
 
 Shared prefill: the G samples of a prompt share its KV cache. The engine runs the prompts (all but
 their last token) through the model once, repeats each row's cache G times
-(`DynamicCache.batch_repeat_interleave`), and lets `generate` continue from there; without this,
+(`DynamicCache.batch_repeat_interleave`) and decodes from there; `model.generate` with
 `num_return_sequences=G` recomputes every prompt G times, which dominates on CPU when prompts (a
 chat template's system turn) are longer than the completions.
 
-The logprobs are taken from the *processed* scores that `generate` samples from (after the
-temperature and top-p warpers), so they are exactly the sampling distribution's logprobs, which
-is what the PPO importance ratio's denominator must be. They are gathered step by step by a
-logits processor placed after the warpers, instead of `output_scores=True`, which would keep
-(B*G, T, V) floats: 13 GB for a 65k-token budget and a 49k vocabulary.
+The decode loop (`HFEngine._decode`) replaces `model.generate` because generate keeps computing
+every finished row until the longest row of the batch ends; here rows that ended leave the batch
+and the KV cache (`DynamicCache.batch_select_indices`). Its logprobs are those of the distribution
+each token was drawn from (after the temperature and top-p warpers), which is what the PPO
+importance ratio's denominator must be, taken one (N, V) step at a time: keeping the scores of all
+steps would be (N, T, V) floats, 13 GB for a 65k-token budget and a 49k vocabulary.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
 """
@@ -24,8 +25,7 @@ import inspect
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LogitsProcessor, LogitsProcessorList,
-                          TemperatureLogitsWarper, TopPLogitsWarper)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
 
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, EngineOptions, GroupOutput, SamplingParamsSpec,
@@ -44,7 +44,8 @@ class HFEngine(Engine):
                    seed=cfg.seed)
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 gen_batch_tokens: int = RolloutConfig.gen_batch_tokens, seed: int = 0, shared_prefill: bool = True) -> None:
+                 gen_batch_tokens: int = RolloutConfig.gen_batch_tokens, seed: int = 0, shared_prefill: bool = True,
+                 compact_at: float = 0.125) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"HFEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if gen_batch_tokens < 1:
@@ -59,7 +60,13 @@ class HFEngine(Engine):
         self._gen_batch_tokens = gen_batch_tokens
         self._seed = seed
         self._shared_prefill = shared_prefill
-        """False: `num_return_sequences=G`, each prompt prefilled G times (launch.bench.prefill's baseline)."""
+        """False: each prompt prefilled G times, as `model.generate(num_return_sequences=G)` does (launch.bench.prefill's baseline)."""
+        if not compact_at > 0:
+            raise ValueError(f"HFEngine compact_at must be > 0, got {compact_at}")
+        self._compact_at = compact_at
+        """Fraction of a decode batch whose rows have ended at which they leave it (`_decode`); > 1 = never
+        (what `model.generate` does: launch.bench.decode's baseline). 1/8 measured best of 1/32-1/2 on
+        the reasoning task (README, "Sampling speed")."""
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
         """The model's name for its KV cache argument: transformers >= 5.20 renamed past_key_values
         to cache (5.19 is what the vLLM CPU build pins, so both must work)."""
@@ -105,7 +112,7 @@ class HFEngine(Engine):
         self._version = int(version)
 
     def chunks(self, prompt_lens: Sequence[int], n: int, max_new_tokens: int) -> list[range]:
-        """Split prompt indices (in order) into generate() chunks within the token budget; a chunk
+        """Split prompt indices (in order) into decode chunks within the token budget; a chunk
         holds at least one prompt, and its cost counts the left-padding to its longest prompt."""
         out: list[range] = []
         start, longest = 0, 0
@@ -132,41 +139,28 @@ class HFEngine(Engine):
 
     @torch.no_grad()
     def sample_token_ids(self, encoded: list[list[int]], params: SamplingParamsSpec, seed: int) -> list[Completion]:
-        """One generate() call on already tokenized prompts: B x G completions, prompt-major."""
+        """One decode of already tokenized prompts: B x G completions, prompt-major."""
         batch = self._tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self._device)
-        width = batch["input_ids"].shape[1]
-        # Sampling from the policy itself: every knob a checkpoint's generation_config may set
-        # (Qwen sets top_k, top_p, temperature, repetition_penalty) is neutralised, and the
-        # temperature/top-p warpers are passed as processors so the recorder can run after them.
-        neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, renormalize_logits=False)
-        recorder = _SampledTokenLogprobs()
-        processors = LogitsProcessorList()
-        if params.greedy:
-            # Argmax gives G identical completions: decode once, copy G times (generate refuses
-            # num_return_sequences > 1 without sampling).
-            sampling = dict(do_sample=False)
-        else:
-            sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_p=None, typical_p=1.0,
-                            epsilon_cutoff=0.0, eta_cutoff=0.0)
-            if params.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        processors.append(recorder)
-        inputs, copies = dict(batch), 1
-        if not params.greedy and self._shared_prefill:
-            inputs = self._prefill_once(batch["input_ids"], batch["attention_mask"], params.n)
-        elif not params.greedy:
-            copies = params.n  # generate() repeats each prompt row, prefill included
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, P)
+        # Argmax gives G identical completions: decode once, copy G times.
+        copies = 1 if params.greedy else params.n
+        if self._shared_prefill:
+            cache = self._prefill(input_ids, attention_mask)
+            cache.batch_repeat_interleave(copies)
+        input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
+        if not self._shared_prefill:
+            cache = self._prefill(input_ids, attention_mask)
+        # Sampling from the policy itself: none of the knobs a checkpoint's generation_config may
+        # set (Qwen sets top_k and repetition_penalty) applies; only the requested temperature and top-p.
+        warpers = []
+        if not params.greedy and params.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+        if not params.greedy and params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(self._seed, seed))
-            sequences = self._model.generate(
-                **inputs, max_new_tokens=params.max_new_tokens, logits_processor=processors,
-                eos_token_id=list(self._eos_ids), pad_token_id=self._tokenizer.pad_token_id,
-                num_return_sequences=copies, return_dict_in_generate=False, **neutral, **sampling)
-        new_tokens = sequences[:, width:]  # (B*G, T)
-        logprobs_sampler = recorder.result(sequences)  # (B*G, T)
+            new_tokens, logprobs_sampler = self._decode(input_ids, attention_mask, cache, warpers, params)  # (B*G, T)
         completions = [Completion(token_ids=row.token_ids, logprobs_sampler=row.logprobs, finish_reason=row.finish_reason,
                                   text=self._tokenizer.decode(row.token_ids, skip_special_tokens=True))
                        for row in cut_at_eos(new_tokens, logprobs_sampler, self._eos_ids)]
@@ -174,27 +168,60 @@ class HFEngine(Engine):
             completions = [c for c in completions for _ in range(params.n)]
         return completions
 
-    def _prefill_once(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict:
-        """generate() inputs for `n` samples per prompt whose prompt KV cache is computed once.
-
-        `input_ids`/`attention_mask` are the left-padded prompts, (B, P). All but the last prompt
-        token go through the model once, at the positions generate() itself would give them (its
-        left-padding aware cumsum of the mask); the cache is then repeated `n` times per row, and
-        generate() is handed the (B*n, P) prompts with that cache, so it runs only the last prompt
-        token and the new ones. Rows are prompt-major, as with `num_return_sequences=n`.
-        """
-        if input_ids.shape[1] < 2:  # nothing to share but the token generate() must run anyway
-            return dict(input_ids=input_ids.repeat_interleave(n, 0),
-                        attention_mask=attention_mask.repeat_interleave(n, 0))
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+        """The KV cache of all but the last token of the left-padded prompts `input_ids` (B, P), at
+        the positions of their unpadded tokens; the decode runs the last token. Sampling calls it
+        for the B distinct prompts and repeats the cache G times (shared prefill)."""
         cache = DynamicCache(config=self._model.config)
-        # logits_to_keep=1: the prefill's logits are not used (generate recomputes the last
-        # position), and all of them would be (B, P, V) floats.
-        self._model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                    position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
-        cache.batch_repeat_interleave(n)
-        return {"input_ids": input_ids.repeat_interleave(n, 0), "attention_mask": attention_mask.repeat_interleave(n, 0),
-                self._cache_kwarg: cache}
+        if input_ids.shape[1] > 1:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
+            # logits_to_keep=1: the prefill's logits are not used, and all of them would be (B, P, V) floats.
+            self._model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                        position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1,
+                        **{self._cache_kwarg: cache})
+        return cache
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache,
+                warpers: list, params: SamplingParamsSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample up to max_new_tokens per row after prompts whose cache `_prefill` holds; returns
+        the new tokens (N, T), padded after a row's EOS, and the logprob of each under the
+        distribution it was drawn from (after the temperature and top-p warpers: the PPO ratio's
+        denominator must be the sampling distribution's).
+
+        Rows that ended leave the batch, and the KV cache, once they are `compact_at` of it:
+        `model.generate` keeps computing every finished row until the longest ends, a quarter of
+        the decode's row-steps on the reasoning task (72 of 96 tokens on average). Compacting at
+        every single EOS would copy the whole cache at most steps."""
+        n, max_new = input_ids.shape[0], params.max_new_tokens
+        device = input_ids.device
+        tokens = torch.full((n, max_new), self._tokenizer.pad_token_id, dtype=torch.long, device=device)  # (N, T)
+        logprobs = torch.zeros((n, max_new), dtype=torch.float32, device=device)  # (N, T)
+        rows = torch.arange(n, device=device)  # batch row -> output row
+        running = torch.ones(n, dtype=torch.bool, device=device)  # batch rows that have not ended
+        eos = torch.tensor(self._eos_ids, device=device)
+        mask = attention_mask  # (N', P + t): left padding, cached tokens, the token being run
+        position = attention_mask.long().sum(-1, keepdim=True) - 1  # (N', 1): the last prompt token's
+        step_ids = input_ids[:, -1:]  # (N', 1)
+        for t in range(max_new):
+            logits = self._model(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
+                                 **{self._cache_kwarg: cache}).logits[:, -1].float()  # (N', V)
+            for warp in warpers:
+                logits = warp(step_ids, logits)
+            step_logprobs = torch.log_softmax(logits, -1)  # (N', V)
+            sampled = logits.argmax(-1) if params.greedy else torch.multinomial(step_logprobs.exp(), 1)[:, 0]  # (N',)
+            out = rows[running]
+            tokens[out, t] = sampled[running]
+            logprobs[out, t] = step_logprobs.gather(-1, sampled[:, None])[running, 0]
+            running &= ~torch.isin(sampled, eos)
+            if not running.any():
+                return tokens[:, :t + 1], logprobs[:, :t + 1]
+            if (~running).sum() >= self._compact_at * len(running):
+                keep = running.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, running, mask, sampled, position = rows[keep], running[keep], mask[keep], sampled[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], -1)
+            step_ids, position = sampled[:, None], position + 1
+        return tokens, logprobs
 
 
 class CutRow(NamedTuple):
@@ -217,28 +244,3 @@ def cut_at_eos(new_tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids: Sequen
     tokens, lps = new_tokens.tolist(), logprobs.tolist()
     return [CutRow(tuple(t[:n]), tuple(lp[:n]), "stop" if stop else "length")
             for t, lp, n, stop in zip(tokens, lps, lengths.tolist(), has_eos.tolist())]
-
-
-class _SampledTokenLogprobs(LogitsProcessor):
-    """Last logits processor of a generate() call: keeps the log-softmax of the final processed
-    scores of the current step, and at the next step (or `result`) gathers the logprob of the token
-    that was sampled from them. Memory: one (B*G, V) step, not the whole (B*G, T, V)."""
-
-    def __init__(self) -> None:
-        self._step_logprobs: torch.Tensor | None = None  # (B*G, V) of the step being sampled
-        self._gathered: list[torch.Tensor] = []  # T x (B*G,)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._gather(input_ids[:, -1])
-        self._step_logprobs = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def _gather(self, sampled: torch.Tensor) -> None:
-        if self._step_logprobs is not None:
-            self._gathered.append(self._step_logprobs.gather(-1, sampled[:, None])[:, 0])
-
-    def result(self, sequences: torch.Tensor) -> torch.Tensor:
-        """Logprobs of every sampled token, (B*G, T), given generate()'s output sequences."""
-        self._gather(sequences[:, -1])
-        self._step_logprobs = None
-        return torch.stack(self._gathered, dim=1)
