@@ -274,9 +274,6 @@ def validate(cfg: Config) -> None:
     if cfg.train.overlap and l.max_staleness < 1:
         raise ConfigError("train.overlap=true samples every batch one policy version stale: learner.max_staleness "
                           f"must be >= 1 (got {l.max_staleness}), or every prefetched group would be dropped")
-    if l.refill and not cfg.train.stream_learn:
-        raise ConfigError("learner.refill=true with train.stream_learn=false is not supported: a refill round needs the "
-                          "filter's verdict on the groups while the engines still sample")
     if l.refill and cfg.train.overlap:
         raise ConfigError("learner.refill=true with train.overlap=true is not supported: a prefetched batch is "
                           "sampled before the learner knows which of its groups the filter drops")

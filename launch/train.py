@@ -145,6 +145,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             if wanted == 0:
                 break
             refill_prompts += wanted
+            run.learner.set_threads(thread_budget(cfg, "refill").learner)
             groups += learn_as_sampled(run, sample(run, run.cursor.next_batch(wanted), run.iteration, report, refill))
     if prefetch_next:
         run.prefetched = start_prefetch(run, num_prompts)
@@ -223,7 +224,7 @@ def sample(run: Run, prompts: list[Prompt], iteration: int, report: BatchReport,
     samples the rest; another thread (the prefetch) leaves the rest in `report.unsampled`."""
     params = sampling_params(run.cfg, iteration, refill)
     for call in sampling_calls(run.cfg, prompts):
-        yield from dispatch(run, call, iteration, params, report, on_driver_thread)
+        yield from dispatch(run, call, iteration, params, report, on_driver_thread, "refill" if refill else "sample")
 
 
 RESTARTS_PER_CALL = 3
@@ -233,8 +234,8 @@ RESTARTS_PER_CALL = 3
 def dispatch(run: Run, prompts: list[Prompt], batch_id: int, params: SamplingParamsSpec, report: BatchReport,
              on_driver_thread: bool = True, phase: str = "sample") -> Iterator[ScoredGroup]:
     """One dispatcher call; on the driver's thread, prompts left unsampled because every worker
-    died are sampled again once `restart_dead_workers` has replaced them. `phase` ("sample" or
-    "eval") sets the engines' thread share (`thread_budget`)."""
+    died are sampled again once `restart_dead_workers` has replaced them. `phase` ("sample",
+    "refill" or "eval") sets the engines' thread share (`thread_budget`)."""
     threads = thread_budget(run.cfg, phase).engine
     yield from run.dispatcher.run(prompts, batch_id=batch_id, params=params, report=report, engine_threads=threads)
     restarts = 0
@@ -440,7 +441,7 @@ class ThreadBudget(NamedTuple):
     """Per learner rank."""
 
 
-PHASES = ("sample", "learn", "eval")
+PHASES = ("sample", "refill", "learn", "eval")
 
 
 def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
@@ -451,6 +452,7 @@ def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
               with train.stream_learn=false the learner waits instead: the engines get the
               cores, and the learner its learn share for when the groups are handed over
               (not with train.overlap, whose engines sample while the learner learns);
+      refill: learner.refill's extra calls: the learner learns the groups it has meanwhile;
       learn:  the backprop tail after the last group: the engines idle (unless train.overlap
               samples the next batch meanwhile);
       eval:   the engines sample the held-out set; the learner idles.

@@ -47,7 +47,6 @@ def test_wrong_type_names_key_and_type():
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),
     (["learner.torch_threads=-1"], r"learner\.torch_threads must be >= 0"),
     (["learner.refill=true", "train.overlap=true"], r"learner\.refill=true with train\.overlap=true is not supported"),
-    (["learner.refill=true", "train.stream_learn=false"], r"learner\.refill=true with train\.stream_learn=false is not supported"),
     (["learner.refill=true", "train.mode=standard_grpo"], r"learner\.refill=true needs the gradient filter"),
     (["learner.refill_rounds=0"], r"learner\.refill_rounds must be >= 1"),
     (["train.overlap=true", "learner.max_staleness=0"], r"learner\.max_staleness must be >= 1 \(got 0\)"),
@@ -83,7 +82,7 @@ def test_thread_budget_hands_the_reserved_cores_to_the_side_that_works_alone(mon
     # train.stream_learn=false: the learner waits while the engine samples, so the engine gets the
     # cores and the learner is set to its learn share before the groups are handed over
     wait = load_config(None, ["train.stream_learn=false"])
-    assert [thread_budget(wait, p) for p in ("sample", "learn", "eval")] == [(2, 2), (1, 2), (2, 1)]
+    assert [thread_budget(wait, p) for p in ("sample", "refill", "learn", "eval")] == [(2, 2), (1, 1), (1, 2), (2, 1)]
     wait_vllm = load_config(None, ["train.stream_learn=false", "rollout.engine=vllm"])
     assert [thread_budget(wait_vllm, p) for p in ("sample", "learn", "eval")] == [(1, 2), (1, 2), (1, 1)]
     wait_overlap = load_config(None, ["train.stream_learn=false", "train.overlap=true"])  # prefetch beside learning
