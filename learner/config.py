@@ -68,7 +68,7 @@ class LearnerConfig:
     cpus_per_rank: float = 1.0
     """CPUs reserved per learner rank actor."""
     torch_threads: int = 0
-    """Intra-op torch threads per rank (0 = int(cpus_per_rank)). With train.thread_handover on a CPU placement this holds while the engines sample; the learn tail then gets the job's reserved cores."""
+    """Intra-op torch threads per rank (0 = int(cpus_per_rank)). With train.thread_handover on a CPU placement this holds while the engines sample and the learner streams; the learn tail (and, with train.stream_learn=false, the whole learn phase) gets the job's reserved cores."""
     gpus_per_rank: float = 0.0
     """GPUs per learner rank: 0 with train.placement=cpu; > 0 in a GPU placement, which gives each rank one GPU bundle (a whole GPU disaggregated, half of one colocated) and runs DeepSpeed on CUDA. Anything else is refused by name."""
     max_bad_steps: int = 3
