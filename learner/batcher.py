@@ -17,9 +17,12 @@ steps g = 0 .. S*E - 1 in order, step g trains on the samples of slot s = g mod 
 - Old (proximal) logprobs, the PPO ratio's denominator: the policy of the weights the batch began
   with. "sampler" -> the engine's. With S*E == 1 -> rho = 1 (the detached current logprobs ARE the
   old ones: no extra pass). With S*E > 1 a sample of slots 1.. needs them from elsewhere:
-  - "auto", a batch that `begin_batch` announces as sampled by the current weights, from an exact
-    engine (`sampler_exact`): the engine's logprobs are the pre-update policy's, so they are taken
-    as they are (no pass, and step 0 streams like the others);
+  - "auto" with an exact engine (`sampler_exact`), for a batch that `begin_batch` announces as
+    sampled by the current weights: the engine's logprobs are the pre-update policy's, so they are
+    taken as they are (no pass, and step 0 streams like the others). The same for a stale batch
+    (train.overlap) with learner.off_policy="none": PPO's ratio is then the importance ratio to the
+    policy that sampled (the behaviour policy), for step 0 too, as learner.old_logprobs="sampler"
+    would take it; no proximal policy is needed, so no pass either;
   - otherwise ("recompute", or a stale / inexact group) a no-grad pass with the pre-update weights,
     streamed in rounds like the backward passes as the groups arrive; step 0's samples keep the
     detached logprobs of their own backward pass (asked for only when E > 1). Step 0 is then taken
@@ -165,8 +168,11 @@ class _Batch:
     needs_old: bool
     """The samples of later steps need recomputed old logprobs (a no-grad pass, module docstring)."""
     sampler_is_old: bool
-    """learner.old_logprobs="auto" with an exact engine and a batch sampled by the current weights:
-    the engine's logprobs are the old ones."""
+    """learner.old_logprobs="auto" with an exact engine and a batch sampled by the current weights
+    (or any batch with learner.off_policy="none"): the engine's logprobs are the old ones."""
+    stale: bool
+    """Announced as sampled by older weights (train.overlap): with `sampler_is_old`, step 0's
+    samples take the engine's logprobs too (their ratio is to the behaviour policy)."""
     policy_version: int
     """The learner's version when the batch began (a group's staleness is this minus its own)."""
     take_step: Callable[[float], list[Any]]
@@ -295,7 +301,7 @@ class StreamingBatcher:
             b.slots += 1
             b.step_samples[slot].extend(res.samples)
             b.step_samples_in[slot] += res.samples_in
-            exact = b.sampler_is_old and stale == 0
+            exact = b.sampler_is_old and (stale == 0 or self.cfg.off_policy == "none")
             if exact:
                 b.logprobs_old.update({s.uid: torch.tensor(s.logprobs_sampler) for s in res.samples})
             elif b.sampler_is_old and res.samples and b.total_steps > 1:
@@ -338,10 +344,11 @@ class StreamingBatcher:
         finally:
             self._open = False
 
-    def probe_gradients(self, groups: Sequence[ScoredGroupLike]) -> dict[str, torch.Tensor]:
+    def probe_gradients(self, groups: Sequence[ScoredGroupLike], staleness: int = 0) -> dict[str, torch.Tensor]:
         """Diagnostics (exactness tests): run the whole filter/pack/backprop path of ONE optimizer
-        step over `groups` (len == prompts_per_step, epochs_per_batch == 1) and return the full
-        normalised gradient the optimizer would get, by parameter name; then drop it (no step)."""
+        step over `groups` (len == prompts_per_step, epochs_per_batch == 1), announced as sampled
+        `staleness` versions behind (see `begin_batch`), and return the full normalised gradient the
+        optimizer would get, by parameter name; then drop it (no step)."""
         if (len(groups) != self.cfg.prompts_per_step and not self.cfg.refill) or self.cfg.epochs_per_batch != 1:
             raise ValueError("probe_gradients needs exactly prompts_per_step groups (with refill: kept groups) "
                              "and epochs_per_batch == 1")
@@ -352,7 +359,7 @@ class StreamingBatcher:
             self.pool.wait(self.pool.discard_gradients())
             return []
 
-        self._begin(self.cfg.prompts_per_step, read_and_drop, max((g.policy_version for g in groups), default=0), 0)
+        self._begin(self.cfg.prompts_per_step, read_and_drop, max((g.policy_version for g in groups), default=0), staleness)
         self.add_groups(groups)
         self.end_batch()
         if not gradients:
@@ -369,11 +376,13 @@ class StreamingBatcher:
                              f"{self.cfg.prompts_per_step} groups, got {num_groups}")
         per_epoch = num_groups // self.cfg.prompts_per_step
         total = per_epoch * self.cfg.epochs_per_batch
-        # learner.old_logprobs="auto": the engines' logprobs are the pre-update policy's when they are
-        # exact and sampled with the learner's current weights; then no old-logprob pass is needed
-        sampler_is_old = self.cfg.old_logprobs == "auto" and self.sampler_exact and staleness == 0
+        # learner.old_logprobs="auto": an exact engine's logprobs are the pre-update policy's when it
+        # sampled with the learner's current weights; and with off_policy="none" a stale sample's ratio
+        # is to its behaviour policy, which they are. Then no old-logprob pass is needed.
+        sampler_is_old = (self.cfg.old_logprobs == "auto" and self.sampler_exact
+                          and (staleness == 0 or self.cfg.off_policy == "none"))
         needs_old = total > 1 and self.cfg.old_logprobs != "sampler" and not sampler_is_old
-        self._batch = _Batch(num_groups, per_epoch, total, needs_old, sampler_is_old, policy_version, take_step,
+        self._batch = _Batch(num_groups, per_epoch, total, needs_old, sampler_is_old, staleness > 0, policy_version, take_step,
                              [[] for _ in range(per_epoch)], [0] * per_epoch)
         self._open = True
 
@@ -427,7 +436,8 @@ class StreamingBatcher:
         rounds, left = self._rounds(samples, final)
         if final and not rounds:
             rounds = [[[] for _ in range(self.pool.num_ranks)]]
-        old = b.logprobs_old if b.step > 0 and self.cfg.old_logprobs != "sampler" else None
+        use_old = b.step > 0 or (b.stale and b.sampler_is_old)
+        old = b.logprobs_old if use_old and self.cfg.old_logprobs != "sampler" else None
         # with several epochs, step 0's own detached logprobs are its samples' old logprobs later
         want_logprobs = b.needs_old and b.step == 0 and self.cfg.epochs_per_batch > 1
         for k, per_rank in enumerate(rounds):

@@ -34,7 +34,7 @@ class LearnerConfig:
     constant_normalizer: int = 0
     """Token count that divides the summed loss when loss_agg="constant" (0 = max_new_tokens x samples)."""
     old_logprobs: str = "auto"
-    """Where the proximal (old) logprobs of a batch's later optimizer steps come from: "recompute" (a no-grad pass with the pre-update weights), "sampler" (the engine's logprobs, always), or "auto": the engine's where they are the pre-update policy's (a group sampled with the learner's current version by an exact engine: fp32, top_p = 1), else recomputed."""
+    """Where the proximal (old) logprobs of a batch's later optimizer steps come from: "recompute" (a no-grad pass with the pre-update weights), "sampler" (the engine's logprobs, always), or "auto": an exact engine's (fp32, top_p = 1) where they are the pre-update policy's (a group sampled with the learner's current version) or where learner.off_policy="none" (a stale group's PPO ratio is then to the policy that sampled it, as "sampler" takes it), else recomputed."""
     off_policy: str = "none"
     """Correction for samples whose behaviour policy (the engine that sampled them) is not the proximal policy (stale with train.overlap, or a bf16 engine): "none", "tis" (truncated importance sampling, weight min(pi_prox / pi_behav, is_cap)) or "decoupled" (decoupled PPO: the same weight, tokens above is_cap masked out). Needs old_logprobs != "sampler"."""
     is_cap: float = 2.0

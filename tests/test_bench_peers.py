@@ -90,9 +90,9 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
     assert seen["dash_no_preemptive"][2:5] == (True, "dash", plan.prompts_per_step)
     assert seen["dash_recompute"][2:] == (*dash, "recompute", True, False, "none", False)
     assert seen["dash_no_handover"][2:] == (*dash, "auto", False, False, "none", False)
-    assert seen["dash_async"][2:-1] == (*dash, "auto", True, True, "decoupled")
+    assert seen["dash_async"][2:-1] == (*dash, "auto", True, True, "none")
+    assert seen["dash_async_decoupled"][2:-1] == (*dash, "auto", True, True, "decoupled")
     assert seen["dash_async_tis"][2:-1] == (*dash, "auto", True, True, "tis")
-    assert seen["dash_async_naive"][2:-1] == (*dash, "auto", True, True, "none")
     assert {PLANS[(r, q)].task for r, q in PLANS} == {"add", "chain"}
 
 

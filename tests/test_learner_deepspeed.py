@@ -209,16 +209,29 @@ def test_old_logprobs_auto_takes_exact_fresh_sampler_logprobs_and_recomputes_sta
     assert fresh.seconds_old_logprobs == 0 and fresh.steps == 2 and fresh.staleness == {0: 4}
     assert all(torch.equal(exact.logprobs_old[s.uid], torch.tensor(s.logprobs_sampler)) for s in slot1)
 
-    # the same groups one version stale: the engine was not the pre-update policy -> recomputed
-    weights_before = trainer.full_weights()
+    # the same groups one version stale, with learner.off_policy="none": the ratio is to the policy
+    # that sampled them, which the engine's logprobs are -> taken for every step (step 0 too), no pass
     exact.begin_batch(4, policy_version=1, staleness=1)
     exact.add_groups(groups[:2])
-    assert trainer.optimizer_steps == steps + 2  # step 0 now waits for the old-logprob pass
+    assert trainer.optimizer_steps == steps + 3  # step 0 streamed
     exact.add_groups(groups[2:])
-    stale = exact.end_batch()
+    behaviour = exact.end_batch()
+    assert behaviour.seconds_old_logprobs == 0 and behaviour.staleness == {1: 4}
+    assert exact.logprobs_old.keys() == {s.uid for s in kept}
+    assert all(torch.equal(exact.logprobs_old[s.uid], torch.tensor(s.logprobs_sampler)) for s in kept)
+
+    # one version stale with a proximal policy (off_policy tis/decoupled): the engine was not the
+    # pre-update policy -> recomputed
+    proximal = StreamingBatcher(dataclasses.replace(cfg, off_policy="tis"), LocalRankPool(trainer), MAX_NEW, sampler_exact=True)
+    weights_before = trainer.full_weights()
+    proximal.begin_batch(4, policy_version=1, staleness=1)
+    proximal.add_groups(groups[:2])
+    assert trainer.optimizer_steps == steps + 4  # step 0 now waits for the old-logprob pass
+    proximal.add_groups(groups[2:])
+    stale = proximal.end_batch()
     assert stale.seconds_old_logprobs > 0 and stale.staleness == {1: 4}
     expected = logprobs_under(tiny_model_dir, weights_before, slot1)
-    assert all(torch.allclose(exact.logprobs_old[u], expected[u], atol=2e-5) for u in expected)
+    assert all(torch.allclose(proximal.logprobs_old[u], expected[u], atol=2e-5) for u in expected)
 
     # two versions stale with learner.max_staleness = 1: dropped before any pass, counted
     calls = trainer.forward_calls
@@ -229,16 +242,34 @@ def test_old_logprobs_auto_takes_exact_fresh_sampler_logprobs_and_recomputes_sta
     assert trainer.forward_calls == calls and dropped.staleness == {2: 4}
 
     # a group staler than its batch was announced: its old logprobs could no longer be recomputed
-    exact.begin_batch(4, policy_version=1, staleness=0)
+    proximal.begin_batch(4, policy_version=1, staleness=0)
     with pytest.raises(ValueError, match="announced as sampled by the current weights"):
-        exact.add_groups(groups)
-    exact.abort_batch()
+        proximal.add_groups(groups)
+    proximal.abort_batch()
 
     # an engine that is not exact (bf16, top_p < 1): "auto" recomputes even fresh groups
     inexact = StreamingBatcher(cfg, LocalRankPool(trainer), MAX_NEW, sampler_exact=False)
     inexact.begin_batch(4, policy_version=0)
     inexact.add_groups(groups)
     assert inexact.end_batch().seconds_old_logprobs > 0
+
+
+def test_stale_batch_without_off_policy_correction_is_ppo_against_the_behaviour_policy(trainers, tiny_model_dir):
+    """train.overlap's stale batch with learner.off_policy="none" and old_logprobs="auto": every
+    token's ratio is to the engine's logprobs (step 0 included), i.e. the gradient of
+    old_logprobs="sampler", one sample at a time in plain torch; a fresh batch keeps rho = 1 at step 0."""
+    trainer = trainers(0, prompts_per_step=6)
+    cfg = trainer.cfg
+    groups = make_groups(6, seed=12)  # random engine logprobs: the ratio to them is far from 1
+    kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter)
+    batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=37), LocalRankPool(trainer), MAX_NEW,
+                               sampler_exact=True)
+    as_sampler = reference_gradients(tiny_model_dir, kept.samples, dataclasses.replace(cfg, old_logprobs="sampler"),
+                                     kept.samples_in)
+    on_policy = reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)
+    assert max_rel_error(batcher.probe_gradients(groups, staleness=1), as_sampler) <= 1e-5
+    assert max_rel_error(batcher.probe_gradients(groups, staleness=0), on_policy) <= 1e-5
+    assert max_rel_error(as_sampler, on_policy) > 1e-2  # the two are told apart
 
 
 @pytest.mark.parametrize("mode", ["tis", "decoupled"])

@@ -24,9 +24,9 @@ optimizer step:
 | standard_grpo_no_handover | standard_grpo with train.thread_handover=false                         |
 | dash_stream        | dash with train.stream_learn=true (the learner backprops during sampling, each side on its own core) |
 | standard_grpo_no_stream | standard_grpo with train.stream_learn=false                              |
-| dash_async         | dash with train.overlap=true and learner.off_policy=decoupled (decoupled PPO) |
-| dash_async_tis     | dash_async with learner.off_policy=tis (truncated importance sampling)        |
-| dash_async_naive   | dash_async with learner.off_policy=none (no correction for the stale samples) |
+| dash_async         | dash with train.overlap=true (PPO's ratio to the engine that sampled, one version stale; no old-logprob pass) |
+| dash_async_decoupled | dash_async with learner.off_policy=decoupled (decoupled PPO: ratio to the recomputed batch-start weights, times their weight over the sampler's, masked above is_cap) |
+| dash_async_tis     | dash_async with learner.off_policy=tis (the same, the weight truncated at is_cap) |
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench.peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
 
@@ -83,7 +83,8 @@ from launch.bench.stats import aggregate
 PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
-        "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_tis", "dash_async_naive")
+        "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
+        "dash_async_tis")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
 REGIMES = ("tiny", "reasoning")
@@ -170,9 +171,9 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
                                       "train.thread_handover=false"],
         "dash_stream": ["train.stream_learn=true"],
         "standard_grpo_no_stream": ["train.mode=standard_grpo", "learner.filter=false", "train.stream_learn=false"],
-        "dash_async": ["train.overlap=true", "learner.off_policy=decoupled"],
+        "dash_async": ["train.overlap=true"],
+        "dash_async_decoupled": ["train.overlap=true", "learner.off_policy=decoupled"],
         "dash_async_tis": ["train.overlap=true", "learner.off_policy=tis"],
-        "dash_async_naive": ["train.overlap=true", "learner.off_policy=none"],
     }[name]
     one_step = ("standard_grpo", "standard_grpo_no_handover", "standard_grpo_no_stream", "dash_no_preemptive")
     per_iteration = plan.prompts_per_step if name in one_step else plan.prompts_per_generation
