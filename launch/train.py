@@ -147,13 +147,14 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             refill_prompts += wanted
             run.learner.set_threads(thread_budget(cfg, "refill").learner)
             groups += learn_as_sampled(run, sample(run, run.cursor.next_batch(wanted), run.iteration, report, refill))
-    if prefetch_next:
+    # the engines are idle (or sample the next batch): the learn tail gets the cores (or shares them)
+    run.learner.set_threads(thread_budget(cfg, "learn").learner)
+    if prefetch_next:  # after the learner's share is set: the prefetch hands it more once it is done
         run.prefetched = start_prefetch(run, num_prompts)
     if cfg.rollout.enable_sleep_mode:  # colocated: free the GPUs for the learner until the sync
         with timer.phase("sync"):
             ray.get([w.sleep.remote() for w in run.dispatcher.workers], timeout=cfg.train.actor_timeout_s)
     with timer.phase("learn"):
-        run.learner.set_threads(thread_budget(cfg, "learn").learner)  # the engines are idle: the tail gets the cores
         stats = run.learner.end_batch()
     with timer.phase("generate"):  # the engines must be idle before their weights change
         if run.prefetched is not None:
@@ -266,9 +267,12 @@ def start_prefetch(run: Run, num_prompts: int) -> Prefetched:
 
 
 def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> Sampled:
-    """The prefetch thread's job: never restarts a worker (see `restart_dead_workers`)."""
+    """The prefetch thread's job: never restarts a worker (see `restart_dead_workers`). Once the
+    engines are done, their cores go to the learner for the rest of its batch (`thread_budget`)."""
     report = BatchReport()
-    return Sampled(list(sample(run, prompts, iteration, report, on_driver_thread=False)), report)
+    sampled = Sampled(list(sample(run, prompts, iteration, report, on_driver_thread=False)), report)
+    run.learner.set_threads(thread_budget(run.cfg, "prefetched").learner)
+    return sampled
 
 
 def batch_prompts(cfg: Config) -> int:
@@ -441,7 +445,7 @@ class ThreadBudget(NamedTuple):
     """Per learner rank."""
 
 
-PHASES = ("sample", "refill", "learn", "eval")
+PHASES = ("sample", "refill", "learn", "prefetched", "eval")
 
 
 def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
@@ -455,6 +459,8 @@ def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
       refill: learner.refill's extra calls: the learner learns the groups it has meanwhile;
       learn:  the backprop tail after the last group: the engines idle (unless train.overlap
               samples the next batch meanwhile);
+      prefetched: train.overlap's next batch is sampled while the learner still learns: the
+              engines idle again, so the learner takes the cores for the rest of its batch;
       eval:   the engines sample the held-out set; the learner idles.
     With the handover off or the engines on GPUs every actor keeps its own reservation."""
     if phase not in PHASES:
@@ -468,7 +474,7 @@ def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
     engine_share = max(1, cores // r.num_workers) if get_engine(r.engine).threads_per_call else own.engine
     if phase == "sample" and not cfg.train.stream_learn and not cfg.train.overlap:
         return ThreadBudget(engine_share, learn_share)
-    if phase == "learn" and not cfg.train.overlap:
+    if (phase == "learn" and not cfg.train.overlap) or phase == "prefetched":
         return own._replace(learner=learn_share)
     if phase == "eval":  # an engine that binds its threads at start (threads_per_call false) keeps them
         return own._replace(engine=engine_share)

@@ -33,6 +33,10 @@ from learner.packing import MicroBatch
 from learner.groups import ScoredGroupLike
 
 
+CONTROL = "control"
+"""The rank actors' concurrency group for calls that must not queue behind passes (`LearnerRank.set_threads`)."""
+
+
 class LearnerRank:
     """One DeepSpeed data-parallel rank (a Ray actor via `ray.remote(LearnerRank)`). Construction is
     cheap; `setup` joins the process group and builds the trainer (two phases, so rank 0's node
@@ -44,6 +48,8 @@ class LearnerRank:
         self.sampling_temperature = sampling_temperature
         self.trainer: Optional[RankTrainer] = None
         """Built by `setup`; `self.trainer.ds.module` is the transformers model."""
+        self.threads = cfg.torch_threads or max(1, int(cfg.cpus_per_rank))
+        """Intra-op torch threads of the next pass (`set_threads` may change it during a batch)."""
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it now (asked of rank 0)."""
@@ -53,23 +59,32 @@ class LearnerRank:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int, timeout_s: float) -> None:
-        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_rank)))
+        torch.set_num_threads(self.threads)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.trainer = RankTrainer(self.cfg, self.model_path, self.rank, self.world_size, master_addr,
                                    master_port, timeout_s, self.sampling_temperature)
 
     def forward_backward(self, mb: MicroBatch, boundary: bool, return_logprobs: bool) -> MicroResult:
+        self._take_threads()
         return self.trainer.forward_backward(mb, boundary, return_logprobs)
 
     def old_logprobs(self, mb: MicroBatch) -> MicroResult:
+        self._take_threads()
         return self.trainer.old_logprobs(mb)
 
     def set_threads(self, threads: int) -> None:
-        """Intra-op torch threads of the passes after this call (the actor runs calls in order;
-        `LearnerGroup.set_threads` checks the count)."""
-        torch.set_num_threads(threads)
+        """Intra-op torch threads from the next pass on. Called in the "control" concurrency group
+        (`LearnerGroup.set_threads`), so it lands while passes of a batch are still queued: the
+        passes run on the default group's thread, which applies it (torch's thread count belongs
+        to the thread that runs the ops)."""
+        self.threads = threads
+
+    def _take_threads(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def step(self, normaliser: float) -> StepResult:
+        self._take_threads()
         return self.trainer.step(normaliser)
 
     def full_gradients(self, normaliser: float) -> dict[str, torch.Tensor]:
@@ -159,7 +174,8 @@ class LearnerGroup:
         `gpu_fraction`: GPUs per rank actor (default cfg.gpus_per_rank; 0.5 when colocated).
         `sampler_exact`: the engines' logprobs are exact (see `StreamingBatcher`)."""
         self.cfg, self.model_path, self.timeout_s = cfg, model_path, timeout_s
-        remote_cls = ray.remote(rank_cls)
+        # "control": set_threads runs beside the passes (the default group runs one call at a time, in order)
+        remote_cls = ray.remote(concurrency_groups={CONTROL: 1})(rank_cls)
         self._actors = []
         for r in range(cfg.num_ranks):
             opts: dict[str, Any] = {"num_cpus": cfg.cpus_per_rank,
@@ -207,11 +223,12 @@ class LearnerGroup:
 
     def set_threads(self, threads: int) -> None:
         """Each rank's intra-op torch threads from its next pass on (the driver's per-phase thread
-        handover). Not waited for: the ranks run it in order before any later call of this driver."""
+        handover), including passes of the current batch already queued on the ranks. Not waited
+        for; safe from another driver thread (train.overlap's prefetch hands over this way)."""
         if threads < 1:
             raise ValueError(f"set_threads needs >= 1 thread, got {threads}")
         for a in self._actors:
-            a.set_threads.remote(threads)
+            a.set_threads.options(concurrency_group=CONTROL).remote(threads)
 
     def end_batch(self) -> LearnStats:
         """Run the rest of the batch's steps and wait for every rank."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rollout_workers.engines.registry import engine_names
-from rollout_workers.rewards import ANSWER_FORMATS
+from rollout_workers.rewards import ANSWER_FORMATS, DEFAULT_REWARD_FN
 
 VLLM_ENGINE_CORE_MODES = ("auto", "process", "inline")
 """`rollout.vllm_engine_core`: where vLLM runs its engine core."""
@@ -68,8 +68,8 @@ class RolloutConfig:
     "auto" (inline on CPU, process on GPU). Sets VLLM_ENABLE_V1_MULTIPROCESSING for the engine."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
-    reward_fn: str = "rollout_workers.rewards:score_math"
-    """Reward function as "module:function", called (completion: str, gold: str, answer_format: str) -> float."""
+    reward_fn: str = DEFAULT_REWARD_FN
+    """Reward function as "module:function", called (completion: str, gold: str, answer_format: str) -> float. The default, `rollout_workers.rewards:score_math`, scores plain-number answers in the worker itself and sends only LaTeX ones to the reward processes."""
     answer_format: str = "boxed"
     """Where the reward reads the final answer: "boxed" (last \\boxed{}, else `#### N`), "gsm8k"
     (`#### N` only) or "last_number" (boxed, else `#### N`, else the last number of the text);

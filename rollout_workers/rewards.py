@@ -169,6 +169,30 @@ def parse_latex(answer: str) -> list:
                  parsing_timeout=None)
 
 
+DEFAULT_REWARD_FN = "rollout_workers.rewards:score_math"
+"""The reward function `rollout.reward_fn` names by default (`score_math`)."""
+
+
+def score_math_without_parser(completion: str, gold: str, answer_format: str = "boxed",
+                              format_reward: float = 0.0) -> float | None:
+    """`score_math` (plus `format_reward` when `has_final_answer`) where no LaTeX parser is needed,
+    else None: no answer, an unsafe one, or two plain numbers. Only bounded regex scans and
+    `Fraction` on digit strings run, so the caller may run it in its own process with no timeout
+    (`RewardPool` does, and sends only the None cases to its processes)."""
+    if "\x00" in completion:
+        return 0.0
+    answer = extract_final_answer(completion, answer_format)
+    if answer is None or not is_safe_answer(answer):
+        return 0.0
+    answer_number = plain_number(answer)
+    if not is_safe_answer(gold):
+        return format_reward if answer_number is not None else (None if format_reward else 0.0)
+    gold_number = plain_number(gold)
+    if answer_number is None or gold_number is None:
+        return None
+    return (1.0 if answer_number == gold_number else 0.0) + format_reward
+
+
 def score_math(completion: str, gold: str, answer_format: str = "boxed") -> float:
     """1.0 when the completion's final answer (read as `answer_format` says) equals `gold`
     mathematically, else 0.0.
@@ -178,14 +202,10 @@ def score_math(completion: str, gold: str, answer_format: str = "boxed") -> floa
     `x=5` = `5`, `1,450,000` = `1450000`, interval ends and tuple order matter. Has no time limit
     of its own: run it through `RewardPool`.
     """
-    if "\x00" in completion:
-        return 0.0
+    decided = score_math_without_parser(completion, gold, answer_format)
+    if decided is not None:
+        return decided
     answer = extract_final_answer(completion, answer_format)
-    if answer is None or not is_safe_answer(answer) or not is_safe_answer(gold):
-        return 0.0
-    answer_number, gold_number = plain_number(answer), plain_number(gold)
-    if answer_number is not None and gold_number is not None:
-        return 1.0 if answer_number == gold_number else 0.0
     from math_verify import verify
 
     gold_parsed = parse_latex(gold)

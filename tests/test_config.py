@@ -73,10 +73,11 @@ def test_thread_budget_hands_the_reserved_cores_to_the_side_that_works_alone(mon
     assert [thread_budget(cfg, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 2), (2, 1)]
     two = load_config(None, ["rollout.num_workers=2", "learner.num_ranks=2", "learner.torch_threads=3"])
     assert [thread_budget(two, p) for p in ("sample", "learn", "eval")] == [(1, 3), (1, 2), (2, 3)]
+    # overlap: the tail shares the cores with the next batch's sampling until that is done
     overlap = load_config(None, ["train.overlap=true"])
-    assert [thread_budget(overlap, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 1), (2, 1)]
+    assert [thread_budget(overlap, p) for p in ("sample", "learn", "prefetched", "eval")] == [(1, 1), (1, 1), (1, 2), (2, 1)]
     off = load_config(None, ["train.thread_handover=false"])
-    assert {thread_budget(off, p) for p in ("sample", "learn", "eval")} == {ThreadBudget(1, 1)}
+    assert {thread_budget(off, p) for p in ("sample", "learn", "prefetched", "eval")} == {ThreadBudget(1, 1)}
     vllm = load_config(None, ["rollout.engine=vllm"])
     assert [thread_budget(vllm, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 2), (1, 1)]
     # train.stream_learn=false: the learner waits while the engine samples, so the engine gets the
@@ -86,7 +87,7 @@ def test_thread_budget_hands_the_reserved_cores_to_the_side_that_works_alone(mon
     wait_vllm = load_config(None, ["train.stream_learn=false", "rollout.engine=vllm"])
     assert [thread_budget(wait_vllm, p) for p in ("sample", "learn", "eval")] == [(1, 2), (1, 2), (1, 1)]
     wait_overlap = load_config(None, ["train.stream_learn=false", "train.overlap=true"])  # prefetch beside learning
-    assert [thread_budget(wait_overlap, p) for p in ("sample", "learn", "eval")] == [(1, 1), (1, 1), (2, 1)]
+    assert [thread_budget(wait_overlap, p) for p in ("sample", "learn", "prefetched", "eval")] == [(1, 1), (1, 1), (1, 2), (2, 1)]
     wait_off = load_config(None, ["train.stream_learn=false", "train.thread_handover=false"])
     assert {thread_budget(wait_off, p) for p in ("sample", "learn", "eval")} == {ThreadBudget(1, 1)}
     monkeypatch.setattr("os.cpu_count", lambda: 1)  # never more threads than the node has

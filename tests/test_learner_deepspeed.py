@@ -13,6 +13,7 @@ import random
 import time
 
 import pytest
+import ray
 import torch
 
 from learner.config import LearnerConfig
@@ -401,6 +402,51 @@ def test_reference_model_only_with_kl(trainers):
         batcher.add_groups(make_groups(3, seed=7))
         kls.append(batcher.end_batch().kl)
     assert kls[0] == 0.0 and kls[1] > 0.0  # policy == reference before the first update only
+
+
+def held_rank_cls():
+    """A LearnerRank whose default-group thread can be held busy (as by a queue of backprop passes)."""
+    import threading
+
+    from learner.actor import LearnerRank
+
+    class Held(LearnerRank):
+        def setup(self, *args) -> None:  # no DeepSpeed: only the thread handover is under test
+            self.released = threading.Event()
+            torch.set_num_threads(self.threads)
+
+        def hold(self, timeout_s: float) -> bool:
+            return self.released.wait(timeout_s)
+
+        def release(self) -> None:
+            self.released.set()
+
+        def threads_of_next_pass(self) -> int:
+            self._take_threads()  # what forward_backward / old_logprobs / step do first
+            return torch.get_num_threads()
+
+    return Held
+
+
+def test_set_threads_reaches_passes_already_queued_behind_a_busy_rank(ray_local, tiny_model_dir):
+    """The overlap prefetch hands the engines' cores to the learner while its passes are queued:
+    a pass submitted BEFORE set_threads, but run after it, runs with the new count."""
+    from learner.actor import CONTROL, LearnerGroup
+
+    group = LearnerGroup(LearnerConfig(cpus_per_rank=0.5), str(tiny_model_dir), MAX_NEW, timeout_s=60,
+                         rank_cls=held_rank_cls())
+    try:
+        (rank,) = group.rank_actors
+        held = rank.hold.remote(60.0)
+        queued = rank.threads_of_next_pass.remote()  # behind the held call, like a queued backprop pass
+        group.set_threads(2)
+        rank.release.options(concurrency_group=CONTROL).remote()  # runs after set_threads (same group, in order)
+        assert ray.get(held, timeout=60) is True
+        assert ray.get(queued, timeout=60) == 2
+        group.set_threads(1)
+        assert ray.get(rank.threads_of_next_pass.remote(), timeout=60) == 1
+    finally:
+        group.shutdown()
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -12,7 +12,8 @@ from fractions import Fraction
 import pytest
 
 from rollout_workers.reward_pool import RewardPool, ScoreResult, resolve_reward_fn
-from rollout_workers.rewards import extract_final_answer, has_final_answer, is_safe_answer, plain_number, score_math
+from rollout_workers.rewards import (extract_final_answer, has_final_answer, is_safe_answer, plain_number, score_math,
+                                     score_math_without_parser)
 
 GSM8K_COMPLETION = (
     "Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so she sells 16 - 3 - 4 = 9 eggs.\n"
@@ -212,6 +213,35 @@ def test_resolve_reward_fn_errors_name_the_path() -> None:
 def test_pool_reports_bad_reward_fn_at_start() -> None:
     with pytest.raises(ValueError, match="tests.reward_fns:missing"):
         RewardPool("tests.reward_fns:missing", timeout_s=1.0)
+
+
+WITHOUT_PARSER_CASES = [  # (completion, gold, decided without the LaTeX parser: score_math + format 0.25, or None)
+    (boxed("57"), "57", 1.25), (boxed("57.0"), "57", 1.25), (boxed("-3/6"), "-1/2", 1.25), (boxed("56"), "57", 0.25),
+    (GSM8K_COMPLETION, "18", 1.25), ("no answer here", "57", 0.0), (boxed("1\x00"), "1", 0.0),
+    (boxed("9^{9^{9^{9^{9}}}}"), "1", 0.0), ("\\boxed{" + "{" * 5000, "1", 0.0),
+    (boxed("\\frac12"), "0.5", None), (boxed("0.5"), "\\frac{1}{2}", None), (boxed("x=5"), "5", None),
+    (boxed("7"), "9^{9^{9^{9^{9}}}}", 0.25), (boxed("\\frac12"), "9^{9^{9^{9^{9}}}}", None),
+]
+
+
+@pytest.mark.parametrize("completion,gold,decided", WITHOUT_PARSER_CASES)
+def test_scoring_without_the_parser_decides_only_what_needs_no_parser_and_agrees(completion, gold, decided) -> None:
+    assert score_math_without_parser(completion, gold, "boxed", 0.25) == decided
+    full = score_math(completion, gold) + 0.25 * has_final_answer(completion)  # what a pool process computes
+    assert decided is None or decided == full
+    assert score_math_without_parser(completion, gold) in (None, score_math(completion, gold))
+
+
+def test_plain_number_samples_are_scored_without_a_pool_process() -> None:
+    """Plain-number answers never reach the pool: with its processes killed, scoring them needs no
+    restart; a LaTeX answer does (and is still scored right on the new pool)."""
+    with RewardPool(processes=1, timeout_s=5.0) as pool:
+        for pid in pool.worker_pids:
+            os.kill(pid, signal.SIGKILL)
+        plain = pool.score([boxed("57"), boxed("56"), "no answer", GSM8K_COMPLETION], ["57", "57", "57", "18"])
+        assert plain == ScoreResult([1.0, 0.0, 0.0, 1.0], 0, 0) and pool.restarts == 0
+        assert pool.score([boxed("\\frac12"), boxed("7")], ["0.5", "7"]) == ScoreResult([1.0, 1.0], 0, 0)
+        assert pool.restarts == 1
 
 
 @pytest.fixture(scope="module")
