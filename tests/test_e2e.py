@@ -28,7 +28,7 @@ PROMPTS, G, ITERS = 16, 4, 4
 COMMON = ["eval.size=16", f"rollout.prompts_per_generation={PROMPTS}", "learner.prompts_per_step=8",
           f"rollout.group_size={G}", "rollout.max_new_tokens=12", "eval.max_new_tokens=12", "train.checkpoint_every=1",
           "train.keep_checkpoints=5", "learner.lr=3e-3", "run.progress=false", "train.seed=0", "rollout.seed=0",
-          "rollout.reward_fn=tests.reward_fns:digit_fraction"]
+          "rollout.reward_fn=tests.reward_fns:digit_fraction", "train.overlap=false"]
 
 
 def records(run_dir: Path) -> list[dict]:

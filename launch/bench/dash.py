@@ -81,7 +81,8 @@ from launch.bench.peers import PeerCurve
 from launch.bench.stats import aggregate
 
 PRESET = "tiny-cpu"
-"""Every contender starts from the embedded default's config (then the plan's shared overrides)."""
+"""Every contender starts from the embedded default's config (then the plan's shared overrides),
+synchronous unless its name says async (the preset sets train.overlap=true)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
         "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
         "dash_async_tis")
@@ -179,8 +180,9 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
     per_iteration = plan.prompts_per_step if name in one_step else plan.prompts_per_generation
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)
-    return variant + [f"train.iterations={iterations}", f"eval.every={every}", f"train.seed={seed}",
-                      f"rollout.seed={seed}", f"learner.seed={seed}"]
+    # every contender but dash_async* is synchronous (the paper's algorithm; the preset overlaps)
+    return ["train.overlap=false", *variant, f"train.iterations={iterations}", f"eval.every={every}",
+            f"train.seed={seed}", f"rollout.seed={seed}", f"learner.seed={seed}"]
 
 
 def phase_totals(records: Sequence[dict]) -> dict[str, float]:
