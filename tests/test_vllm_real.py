@@ -289,7 +289,7 @@ def train_args(model_dir: Path, run_dir: Path) -> list[str]:
     return [f"model.path={model_dir}", "rollout.engine=vllm", "rollout.cpu_kv_cache_mb=64", "train.iterations=3",
             "eval.size=8", "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
             "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "sync.timeout_s=60", "run.progress=false",
-            "rollout.reward_fn=tests.reward_fns:odd_length", f"run.dir={run_dir}"]
+            "rollout.reward_fn=tests.reward_fns:odd_length", "train.overlap=false", f"run.dir={run_dir}"]
 
 
 @pytest.mark.slow
