@@ -98,7 +98,9 @@ def console_line(r: dict) -> str:
             f"| len {r['response_length_mean']:.1f} | loss {loss} | gen {r['time/generate']:.1f}s "
             f"learn {r['time/learn']:.1f}s sync {r['time/sync']:.2f}s | {r['tokens_per_second']:.0f} tok/s | v{r['policy_version']}"
             # off-policy samples (train.overlap): how stale, and how much the correction weights spread
-            + (f" | stale {r['staleness_mean']:.1f} ess {r['effective_sample_size']:.2f}" if r["staleness_max"] else ""))
+            # drift: |learner - sampler| logprob per token at the batch's first step (the staleness's cost)
+            + (f" | stale {r['staleness_mean']:.1f} drift {r['logprob_diff_mean']:.3f} ess {r['effective_sample_size']:.2f}"
+               if r["staleness_max"] else ""))
 
 
 def write_plots(run_dir: Path, evals: list[tuple[int, float]]) -> Path:

@@ -117,3 +117,15 @@ def test_groups_reach_the_learner_as_sampled_or_once_the_sampling_ends(stream):
                           ("engine", "g2"), ("learner", ("g2",))]
     else:
         assert events == [("engine", "g0"), ("engine", "g1"), ("engine", "g2"), ("learner", ("g0", "g1", "g2"))]
+
+
+def test_console_line_shows_the_staleness_and_its_drift_only_on_stale_batches():
+    from launch.metrics import console_line
+
+    times = {"time/generate": 0.5, "time/learn": 1.0, "time/sync": 0.01}
+    record = {"iteration": 2, "reward_mean": 0.5, "accuracy": 0.5, "kept_fraction": 0.8, "response_length_mean": 7.5,
+              "loss": 0.01, "tokens_per_second": 3000.0, "policy_version": 2, **times,
+              "staleness_mean": 1.0, "staleness_max": 1, "logprob_diff_mean": 0.0712, "effective_sample_size": 1.0}
+    assert console_line(record).endswith("| v2 | stale 1.0 drift 0.071 ess 1.00")
+    fresh = {**record, "staleness_mean": 0.0, "staleness_max": 0}
+    assert console_line(fresh).endswith("| v2")
