@@ -15,7 +15,7 @@ optimizer step:
 
 | contender          | what runs                                                                     |
 |--------------------|-------------------------------------------------------------------------------|
-| dash               | `launch.train` with train.mode=dash (preemptive sampling + gradient filter)   |
+| dash               | `launch.train` with train.mode=dash (preemptive sampling + gradient filter), synchronous (train.overlap=false) |
 | standard_grpo      | train.mode=standard_grpo learner.filter=false (one micro-batch per engine call), train.stream_learn=true (its faster mode here) |
 | dash_no_filter     | dash with learner.filter=false                                                |
 | dash_no_preemptive | dash with rollout.prompts_per_generation = learner.prompts_per_step           |
