@@ -467,7 +467,7 @@ def thread_budget(cfg: Config, phase: str) -> ThreadBudget:
         raise ValueError(f"phase must be one of {list(PHASES)}, got {phase!r}")
     r, l = cfg.rollout, cfg.learner
     cores = min(needed_cpus(cfg), os.cpu_count() or 1)  # what the job reserved, on this node
-    own = ThreadBudget(max(1, int(r.cpus_per_worker)), l.torch_threads or max(1, int(l.cpus_per_rank)))
+    own = ThreadBudget(max(1, int(r.cpus_per_worker)), l.rank_threads)
     if not cfg.train.thread_handover or resolved_placement(cfg) != "cpu":
         return own
     learn_share = max(1, cores // l.num_ranks)

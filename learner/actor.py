@@ -48,7 +48,7 @@ class LearnerRank:
         self.sampling_temperature = sampling_temperature
         self.trainer: Optional[RankTrainer] = None
         """Built by `setup`; `self.trainer.ds.module` is the transformers model."""
-        self.threads = cfg.torch_threads or max(1, int(cfg.cpus_per_rank))
+        self.threads = cfg.rank_threads
         """Intra-op torch threads of the next pass (`set_threads` may change it during a batch)."""
 
     def rendezvous_address(self) -> tuple[str, int]:

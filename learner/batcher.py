@@ -301,7 +301,7 @@ class StreamingBatcher:
             b.slots += 1
             b.step_samples[slot].extend(res.samples)
             b.step_samples_in[slot] += res.samples_in
-            exact = b.sampler_is_old and (stale == 0 or self.cfg.off_policy == "none")
+            exact = b.sampler_is_old and self._sampler_logprobs_are_old(stale)
             if exact:
                 b.logprobs_old.update({s.uid: torch.tensor(s.logprobs_sampler) for s in res.samples})
             elif b.sampler_is_old and res.samples and b.total_steps > 1:
@@ -376,15 +376,18 @@ class StreamingBatcher:
                              f"{self.cfg.prompts_per_step} groups, got {num_groups}")
         per_epoch = num_groups // self.cfg.prompts_per_step
         total = per_epoch * self.cfg.epochs_per_batch
-        # learner.old_logprobs="auto": an exact engine's logprobs are the pre-update policy's when it
-        # sampled with the learner's current weights; and with off_policy="none" a stale sample's ratio
-        # is to its behaviour policy, which they are. Then no old-logprob pass is needed.
-        sampler_is_old = (self.cfg.old_logprobs == "auto" and self.sampler_exact
-                          and (staleness == 0 or self.cfg.off_policy == "none"))
+        sampler_is_old = self._sampler_logprobs_are_old(staleness)
         needs_old = total > 1 and self.cfg.old_logprobs != "sampler" and not sampler_is_old
         self._batch = _Batch(num_groups, per_epoch, total, needs_old, sampler_is_old, staleness > 0, policy_version, take_step,
                              [[] for _ in range(per_epoch)], [0] * per_epoch)
         self._open = True
+
+    def _sampler_logprobs_are_old(self, staleness: int) -> bool:
+        """learner.old_logprobs="auto": an exact engine's logprobs are the pre-update policy's when it
+        sampled `staleness` = 0 versions behind; and with off_policy="none" a stale sample's ratio is
+        to its behaviour policy, which they are. Then no old-logprob pass is needed."""
+        return (self.cfg.old_logprobs == "auto" and self.sampler_exact
+                and (staleness == 0 or self.cfg.off_policy == "none"))
 
     def _advance(self, at_end: bool) -> None:
         """Send the full rounds waiting, then take every step whose groups are all in (at the end:

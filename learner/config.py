@@ -76,6 +76,11 @@ class LearnerConfig:
     seed: int = 0
     """Seed for model init and learner RNG."""
 
+    @property
+    def rank_threads(self) -> int:
+        """A rank's own intra-op torch threads: torch_threads, or int(cpus_per_rank) (at least 1)."""
+        return self.torch_threads or max(1, int(self.cpus_per_rank))
+
     def __post_init__(self) -> None:
         def one_of(key: str, allowed: tuple) -> None:
             if getattr(self, key) not in allowed:

@@ -181,7 +181,11 @@ def score_math_without_parser(completion: str, gold: str, answer_format: str = "
     (`RewardPool` does, and sends only the None cases to its processes)."""
     if "\x00" in completion:
         return 0.0
-    answer = extract_final_answer(completion, answer_format)
+    return _decide_without_parser(extract_final_answer(completion, answer_format), gold, format_reward)
+
+
+def _decide_without_parser(answer: str | None, gold: str, format_reward: float) -> float | None:
+    """`score_math_without_parser` once the completion's final answer is extracted."""
     if answer is None or not is_safe_answer(answer):
         return 0.0
     answer_number = plain_number(answer)
@@ -202,10 +206,12 @@ def score_math(completion: str, gold: str, answer_format: str = "boxed") -> floa
     `x=5` = `5`, `1,450,000` = `1450000`, interval ends and tuple order matter. Has no time limit
     of its own: run it through `RewardPool`.
     """
-    decided = score_math_without_parser(completion, gold, answer_format)
+    if "\x00" in completion:
+        return 0.0
+    answer = extract_final_answer(completion, answer_format)
+    decided = _decide_without_parser(answer, gold, 0.0)
     if decided is not None:
         return decided
-    answer = extract_final_answer(completion, answer_format)
     from math_verify import verify
 
     gold_parsed = parse_latex(gold)
