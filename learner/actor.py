@@ -14,6 +14,7 @@ Tested by:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -99,6 +100,10 @@ class LearnerRank:
     def forward_calls(self) -> int:
         return self.trainer.forward_calls
 
+    def attention(self) -> str:
+        """How this rank runs micro-batches (`learner.trainer.attention_kind`)."""
+        return self.trainer.attention
+
     def forward_uids(self) -> set[int]:
         return set(self.trainer.forward_uids)
 
@@ -127,6 +132,12 @@ class RayRankPool:
 
     def __init__(self, actors: Sequence[Any], timeout_s: float) -> None:
         self.actors, self.timeout_s, self.num_ranks = list(actors), timeout_s, len(actors)
+
+    @functools.cached_property
+    def attention(self) -> str:
+        """Rank 0's `LearnerRank.attention` (every rank has the same config and hardware); asked once,
+        after the ranks are set up."""
+        return self.wait([self.actors[0].attention.remote()])[0]
 
     def forward_backward(self, per_rank: Sequence[MicroBatch], boundary: bool, return_logprobs: bool) -> list[Any]:
         return [a.forward_backward.remote(mb, boundary, return_logprobs) for a, mb in zip(self.actors, per_rank)]

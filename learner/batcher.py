@@ -46,7 +46,7 @@ import torch
 from learner.config import LearnerConfig
 from learner.filtering import FilterResult, Sample, select_samples
 from learner.losses import NO_IS_STATS, effective_sample_size, step_normaliser
-from learner.packing import MicroBatch, collate, pack_by_length, padded_cost, split_across_ranks
+from learner.packing import MicroBatch, bin_cost, can_share_prompts, collate, pack_samples, split_across_ranks
 from learner.trainer import MicroResult, RankTrainer, StepResult
 from learner.groups import ScoredGroupLike
 
@@ -56,6 +56,8 @@ class RankPool(Protocol):
     (fire); `wait` turns handles into results, raising if a rank failed or `timeout` passed."""
 
     num_ranks: int
+    attention: str
+    """How the ranks run a micro-batch (`learner.trainer.attention_kind`)."""
 
     def forward_backward(self, per_rank: Sequence[MicroBatch], boundary: bool, return_logprobs: bool) -> list[Any]: ...
     def old_logprobs(self, per_rank: Sequence[MicroBatch]) -> list[Any]: ...
@@ -71,6 +73,7 @@ class LocalRankPool:
     def __init__(self, trainer: RankTrainer) -> None:
         self.trainer = trainer
         self.num_ranks = 1
+        self.attention = trainer.attention
 
     def forward_backward(self, per_rank: Sequence[MicroBatch], boundary: bool, return_logprobs: bool) -> list[MicroResult]:
         return [self.trainer.forward_backward(per_rank[0], boundary, return_logprobs)]
@@ -226,6 +229,9 @@ class StreamingBatcher:
         (fp32 engine, top_p = 1), so with learner.old_logprobs="auto" a group sampled at the
         learner's current version needs no recomputed old logprobs."""
         self.cfg, self.pool, self.max_new_tokens, self.sampler_exact = cfg, pool, max_new_tokens, sampler_exact
+        self.share_prompts = cfg.share_prompts and pool.attention == "padded_sdpa"
+        """Micro-batches run shared prompt heads once (`learner.packing`); varlen flash attention runs
+        every sample whole."""
         self._batch: Optional[_Batch] = None
         self._open = False
         self.batches_done = 0
@@ -418,8 +424,8 @@ class StreamingBatcher:
         rounds: list[Round] = []
         left = list(samples)
         while left and (final or sum(s.num_tokens for s in left) >= num_ranks * budget):
-            bins = pack_by_length([s.num_tokens for s in left], budget)
-            loads = [padded_cost([left[i].num_tokens for i in b]) for b in bins]
+            bins = pack_samples(left, budget, self.share_prompts)
+            loads = [bin_cost([left[i] for i in b], self.share_prompts) for b in bins]
             if final:
                 per_rank = split_across_ranks(loads, num_ranks)
                 rounds.extend([[left[i] for i in bins[r[k]]] if k < len(r) else [] for r in per_rank]
@@ -444,16 +450,24 @@ class StreamingBatcher:
         # with several epochs, step 0's own detached logprobs are its samples' old logprobs later
         want_logprobs = b.needs_old and b.step == 0 and self.cfg.epochs_per_batch > 1
         for k, per_rank in enumerate(rounds):
-            batches = [collate(x, self.cfg.loss_agg, old) for x in per_rank]
+            share = self._round_shares_prompts(per_rank)
+            batches = [collate(x, self.cfg.loss_agg, old, share) for x in per_rank]
             b.grad_passes.append((self.pool.forward_backward(batches, final and k == len(rounds) - 1, want_logprobs),
                                   b.step))
         return left
+
+    def _round_shares_prompts(self, per_rank: Sequence[Sequence[Sample]]) -> bool:
+        """A round shares prompt heads on every rank or on none: ZeRO-3 gathers weights at each
+        forward call and ZeRO-2 reduces gradients in the order they complete, so the ranks' passes
+        of a round must have one shape (a dummy then gets a one-token head too)."""
+        return self.share_prompts and all(can_share_prompts(x) for x in per_rank if x)
 
     def _send_old_logprobs(self, samples: Sequence[Sample], final: bool) -> list[Sample]:
         """No-grad old-logprob rounds; returns the samples not sent."""
         rounds, left = self._rounds(samples, final)
         for per_rank in rounds:
-            self._batch.old_passes.append(self.pool.old_logprobs([collate(x, self.cfg.loss_agg) for x in per_rank]))
+            share = self._round_shares_prompts(per_rank)
+            self._batch.old_passes.append(self.pool.old_logprobs([collate(x, self.cfg.loss_agg, None, share) for x in per_rank]))
         return left
 
     def _gather_logprobs_old(self) -> None:

@@ -47,6 +47,8 @@ class LearnerConfig:
     """Passes over each sampled batch (PPO epochs); each pass takes its own optimizer steps."""
     micro_batch_tokens: int = 2048
     """Token budget of one backprop micro-batch (the small increment)."""
+    share_prompts: bool = True
+    """Run a micro-batch's shared prompts once (their K/V cache continued by each of the group's G completions) instead of once per sample: same gradient, fewer tokens forwarded (learner/packing.py). Used on the padded-attention path; varlen flash attention runs every sample whole."""
     lr: float = 1e-4
     """Peak learning rate."""
     lr_schedule: str = "constant"

@@ -5,7 +5,8 @@ non-finite step skipping, checkpoints and Hugging Face export. Ray-free:
 
 Attention: in bf16 on a GPU with the `flash_attn` package, a micro-batch runs as one padding-free row
 through varlen flash attention (`packing.varlen_inputs`); otherwise as its right-padded (B, L)
-block with plain causal sdpa attention (`packing` explains why that needs no mask).
+block with plain causal sdpa attention (`packing` explains why that needs no mask), after the
+micro-batch's shared prompt heads when learner.share_prompts (`packing`, "Shared prompts").
 
 Exactness (the accumulated gradient equals the one-pass gradient of the whole optimizer batch).
 Every micro-batch backprops the SUM-form loss sum_t w_t l_t (`losses.ppo_clip_loss_sum`), with
@@ -150,8 +151,8 @@ def attention_kind(bf16: bool) -> str:
 def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
                      device: torch.device, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of `module` over `mb` ("flash_varlen" or "padded_sdpa", `attention_kind`):
-    the (K,) logprobs of the completion tokens (on the CPU), and the logits. No KV cache: it would
-    only hold memory in a training pass.
+    the (K,) logprobs of the completion tokens (on the CPU), and the logits. No KV cache (it would
+    only hold memory in a training pass), except the shared prompt heads' that the rows continue.
 
     `temperature`: the sampler's. The policy that generated the samples is softmax(logits / T), so
     the ratio rho and the policy gradient (the paper's Eq. 1-2) are taken on that same
@@ -162,6 +163,12 @@ def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
         logits = module(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
                         use_cache=False).logits  # (1, T, V)
         pred_index = row.pred_index
+    elif mb.prompt_heads.numel():  # shared prompt heads (learner.packing): run once, continued by every row
+        heads = module(input_ids=mb.prompt_heads.to(device), use_cache=True, logits_to_keep=1)
+        cache = heads.past_key_values  # (N, heads, H, d) per layer, differentiable
+        cache.batch_select_indices(mb.row_head.to(device))  # (B, heads, H, d): backward sums the rows into N
+        logits = module(input_ids=mb.input_ids.to(device), past_key_values=cache, use_cache=True).logits  # (B, L, V)
+        pred_index = mb.pred_index
     else:  # right padding + the causal mask: exact without an attention mask (learner.packing)
         logits = module(input_ids=mb.input_ids.to(device), use_cache=False).logits  # (B, L, V)
         pred_index = mb.pred_index

@@ -21,7 +21,7 @@ from learner.batcher import LocalRankPool, StreamingBatcher
 from learner.trainer import CollectiveBackends, clear_stale_build_lock, collective_backends
 from learner.filtering import Sample, select_samples
 from learner.losses import behaviour_weights, effective_sample_size, ppo_clip_loss_sum, step_normaliser, token_weights
-from learner.packing import collate
+from learner.packing import collate, pack_samples
 from rollout_workers.types import Completion, Prompt, ScoredGroup
 from weight_sync.endpoint import free_port
 
@@ -85,6 +85,18 @@ def trainers(tiny_model_dir):
     return get
 
 
+class RecordingPool(LocalRankPool):
+    """The in-process rank, keeping the micro-batches it ran."""
+
+    def __init__(self, trainer) -> None:
+        super().__init__(trainer)
+        self.batches = []
+
+    def forward_backward(self, per_rank, boundary, return_logprobs):
+        self.batches.extend(per_rank)
+        return super().forward_backward(per_rank, boundary, return_logprobs)
+
+
 def test_exact_gradient_any_split_order_and_aggregation(trainers, tiny_model_dir):
     groups = make_groups(6, seed=1)
     trainer = trainers(0)
@@ -97,8 +109,15 @@ def test_exact_gradient_any_split_order_and_aggregation(trainers, tiny_model_dir
         longest = max(s.num_tokens for s in kept.samples)
         splits = [(longest, shuffled), (37, groups[::-1]), (10_000, groups)] if loss_agg == "token_mean" else [(29, shuffled)]
         for budget, order in splits:
-            batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=budget), LocalRankPool(trainer), MAX_NEW)
-            worst = max(worst, max_rel_error(batcher.probe_gradients(order), ref))
+            forwarded = {}
+            for share in (True, False):
+                pool = RecordingPool(trainer)
+                batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=budget, share_prompts=share), pool, MAX_NEW)
+                worst = max(worst, max_rel_error(batcher.probe_gradients(order), ref))
+                forwarded[share] = sum(mb.num_tokens for mb in pool.batches)
+                assert any(mb.prompt_heads.numel() for mb in pool.batches) == share
+            # each group's prompt runs once per micro-batch, not once per sample
+            assert forwarded[True] < forwarded[False], (budget, forwarded)
     assert worst <= 1e-5, worst
 
 
@@ -415,6 +434,9 @@ def held_rank_cls():
             self.released = threading.Event()
             torch.set_num_threads(self.threads)
 
+        def attention(self) -> str:  # no trainer to ask
+            return "padded_sdpa"
+
         def hold(self, timeout_s: float) -> bool:
             return self.released.wait(timeout_s)
 
@@ -443,7 +465,8 @@ def test_set_threads_reaches_passes_already_queued_behind_a_busy_rank(ray_local,
         rank.release.options(concurrency_group=CONTROL).remote()  # runs after set_threads (same group, in order)
         assert ray.get(held, timeout=60) is True
         assert ray.get(queued, timeout=60) == 2
-        group.set_threads(1)
+        group.set_threads(1)  # not waited for: a control-group call behind it is the barrier
+        ray.get(rank.release.options(concurrency_group=CONTROL).remote(), timeout=60)
         assert ray.get(rank.threads_of_next_pass.remote(), timeout=60) == 1
     finally:
         group.shutdown()
@@ -459,6 +482,9 @@ def test_two_ranks_exact_resume_export(ray_local, tiny_model_dir, tmp_path, stag
     group = LearnerGroup(cfg, str(tiny_model_dir), MAX_NEW, timeout_s=120)
     try:
         groups = make_groups(6, seed=8)[::-1]  # uids follow arrival order
+        # a one-token prompt cannot share a head: the rounds it is in run unshared on both ranks, the
+        # others shared (ZeRO-3 gathers per forward call: a mixed round would hang)
+        groups[1] = dataclasses.replace(groups[1], prompt_token_ids=groups[1].prompt_token_ids[:1])
         kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter)
         ref = reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)
         assert max_rel_error(group.probe_gradients(groups), ref) <= 1e-5
@@ -560,11 +586,18 @@ def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
     samples = select_samples(make_groups(4, seed=9), "grpo", 0.1, True).samples
     assert len({s.num_tokens for s in samples}) > 3  # rows of many lengths: real padding
     mb = collate(samples, "token_mean")
-    want = torch.cat(list(teacher_forced_logprobs(model, samples).values()))  # sample order = row order
+    want = teacher_forced_logprobs(model, samples)
     with torch.no_grad():
         for attention in ("padded_sdpa", "flash_varlen"):
             got, _ = forward_logprobs(model, mb, attention, torch.device("cpu"))
-            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+            torch.testing.assert_close(got, torch.cat(list(want.values())), atol=2e-6, rtol=0)  # sample order = row order
+        # shared prompt heads: each bin's prompts run once and every row continues their K/V cache
+        for b in pack_samples(samples, 10_000, share_prompts=True):
+            part = [samples[i] for i in b]
+            shared = collate(part, "token_mean", share_prompts=True)
+            assert len(shared.prompt_heads) < len(part)  # G rows per prompt head
+            got, _ = forward_logprobs(model, shared, "padded_sdpa", torch.device("cpu"))
+            torch.testing.assert_close(got, torch.cat([want[s.uid] for s in part]), atol=2e-6, rtol=0)
 
 
 def test_cpu_runs_the_padded_layout():
