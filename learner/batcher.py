@@ -46,7 +46,7 @@ import torch
 from learner.config import LearnerConfig
 from learner.filtering import FilterResult, Sample, select_samples
 from learner.losses import NO_IS_STATS, effective_sample_size, step_normaliser
-from learner.packing import MicroBatch, bin_cost, can_share_prompts, collate, pack_samples, split_across_ranks
+from learner.packing import MicroBatch, bin_cost, collate, pack_samples, split_across_ranks
 from learner.trainer import MicroResult, RankTrainer, StepResult
 from learner.groups import ScoredGroupLike
 
@@ -231,7 +231,9 @@ class StreamingBatcher:
         self.cfg, self.pool, self.max_new_tokens, self.sampler_exact = cfg, pool, max_new_tokens, sampler_exact
         self.share_prompts = cfg.share_prompts and pool.attention == "padded_sdpa"
         """Micro-batches run shared prompt heads once (`learner.packing`); varlen flash attention runs
-        every sample whole."""
+        every sample whole. Every micro-batch (dummies too) then has a head pass, so the ranks' passes
+        of a round have one shape: ZeRO-3 gathers weights at each forward call and ZeRO-2 reduces
+        gradients in the order they complete."""
         self._batch: Optional[_Batch] = None
         self._open = False
         self.batches_done = 0
@@ -450,24 +452,17 @@ class StreamingBatcher:
         # with several epochs, step 0's own detached logprobs are its samples' old logprobs later
         want_logprobs = b.needs_old and b.step == 0 and self.cfg.epochs_per_batch > 1
         for k, per_rank in enumerate(rounds):
-            share = self._round_shares_prompts(per_rank)
-            batches = [collate(x, self.cfg.loss_agg, old, share) for x in per_rank]
+            batches = [collate(x, self.cfg.loss_agg, old, self.share_prompts) for x in per_rank]
             b.grad_passes.append((self.pool.forward_backward(batches, final and k == len(rounds) - 1, want_logprobs),
                                   b.step))
         return left
-
-    def _round_shares_prompts(self, per_rank: Sequence[Sequence[Sample]]) -> bool:
-        """A round shares prompt heads on every rank or on none: ZeRO-3 gathers weights at each
-        forward call and ZeRO-2 reduces gradients in the order they complete, so the ranks' passes
-        of a round must have one shape (a dummy then gets a one-token head too)."""
-        return self.share_prompts and all(can_share_prompts(x) for x in per_rank if x)
 
     def _send_old_logprobs(self, samples: Sequence[Sample], final: bool) -> list[Sample]:
         """No-grad old-logprob rounds; returns the samples not sent."""
         rounds, left = self._rounds(samples, final)
         for per_rank in rounds:
-            share = self._round_shares_prompts(per_rank)
-            self._batch.old_passes.append(self.pool.old_logprobs([collate(x, self.cfg.loss_agg, None, share) for x in per_rank]))
+            self._batch.old_passes.append(self.pool.old_logprobs([collate(x, self.cfg.loss_agg, None, self.share_prompts)
+                                                                   for x in per_rank]))
         return left
 
     def _gather_logprobs_old(self) -> None:

@@ -41,7 +41,7 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.losses import NO_IS_STATS, ISStats, LogprobMismatch, behaviour_weights, logprob_mismatch, ppo_clip_loss_sum
-from learner.packing import MicroBatch, varlen_inputs
+from learner.packing import MicroBatch, shared_suffix_inputs, varlen_inputs
 
 
 class MicroResult(NamedTuple):
@@ -164,10 +164,12 @@ def forward_logprobs(module: torch.nn.Module, mb: MicroBatch, attention: str,
                         use_cache=False).logits  # (1, T, V)
         pred_index = row.pred_index
     elif mb.prompt_heads.numel():  # shared prompt heads (learner.packing): run once, continued by every row
-        heads = module(input_ids=mb.prompt_heads.to(device), use_cache=True, logits_to_keep=1)
-        cache = heads.past_key_values  # (N, heads, H, d) per layer, differentiable
-        cache.batch_select_indices(mb.row_head.to(device))  # (B, heads, H, d): backward sums the rows into N
-        logits = module(input_ids=mb.input_ids.to(device), past_key_values=cache, use_cache=True).logits  # (B, L, V)
+        cache = module(input_ids=mb.prompt_heads.to(device), use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_select_indices(mb.row_head.to(device))  # (N, ..., H, d) -> (B, ..., H, d); backward sums rows into N
+        rows = shared_suffix_inputs(mb)
+        logits = module(input_ids=mb.input_ids.to(device), position_ids=rows.position_ids.to(device),
+                        attention_mask=rows.attention_mask.to(device), past_key_values=cache,
+                        use_cache=True).logits  # (B, L, V)
         pred_index = mb.pred_index
     else:  # right padding + the causal mask: exact without an attention mask (learner.packing)
         logits = module(input_ids=mb.input_ids.to(device), use_cache=False).logits  # (B, L, V)

@@ -482,8 +482,7 @@ def test_two_ranks_exact_resume_export(ray_local, tiny_model_dir, tmp_path, stag
     group = LearnerGroup(cfg, str(tiny_model_dir), MAX_NEW, timeout_s=120)
     try:
         groups = make_groups(6, seed=8)[::-1]  # uids follow arrival order
-        # a one-token prompt cannot share a head: the rounds it is in run unshared on both ranks, the
-        # others shared (ZeRO-3 gathers per forward call: a mixed round would hang)
+        # a one-token prompt: its head is empty (padding only) in its micro-batch's head pass
         groups[1] = dataclasses.replace(groups[1], prompt_token_ids=groups[1].prompt_token_ids[:1])
         kept = select_samples(groups, cfg.advantage, cfg.filter_threshold, cfg.filter)
         ref = reference_gradients(tiny_model_dir, kept.samples, cfg, kept.samples_in)
@@ -583,7 +582,10 @@ def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
     from learner.trainer import forward_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    samples = select_samples(make_groups(4, seed=9), "grpo", 0.1, True).samples
+    groups = make_groups(4, seed=9)
+    # the two kept groups' prompts: one a token longer than the other (heads of two lengths, one prefix)
+    groups[2] = dataclasses.replace(groups[2], prompt_token_ids=groups[1].prompt_token_ids + (5,))
+    samples = select_samples(groups, "grpo", 0.1, True).samples
     assert len({s.num_tokens for s in samples}) > 3  # rows of many lengths: real padding
     mb = collate(samples, "token_mean")
     want = teacher_forced_logprobs(model, samples)
@@ -595,7 +597,7 @@ def test_padded_and_varlen_layouts_give_the_one_sample_logprobs(tiny_model_dir):
         for b in pack_samples(samples, 10_000, share_prompts=True):
             part = [samples[i] for i in b]
             shared = collate(part, "token_mean", share_prompts=True)
-            assert len(shared.prompt_heads) < len(part)  # G rows per prompt head
+            assert len(shared.prompt_heads) < len(part) and len(set(shared.head_lengths.tolist())) > 1
             got, _ = forward_logprobs(model, shared, "padded_sdpa", torch.device("cpu"))
             torch.testing.assert_close(got, torch.cat([want[s.uid] for s in part]), atol=2e-6, rtol=0)
 

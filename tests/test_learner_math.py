@@ -14,7 +14,8 @@ from learner.filtering import filter_mask, select_samples
 from learner.losses import (behaviour_weights, effective_sample_size, logprob_mismatch, ppo_clip_loss_sum,
                             step_normaliser, token_weights)
 from learner.filtering import Sample
-from learner.packing import bin_cost, collate, pack_by_length, pack_samples, padded_cost, split_across_ranks, varlen_inputs
+from learner.packing import (bin_cost, collate, pack_by_length, pack_samples, padded_cost, shared_suffix_inputs,
+                             split_across_ranks, varlen_inputs)
 from rollout_workers.types import Completion, Prompt, ScoredGroup
 
 
@@ -214,39 +215,49 @@ def test_collate_layout():
 
 
 def test_collate_shared_prompt_heads():
-    res = select_samples([group([1, 0], lens=[2, 1], prompt=(7, 8, 9)), group([0, 1], lens=[3, 1], prompt=(4, 5, 6), uid="q")],
+    res = select_samples([group([1, 0], lens=[2, 1], prompt=(7, 8, 9)), group([0, 1], lens=[3, 1], prompt=(4, 5), uid="q")],
                          "drgrpo", 0.1, True)
     mb = collate(res.samples, "seq_mean", share_prompts=True)
-    # each distinct prompt's first P - 1 = 2 tokens once; a row is its last prompt token + completion
-    assert mb.prompt_heads.tolist() == [[7, 8], [4, 5]] and mb.row_head.tolist() == [0, 0, 1, 1]
-    assert mb.input_ids.tolist() == [[9, 10, 11, 0], [9, 10, 0, 0], [6, 10, 11, 12], [6, 10, 0, 0]]
+    # each distinct prompt's first P - 1 tokens once, right-padded; a row is its last prompt token + completion
+    assert mb.prompt_heads.tolist() == [[7, 8], [4, 0]] and mb.head_lengths.tolist() == [2, 1]
+    assert mb.row_head.tolist() == [0, 0, 1, 1]
+    assert mb.input_ids.tolist() == [[9, 10, 11, 0], [9, 10, 0, 0], [5, 10, 11, 12], [5, 10, 0, 0]]
     assert mb.lengths.tolist() == [3, 2, 4, 2]
-    assert mb.num_tokens == 4 + 11 and collate(res.samples, "seq_mean").num_tokens == 5 + 4 + 6 + 4
+    assert mb.num_tokens == 3 + 11 and collate(res.samples, "seq_mean").num_tokens == 5 + 4 + 5 + 3
     # position k of a row predicts completion token k (its first position is the last prompt token)
     assert mb.pred_index.tolist() == [0, 1, 4, 8, 9, 10, 12] and mb.target_ids.tolist() == [10, 11, 10, 10, 11, 12, 10]
+    rows = shared_suffix_inputs(mb)
+    assert rows.position_ids.tolist() == [[2, 3, 4, 5]] * 2 + [[1, 2, 3, 4]] * 2  # positions in the whole sample
+    T, F = True, False
+    assert rows.attention_mask.shape == (4, 1, 4, 6)
+    # row 2 sees the one real token of its head (not the head's padding), then its own tokens causally
+    assert rows.attention_mask[2, 0].tolist() == [[T, F, T, F, F, F], [T, F, T, T, F, F], [T, F, T, T, T, F], [T, F, T, T, T, T]]
+    assert rows.attention_mask[0, 0, 0].tolist() == [T, T, T, F, F, F]
     # 2 heads x 2 tokens + 4 rows x 4 + ceil(4 rows x 2 head tokens / 8) for the rows' cache copies
-    assert bin_cost(res.samples, True) == 4 + 16 + 1 and bin_cost(res.samples, False) == padded_cost([5, 4, 6, 4]) == 24
+    assert bin_cost(res.samples, True) == 4 + 16 + 1 and bin_cost(res.samples, False) == padded_cost([5, 4, 5, 3]) == 20
     with pytest.raises(ValueError, match="varlen_inputs needs a micro-batch without shared prompt heads"):
         varlen_inputs(mb)
-    mixed = res.samples[:1] + [res.samples[2]._replace(prompt_token_ids=(4, 5))]
-    assert bin_cost(mixed, True) == padded_cost([5, 5])  # two prompt lengths: not shareable
-    with pytest.raises(ValueError, match="prompts of one length >= 2"):
-        collate(mixed, "seq_mean", share_prompts=True)
-    dummy = collate([], "token_mean", share_prompts=True)  # the shape of a sharing round's passes
+    dummy = collate([], "token_mean", share_prompts=True)  # a head pass too: every pass of a round has one shape
     assert dummy.prompt_heads.shape == (1, 1) and dummy.row_head.tolist() == [0] and dummy.target_ids.numel() == 0
 
 
-def test_pack_samples_buckets_by_prompt_length_and_counts_shared_cost():
+def test_pack_samples_sorts_by_completion_and_counts_shared_cost():
     def sample(uid, prompt, c):
         return Sample(uid, prompt, tuple(range(c)), (-1.0,) * c, 1.0)
 
     samples = [sample(0, (1, 2, 3), 2), sample(1, (4, 5), 3), sample(2, (1, 2, 3), 4), sample(3, (6, 7, 8), 4),
                sample(4, (4, 5), 1)]
-    # prompts of 3 tokens: 2 (c 4, prompt first seen at 0), 3 (c 4), 0 (c 2). [2, 3] costs 2 heads x 2 + 2 rows x 5
-    # + ceil(2 x 2 / 8) = 15 <= 16; adding 0 would cost 2 x 2 + 3 x 5 + 1 = 20. Prompts of 2 tokens: [1, 4] costs 1 + 8 + 1.
-    bins = pack_samples(samples, 16, share_prompts=True)
-    assert bins == [[2, 3], [0], [1, 4]]
-    assert [bin_cost([samples[i] for i in b], True) for b in bins] == [15, 6, 10]
+    # sorted by completion: 2 and 3 (c 4; 2's prompt first seen at 0), 1 (c 3), 0 (c 2), 4 (c 1). [2, 3] costs 2 heads x 2
+    # + 2 rows x 5 + ceil(2 x 2 / 8) = 15; adding 1 would cost 3 x 2 + 3 x 5 + 1 = 22 > 17.
+    # [1, 0, 4]: 2 distinct heads x 2 + 3 rows x 4 + ceil(3 x 2 / 8) = 17. Prompts kept together cost the same
+    # 32 in 3 bins ([2, 0], [3, 1], [4]), so this cut wins.
+    bins = pack_samples(samples, 17, share_prompts=True)
+    assert bins == [[2, 3], [1, 0, 4]]
+    assert [bin_cost([samples[i] for i in b], True) for b in bins] == [15, 17]
+    # two 9-token prompts, completions of 4 and 3 tokens: sorted by completion, bins mix the prompts (4 bins
+    # costing 20 + 20 + 31 + 13); a prompt's samples together make 2 bins of 8 + 4 x 5 + 4 = 32 each
+    long_prompts = [sample(k, (1,) * 9 if k < 4 else (2,) * 9, 4 - k % 2) for k in range(8)]
+    assert pack_samples(long_prompts, 32, share_prompts=True) == [[0, 2, 1, 3], [4, 6, 5, 7]]
     assert pack_samples(samples, 16, share_prompts=False) == pack_by_length([s.num_tokens for s in samples], 16)
     assert pack_samples([sample(0, (1, 2, 3), 13)], 16, True) == [[0]]  # alone, a sample always gets a bin
     with pytest.raises(ValueError, match="17 tokens.*micro_batch_tokens=16"):

@@ -3,8 +3,13 @@
 - "dense_mask": the layout before length bucketing: samples concatenated into one row per
   micro-batch (first-fit-decreasing on the token sum), position ids restarting per sample, and a
   dense (1, 1, T, T) block-diagonal causal mask, so attention costs T^2 per row.
-- "padded": `learner.packing` today: length-bucketed, right-padded (B, L) micro-batches with plain
-  causal attention and no mask (`learner.trainer.forward_logprobs`).
+- "padded": length-bucketed, right-padded (B, L) micro-batches with plain causal attention and no
+  mask (`learner.trainer.forward_logprobs`), each sample's prompt in its own row
+  (learner.share_prompts=false);
+- "shared": `learner.packing` today: the same, bucketed by prompt length, each distinct prompt head
+  run once per micro-batch and continued by its rows through the K/V cache (learner.share_prompts=true).
+
+Samples come in groups of G = 8 completions of one prompt, as a sampled RL batch does.
 
 Each runs forward + backward of the sum-form PPO loss (rho = 1) over every micro-batch of one
 optimizer batch, fp32 on CPU, a Qwen2 model shaped like the embedded default's (hidden 128,
@@ -26,9 +31,10 @@ import torch
 from launch.bench.output import write_json
 from learner.filtering import Sample
 from learner.losses import ppo_clip_loss_sum, token_weights
-from learner.packing import collate, pack_by_length
+from learner.packing import collate, pack_samples
 from learner.trainer import forward_logprobs
 
+GROUP_SIZE = 8
 REGIMES = {
     # name: (samples, prompt tokens range, completion tokens range)
     "default": (512, (6, 14), (2, 16)),  # the embedded default: 64 prompts x G = 8, <= 16 new tokens
@@ -38,12 +44,15 @@ REGIMES = {
 
 def make_samples(num: int, prompt_range: tuple[int, int], completion_range: tuple[int, int], vocab: int,
                  seed: int) -> list[Sample]:
+    """`num` samples, GROUP_SIZE per random prompt."""
     rng = random.Random(seed)
     out = []
     for uid in range(num):
+        if uid % GROUP_SIZE == 0:
+            prompt = tuple(rng.randrange(vocab) for _ in range(rng.randint(*prompt_range)))
         c = rng.randint(*completion_range)
-        out.append(Sample(uid, tuple(rng.randrange(vocab) for _ in range(rng.randint(*prompt_range))),
-                          tuple(rng.randrange(vocab) for _ in range(c)), tuple([-1.0] * c), rng.choice((-1.0, 1.0))))
+        out.append(Sample(uid, prompt, tuple(rng.randrange(vocab) for _ in range(c)), tuple([-1.0] * c),
+                          rng.choice((-1.0, 1.0))))
     return out
 
 
@@ -82,7 +91,8 @@ def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
 def run_layout(model: torch.nn.Module, samples: list[Sample], layout: str, budget: int) -> tuple[float, float, int]:
     """Forward + backward over one optimizer batch; returns (wall s, CPU s, micro-batches)."""
     lengths = [s.num_tokens for s in samples]
-    bins = first_fit_decreasing(lengths, budget) if layout == "dense_mask" else pack_by_length(lengths, budget)
+    share = layout == "shared"
+    bins = first_fit_decreasing(lengths, budget) if layout == "dense_mask" else pack_samples(samples, budget, share)
     model.zero_grad(set_to_none=True)
     wall, cpu = time.perf_counter(), time.process_time()
     for b in bins:
@@ -90,7 +100,7 @@ def run_layout(model: torch.nn.Module, samples: list[Sample], layout: str, budge
         if layout == "dense_mask":
             logprobs = dense_mask_logprobs(model, part)
         else:
-            logprobs, _ = forward_logprobs(model, collate(part, "token_mean"), "padded_sdpa", torch.device("cpu"))
+            logprobs, _ = forward_logprobs(model, collate(part, "token_mean", None, share), "padded_sdpa", torch.device("cpu"))
         seq_lens = torch.tensor([len(s.completion_token_ids) for s in part])
         advantages = torch.repeat_interleave(torch.tensor([s.advantage for s in part]), seq_lens)
         ppo_clip_loss_sum(logprobs, logprobs.detach(), advantages, token_weights(seq_lens, "token_mean"),
@@ -120,7 +130,7 @@ def main(argv: list[str]) -> dict:
         for budget in (int(x) for x in args.budgets.split(",")):
             best: dict[str, tuple[float, float, int]] = {}
             for _ in range(args.repeats):
-                for layout in ("dense_mask", "padded"):
+                for layout in ("dense_mask", "padded", "shared"):
                     got = run_layout(model, samples, layout, budget)
                     best[layout] = min(best.get(layout, got), got, key=lambda r: r[1])
             for layout, (wall, cpu, micro_batches) in best.items():
