@@ -36,6 +36,7 @@ Tested by:
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -229,16 +230,20 @@ class StreamingBatcher:
         (fp32 engine, top_p = 1), so with learner.old_logprobs="auto" a group sampled at the
         learner's current version needs no recomputed old logprobs."""
         self.cfg, self.pool, self.max_new_tokens, self.sampler_exact = cfg, pool, max_new_tokens, sampler_exact
-        self.share_prompts = cfg.share_prompts and pool.attention == "padded_sdpa"
-        """Micro-batches run shared prompt heads once (`learner.packing`); varlen flash attention runs
-        every sample whole. Every micro-batch (dummies too) then has a head pass, so the ranks' passes
-        of a round have one shape: ZeRO-3 gathers weights at each forward call and ZeRO-2 reduces
-        gradients in the order they complete."""
         self._batch: Optional[_Batch] = None
         self._open = False
         self.batches_done = 0
 
     # ---- public ---------------------------------------------------------------------------
+    @functools.cached_property
+    def share_prompts(self) -> bool:
+        """Micro-batches run shared prompt heads once (`learner.packing`); varlen flash attention runs
+        every sample whole. Every micro-batch (dummies too) then has a head pass, so the ranks' passes
+        of a round have one shape: ZeRO-3 gathers weights at each forward call and ZeRO-2 reduces
+        gradients in the order they complete. Asked of the pool at the first round, not when the
+        batcher is built: the ranks may still be starting then."""
+        return self.cfg.share_prompts and self.pool.attention == "padded_sdpa"
+
     @property
     def batch_open(self) -> bool:
         """True between begin_batch and end_batch/abort_batch."""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ import torch
 from launch.config import load_config, validate
 from launch.gpu_check.__main__ import MAX_OUT_FILES, NOT_COVERED, OUT_FILES, SCRIPT_OUT_FILES
 from launch.gpu_check.steps import (CPU_REHEARSAL, GPU, TINY_SHAPE, bf16_peak, bit_checksum, learner_groups,
-                                    matmul_ceiling, measure_e2e, measure_sync, train_flops, train_flops_per_token)
+                                    matmul_ceiling, measure_e2e, measure_sync, micro_batch_flops, train_flops,
+                                    train_flops_per_token)
 from launch.gpu_check.wheels import RAY_DROP, trim_wheel
 from launch.placement import ds_accelerator
 from learner.filtering import select_samples
@@ -47,6 +49,15 @@ def test_train_flops_per_token_is_palm_6n_plus_12lht():
     assert train_flops_per_token(494_032_768, 24, 896, 1024) == pytest.approx(3.2284e9, rel=1e-4)
     # varying lengths: each sequence at its own T, padding not counted
     assert train_flops(10, 2, 3, [4, 1]) == 4 * (60 + 12 * 2 * 3 * 4) + 1 * (60 + 12 * 2 * 3 * 1)
+    # a shared micro-batch: heads of 3 and 2 tokens; rows of 2 and 1 tokens continue head 0, one of 4 head 1
+    shared = SimpleNamespace(head_lengths=torch.tensor([3, 2]), lengths=torch.tensor([2, 1, 4]),
+                             row_head=torch.tensor([0, 0, 1]))
+    per_token = lambda t: 60 + 12 * 2 * 3 * t  # noqa: E731  (6 N + 12 L H T)
+    assert micro_batch_flops(10, 2, 3, shared) == (3 * per_token(3) + 2 * per_token(2) + 2 * per_token(5)
+                                                   + 1 * per_token(4) + 4 * per_token(6))
+    whole = SimpleNamespace(head_lengths=torch.zeros(0, dtype=torch.long), lengths=torch.tensor([4, 1]),
+                            row_head=torch.zeros(0, dtype=torch.long))
+    assert micro_batch_flops(10, 2, 3, whole) == train_flops(10, 2, 3, [4, 1])
 
 
 def test_matmul_ceiling_is_measured_in_the_asked_dtype():
@@ -219,7 +230,10 @@ def test_learner_step_runs_the_project_rank_trainer(tmp_path):
     for budget, b in f["budgets"].items():
         assert b["tokens_per_second"] > 0 and b["mfu_vs_datasheet"] is None
         assert b["mfu_vs_measured_matmul"] == pytest.approx(b["model_tflops"] / f["matmul_ceiling_tflops"]["median"])
-        assert b["completion_tokens_per_step"] < b["tokens_per_step"] <= b["padded_tokens_per_step"]
+        # the rehearsal's groups share a prompt: it is forwarded once per micro-batch, not per sample
+        assert b["shared_prompts"] is True
+        assert b["completion_tokens_per_step"] < b["forwarded_tokens_per_step"] < b["tokens_per_step"]
+        assert b["forwarded_tokens_per_step"] <= b["padded_tokens_per_step"]
         assert b["micro_batches_per_step"] >= 2 and b["padded_tokens_per_step"] <= b["micro_batches_per_step"] * int(budget)
         assert b["step_seconds"]["min"] <= b["step_seconds"]["median"] <= b["step_seconds"]["max"]
 

@@ -10,9 +10,11 @@ it passes a scratch directory outside its result folder):
   learner's own config; bf16 on the GPU, fp32 on the CPU rehearsal) driven by
   `learner.batcher.StreamingBatcher` exactly as a run drives it: groups of a prompt and
   completions of varying lengths, the real loss on completion tokens only, length-bucketed
-  right-padded micro-batches (`learner.packing`), one optimizer step per timed batch. The timed
-  window is forward_backward of every micro-batch + the step. Reported per micro-batch budget:
-  tokens/s (real prompt + completion tokens), the padding share, and MFU against both the card's
+  right-padded micro-batches (`learner.packing`; shared prompt heads on the padded path), one
+  optimizer step per timed batch. The timed window is forward_backward of every micro-batch + the
+  step. Reported per micro-batch budget: tokens/s (the samples' prompt + completion tokens), the
+  tokens actually forwarded (a shared prompt once per micro-batch) and their padding share, and
+  MFU (the FLOPs forwarded, `micro_batch_flops`) against both the card's
   datasheet dense bf16 peak and a measured matmul ceiling (`matmul_ceiling`: a timed large
   torch.matmul in the learner's dtype on the same device), with the peak memory next to
   `learner.memory`'s estimate. The model is Qwen2.5-0.5B-shaped (random init from its config: no
@@ -45,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -97,6 +99,17 @@ def train_flops(n_params: int, layers: int, hidden: int, lengths: Sequence[int])
     """Model FLOPs of one training pass over sequences of these lengths: each sequence's tokens at
     `train_flops_per_token` with T = its own length. Padding is not counted (MFU counts useful work)."""
     return sum(n * train_flops_per_token(n_params, layers, hidden, n) for n in lengths)
+
+
+def micro_batch_flops(n_params: int, layers: int, hidden: int, mb: Any) -> float:
+    """Model FLOPs the learner performs on one micro-batch (`learner.packing.MicroBatch`): with
+    shared prompts, each prompt head once at T = its length, and each row's tokens at T = its head
+    plus itself (they attend over the cached head); without, each row whole. Padding not counted."""
+    heads = [int(h) for h in mb.head_lengths]
+    rows = [int(n) for n in mb.lengths]
+    context = [heads[int(i)] for i in mb.row_head] if heads else [0] * len(rows)
+    return (train_flops(n_params, layers, hidden, heads)
+            + sum(n * train_flops_per_token(n_params, layers, hidden, h + n) for n, h in zip(rows, context)))
 
 
 @dataclass(frozen=True)
@@ -291,20 +304,25 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
     from learner.trainer import RankTrainer
     from weight_sync.endpoint import free_port
 
-    class CountingPool(LocalRankPool):
-        """The in-process pool, counting the padded tokens of the micro-batches it runs."""
+    shape = p.model_shape
+    flops_args = (int(shape["num_hidden_layers"]), int(shape["hidden_size"]))
 
-        padded_tokens = 0
-        micro_batches = 0
+    class CountingPool(LocalRankPool):
+        """The in-process pool, counting the tokens (forwarded and padded) and model FLOPs of the
+        micro-batches it runs."""
+
+        forwarded_tokens = padded_tokens = micro_batches = 0
+        flops = 0.0
 
         def forward_backward(self, per_rank, boundary, return_logprobs):
             for mb in per_rank:
                 if mb.target_ids.numel():  # not the boundary's one-token dummy
-                    self.padded_tokens += mb.input_ids.numel()
+                    self.forwarded_tokens += mb.num_tokens
+                    self.padded_tokens += mb.input_ids.numel() + mb.prompt_heads.numel()
+                    self.flops += micro_batch_flops(n_params, *flops_args, mb)
                     self.micro_batches += 1
             return super().forward_backward(per_rank, boundary, return_logprobs)
 
-    shape = p.model_shape
     # measured first, before the model holds any memory
     ceiling = matmul_ceiling(p.device, p.learner_dtype, p.matmul_size, p.matmul_repeats)
     name = device_name(p.device)
@@ -331,7 +349,6 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
     for budget in p.learner_budgets:
         groups = learner_groups(p, int(shape["vocab_size"]), budget, seed=budget)
         lengths = [len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions]
-        flops = train_flops(n_params, int(shape["num_hidden_layers"]), int(shape["hidden_size"]), lengths)
         pool = CountingPool(trainer)
         batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=budget, prompts_per_step=len(groups)),
                                    pool, max_new_tokens=p.learner_completion_lens[1])
@@ -340,7 +357,8 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
         seconds, stats = [], None
         try:
             for step in range(1 + p.learner_steps):  # step 0 warms up kernels and the allocator
-                pool.padded_tokens = pool.micro_batches = 0
+                pool.forwarded_tokens = pool.padded_tokens = pool.micro_batches = 0
+                pool.flops = 0.0
                 _sync(p.device)
                 t0 = time.perf_counter()
                 batcher.begin_batch(len(groups))
@@ -357,13 +375,15 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
             print(f"learner budget {budget}: out of memory", flush=True)
             break
         t = spread(seconds)
-        tokens = sum(lengths)
+        tokens, flops = sum(lengths), pool.flops
         tflops = flops / t.median / 1e12
         predicted = learner_memory(n_params, int(shape["num_hidden_layers"]), int(shape["hidden_size"]),
                                    int(shape["vocab_size"]), budget, cfg.zero_stage, 1, cfg.bf16, reference_model=False)
         entry = {"groups": len(groups), "samples": len(lengths), "tokens_per_step": tokens,
-                 "completion_tokens_per_step": stats.completion_tokens, "padded_tokens_per_step": pool.padded_tokens,
-                 "padding_share": 1.0 - tokens / pool.padded_tokens, "micro_batches_per_step": pool.micro_batches,
+                 "completion_tokens_per_step": stats.completion_tokens, "shared_prompts": batcher.share_prompts,
+                 "forwarded_tokens_per_step": pool.forwarded_tokens, "padded_tokens_per_step": pool.padded_tokens,
+                 "padding_share": 1.0 - pool.forwarded_tokens / pool.padded_tokens,
+                 "micro_batches_per_step": pool.micro_batches,
                  "step_seconds": t._asdict(), "tokens_per_second": tokens / t.median, "model_flops_per_step": flops,
                  "model_tflops": tflops, "mfu_vs_datasheet": tflops / peak.tflops if peak else None,
                  "mfu_vs_measured_matmul": tflops / ceiling.tflops.median,
