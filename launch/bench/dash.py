@@ -21,6 +21,7 @@ optimizer step:
 | dash_no_preemptive | dash with rollout.prompts_per_generation = learner.prompts_per_step           |
 | dash_recompute     | dash with learner.old_logprobs=recompute (old-logprob pass even when exact)   |
 | dash_no_handover   | dash with train.thread_handover=false (each actor keeps its reserved cores)   |
+| dash_unshared      | dash with learner.share_prompts=false (each sample's prompt forwarded in its own row) |
 | standard_grpo_no_handover | standard_grpo with train.thread_handover=false                         |
 | dash_stream        | dash with train.stream_learn=true (the learner backprops during sampling, each side on its own core) |
 | standard_grpo_no_stream | standard_grpo with train.stream_learn=false                              |
@@ -84,7 +85,7 @@ PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides),
 synchronous unless its name says async (the preset sets train.overlap=true)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
-        "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
+        "dash_unshared", "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
         "dash_async_tis")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
@@ -168,6 +169,7 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
         "dash_no_preemptive": [f"rollout.prompts_per_generation={plan.prompts_per_step}"],
         "dash_recompute": ["learner.old_logprobs=recompute"],
         "dash_no_handover": ["train.thread_handover=false"],
+        "dash_unshared": ["learner.share_prompts=false"],
         "standard_grpo_no_handover": ["train.mode=standard_grpo", "learner.filter=false", "train.stream_learn=true",
                                       "train.thread_handover=false"],
         "dash_stream": ["train.stream_learn=true"],

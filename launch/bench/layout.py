@@ -6,8 +6,10 @@
 - "padded": length-bucketed, right-padded (B, L) micro-batches with plain causal attention and no
   mask (`learner.trainer.forward_logprobs`), each sample's prompt in its own row
   (learner.share_prompts=false);
-- "shared": `learner.packing` today: the same, bucketed by prompt length, each distinct prompt head
-  run once per micro-batch and continued by its rows through the K/V cache (learner.share_prompts=true).
+- "shared": `learner.packing` today: the same rows without their prompts; each distinct prompt head
+  runs once per micro-batch and its rows continue it through the K/V cache
+  (learner.share_prompts=true; `pack_samples` cuts by completion length or by prompt group,
+  whichever costs less).
 
 Samples come in groups of G = 8 completions of one prompt, as a sampled RL batch does.
 
