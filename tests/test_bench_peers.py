@@ -64,27 +64,25 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
     from launch.config import load_config
 
     plan = PLANS[(regime, quick)]
-    seen = {}
+    seen, shares = {}, {}
     for name in OURS:
         cfg = load_config(PRESET, shared_overrides(plan) + contender_overrides(name, plan, seed=2))
         per_iteration = cfg.rollout.prompts_per_generation if cfg.train.mode == "dash" else cfg.learner.prompts_per_step
         seen[name] = (cfg.train.iterations * per_iteration, cfg.eval.every * per_iteration, cfg.learner.filter,
                       cfg.train.mode, cfg.rollout.prompts_per_generation, cfg.learner.old_logprobs,
-                      cfg.train.thread_handover, cfg.train.overlap, cfg.learner.off_policy, cfg.train.stream_learn,
-                      cfg.learner.share_prompts)
+                      cfg.train.thread_handover, cfg.train.overlap, cfg.learner.off_policy, cfg.train.stream_learn)
+        shares[name] = cfg.learner.share_prompts
         assert (cfg.rollout.group_size, cfg.rollout.max_new_tokens, cfg.learner.lr, cfg.eval.size) == (
             plan.group_size, plan.max_new_tokens, plan.lr, plan.eval_size)
         assert cfg.data.synthetic_tasks == (plan.task,) and cfg.data.seed == 0  # same problems for every seed
         assert (cfg.train.seed, cfg.rollout.seed, cfg.learner.seed) == (2, 2, 2)
     assert {v[:2] for v in seen.values()} == {(plan.prompts, plan.eval_every_prompts)}
     dash = (True, "dash", plan.prompts_per_generation)
-    # (filter, mode, prompts_per_generation, old_logprobs, thread_handover, overlap, off_policy, stream_learn,
-    # share_prompts); dash waits for its engine call (the preset's stream_learn=false), standard GRPO streams
-    # (its faster mode); every contender but dash_unshared shares prompt heads
-    assert {v[-1] for n, v in seen.items() if n != "dash_unshared"} == {True}
-    seen = {n: v[:-1] for n, v in seen.items()} | {"dash_unshared": seen["dash_unshared"]}
+    # (filter, mode, prompts_per_generation, old_logprobs, thread_handover, overlap, off_policy, stream_learn);
+    # dash waits for its engine call (the preset's stream_learn=false), standard GRPO streams (its faster mode)
     assert seen["dash"][2:] == (*dash, "auto", True, False, "none", False)
-    assert seen["dash_unshared"][2:] == (*dash, "auto", True, False, "none", False, False)
+    assert seen["dash_unshared"] == seen["dash"]
+    assert [n for n, shared in shares.items() if not shared] == ["dash_unshared"]  # every other one shares heads
     assert seen["dash_stream"][2:] == (*dash, "auto", True, False, "none", True)
     assert seen["standard_grpo"][2:4] == (False, "standard_grpo") and seen["standard_grpo"][6:] == (True, False, "none", True)
     assert seen["standard_grpo_no_handover"][2:6] == seen["standard_grpo"][2:6]

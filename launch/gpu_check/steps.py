@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -47,11 +48,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 from launch.bench.output import write_json
+
+if TYPE_CHECKING:
+    from learner.packing import MicroBatch
+
 QWEN25_05B_SHAPE = dict(
     hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
     vocab_size=151936, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -101,8 +106,8 @@ def train_flops(n_params: int, layers: int, hidden: int, lengths: Sequence[int])
     return sum(n * train_flops_per_token(n_params, layers, hidden, n) for n in lengths)
 
 
-def micro_batch_flops(n_params: int, layers: int, hidden: int, mb: Any) -> float:
-    """Model FLOPs the learner performs on one micro-batch (`learner.packing.MicroBatch`): with
+def micro_batch_flops(n_params: int, layers: int, hidden: int, mb: MicroBatch) -> float:
+    """Model FLOPs the learner performs on one micro-batch: with
     shared prompts, each prompt head once at T = its length, and each row's tokens at T = its head
     plus itself (they attend over the cached head); without, each row whole. Padding not counted."""
     heads = [int(h) for h in mb.head_lengths]
@@ -304,25 +309,30 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
     from learner.trainer import RankTrainer
     from weight_sync.endpoint import free_port
 
-    shape = p.model_shape
-    flops_args = (int(shape["num_hidden_layers"]), int(shape["hidden_size"]))
-
     class CountingPool(LocalRankPool):
         """The in-process pool, counting the tokens (forwarded and padded) and model FLOPs of the
-        micro-batches it runs."""
+        micro-batches it runs (a model of `n_params` parameters, `layers` x `hidden`)."""
 
-        forwarded_tokens = padded_tokens = micro_batches = 0
-        flops = 0.0
+        def __init__(self, trainer: RankTrainer, n_params: int, layers: int, hidden: int) -> None:
+            super().__init__(trainer)
+            self.flops_of = functools.partial(micro_batch_flops, n_params, layers, hidden)
+            self.reset()
+
+        def reset(self) -> None:
+            self.forwarded_tokens = self.padded_tokens = self.micro_batches = 0
+            self.flops = 0.0
 
         def forward_backward(self, per_rank, boundary, return_logprobs):
             for mb in per_rank:
                 if mb.target_ids.numel():  # not the boundary's one-token dummy
                     self.forwarded_tokens += mb.num_tokens
                     self.padded_tokens += mb.input_ids.numel() + mb.prompt_heads.numel()
-                    self.flops += micro_batch_flops(n_params, *flops_args, mb)
+                    self.flops += self.flops_of(mb)
                     self.micro_batches += 1
             return super().forward_backward(per_rank, boundary, return_logprobs)
 
+    shape = p.model_shape
+    layers, hidden, vocab = int(shape["num_hidden_layers"]), int(shape["hidden_size"]), int(shape["vocab_size"])
     # measured first, before the model holds any memory
     ceiling = matmul_ceiling(p.device, p.learner_dtype, p.matmul_size, p.matmul_repeats)
     name = device_name(p.device)
@@ -347,9 +357,9 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
            "matmul_ceiling_tflops": ceiling.tflops._asdict(), "matmul_ceiling_size": ceiling.size,
            "matmul_ceiling_dtype": ceiling.dtype, "budgets": {}}
     for budget in p.learner_budgets:
-        groups = learner_groups(p, int(shape["vocab_size"]), budget, seed=budget)
+        groups = learner_groups(p, vocab, budget, seed=budget)
         lengths = [len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions]
-        pool = CountingPool(trainer)
+        pool = CountingPool(trainer, n_params, layers, hidden)
         batcher = StreamingBatcher(dataclasses.replace(cfg, micro_batch_tokens=budget, prompts_per_step=len(groups)),
                                    pool, max_new_tokens=p.learner_completion_lens[1])
         if cuda:
@@ -357,8 +367,7 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
         seconds, stats = [], None
         try:
             for step in range(1 + p.learner_steps):  # step 0 warms up kernels and the allocator
-                pool.forwarded_tokens = pool.padded_tokens = pool.micro_batches = 0
-                pool.flops = 0.0
+                pool.reset()
                 _sync(p.device)
                 t0 = time.perf_counter()
                 batcher.begin_batch(len(groups))
@@ -377,8 +386,8 @@ def measure_learner(p: Profile, scratch: Path) -> dict:
         t = spread(seconds)
         tokens, flops = sum(lengths), pool.flops
         tflops = flops / t.median / 1e12
-        predicted = learner_memory(n_params, int(shape["num_hidden_layers"]), int(shape["hidden_size"]),
-                                   int(shape["vocab_size"]), budget, cfg.zero_stage, 1, cfg.bf16, reference_model=False)
+        predicted = learner_memory(n_params, layers, hidden, vocab, budget, cfg.zero_stage, 1, cfg.bf16,
+                                   reference_model=False)
         entry = {"groups": len(groups), "samples": len(lengths), "tokens_per_step": tokens,
                  "completion_tokens_per_step": stats.completion_tokens, "shared_prompts": batcher.share_prompts,
                  "forwarded_tokens_per_step": pool.forwarded_tokens, "padded_tokens_per_step": pool.padded_tokens,
