@@ -309,6 +309,10 @@ def validate(cfg: Config) -> None:
         sleepers = " or ".join(engine_names(lambda spec: spec.sleep_mode))
         raise ConfigError(f"rollout.enable_sleep_mode=true needs rollout.engine={sleepers}, train.placement=colocated "
                           "and train.overlap=false")
+    if not cfg.model.path and cfg.model.sft_steps and r.answer_format != "boxed":
+        raise ConfigError(f"rollout.answer_format={r.answer_format} cannot score the embedded model: its warm-up "
+                          "teaches \\boxed{} answers (launch.data.templates.sft_target); use rollout.answer_format="
+                          "boxed, or set model.path")
     if cfg.model.path and not is_hub_id(cfg.model.path) and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path {cfg.model.path!r} does not exist")
 

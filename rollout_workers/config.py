@@ -73,7 +73,7 @@ class RolloutConfig:
     answer_format: str = "boxed"
     """Where the reward reads the final answer: "boxed" (last \\boxed{}, else `#### N`), "gsm8k"
     (`#### N` only) or "last_number" (boxed, else `#### N`, else the last number of the text);
-    the chat-template instruction asks for the same format."""
+    the prompt's instruction (chat or plain) asks for the same format."""
     format_reward: float = 0.0
     """Extra reward for a completion with a parseable final answer (0 = off)."""
     reward_timeout_s: float = 5.0

@@ -54,6 +54,7 @@ def test_wrong_type_names_key_and_type():
     (["learner.off_policy=ppo"], r"learner\.off_policy must be one of \['none', 'tis', 'decoupled'\]"),
     (["learner.is_cap=1.0"], r"learner\.is_cap must be > 1"),
     (["learner.old_logprobs=exact"], r"learner\.old_logprobs must be one of \['auto', 'recompute', 'sampler'\]"),
+    (["rollout.answer_format=gsm8k"], r"rollout\.answer_format=gsm8k cannot score the embedded model: its warm-up teaches"),
 ])
 def test_impossible_combinations_say_why(overrides, message):
     with pytest.raises(ConfigError, match=message):

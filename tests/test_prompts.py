@@ -18,7 +18,8 @@ from launch.data.cursor import PromptCursor
 from launch.data.model_prompts import drop_long_prompts, prompts_for_model
 from launch.data.sources import MAX_PROMPT_CHARS, LoadResult, load_prompts
 from launch.data.synthetic import synthetic_problems
-from launch.data.templates import REASONING_TEMPLATE, sft_target
+from launch.data.templates import REASONING_INSTRUCTIONS, REASONING_TEMPLATE, plain_prompts, sft_target
+from rollout_workers.rewards import extract_final_answer
 from rollout_workers.types import OVER_MAX_PROMPT_TOKENS, Prompt
 
 # ------------------------------------------------------------------ synthetic
@@ -60,6 +61,33 @@ def test_long_prompts_are_measured_by_their_carried_token_ids(tiny_model_dir) ->
     assert kept.skipped[OVER_MAX_PROMPT_TOKENS] == len(problems) - len(by_count) > 0
     with pytest.raises(ValueError, match="needs prompts with token ids .* 100 have none, e.g. 'synthetic-"):
         drop_long_prompts(LoadResult(problems, collections.Counter()), max_tokens=14)  # not through prompts_for_model
+
+
+def test_plain_prompts_ask_for_the_answer_where_the_reward_reads_it(tiny_model_dir) -> None:
+    """Without a chat template a GSM8K/MATH prompt's last line asks for rollout.answer_format
+    (the loaded prompt always asked for \\boxed{}, which the "gsm8k" reward never reads); synthetic
+    prompts keep the tiny model's format. Token ids are those of the rewritten text."""
+    from transformers import AutoTokenizer
+
+    problem = "Ann has 3 pens and buys 2. How many?"
+    gsm8k = Prompt("gsm8k-1", REASONING_TEMPLATE.format(problem=problem), "5")
+    synthetic = synthetic_problems(["add"], 2, 2, seed=0, split="train")
+    assert REASONING_TEMPLATE.format(problem=problem) == f"{problem}\n{REASONING_INSTRUCTIONS['boxed']}"
+    for answer_format, instruction in REASONING_INSTRUCTIONS.items():
+        out = plain_prompts([gsm8k, *synthetic], answer_format)
+        assert out[0].text == f"{problem}\n{instruction}" and (out[0].uid, out[0].gold) == ("gsm8k-1", "5")
+        assert out[1:] == synthetic
+    # Each instruction names the marker its format's reader looks for.
+    assert extract_final_answer("3 + 2 = 5\n#### 5", "gsm8k") == "5" and "'#### '" in REASONING_INSTRUCTIONS["gsm8k"]
+    assert extract_final_answer("\\boxed{5}", "gsm8k") is None
+    assert "\\boxed{}" in REASONING_INSTRUCTIONS["boxed"] and "The answer is N." in REASONING_INSTRUCTIONS["last_number"]
+    with pytest.raises(ValueError, match="rollout.answer_format must be one of"):
+        plain_prompts([gsm8k], "latex")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    [seen] = prompts_for_model([gsm8k], str(tiny_model_dir), "auto", "gsm8k")  # tiny tokenizer: no chat template
+    assert seen.text == f"{problem}\n{REASONING_INSTRUCTIONS['gsm8k']}"
+    assert list(seen.token_ids) == tokenizer(seen.text)["input_ids"]
 
 
 def test_synthetic_is_deterministic_and_seeded() -> None:

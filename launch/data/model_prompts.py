@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from launch.data.sources import LoadResult
-from launch.data.templates import chat_prompts, use_chat_template
+from launch.data.templates import chat_prompts, plain_prompts, use_chat_template
 from rollout_workers.engines.base import prompt_token_ids
 from rollout_workers.types import OVER_MAX_PROMPT_TOKENS, Prompt
 
@@ -20,13 +20,15 @@ from rollout_workers.types import OVER_MAX_PROMPT_TOKENS, Prompt
 def prompts_for_model(prompts: Sequence[Prompt], model_path: str, chat_template: str,
                       answer_format: str) -> list[Prompt]:
     """`prompts` as the model at `model_path` should see them: chats when `use_chat_template` says
-    so (its tokenizer decides under "auto"), else the same texts; each with its token ids
-    (`with_token_ids`, the model's tokenizer)."""
+    so (its tokenizer decides under "auto"), else plain texts asking for `answer_format`
+    (`plain_prompts`); each with its token ids (`with_token_ids`, the model's tokenizer)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if use_chat_template(chat_template, tokenizer):
         prompts = chat_prompts(prompts, tokenizer, answer_format)
+    else:
+        prompts = plain_prompts(prompts, answer_format)
     return with_token_ids(prompts, tokenizer)
 
 

@@ -3,8 +3,11 @@
     PYTHONPATH=$PWD python -m pytest -q tests/test_prompts.py tests/test_smollm2.py
 
 Synthetic problems use `TINY_TEMPLATE` (`"Q: {question}\\nA:"`, the format the tiny model's
-tokenizer is trained on); GSM8K and MATH use `REASONING_TEMPLATE`, the problem followed by
+tokenizer is trained on); GSM8K and MATH load with `REASONING_TEMPLATE`, the problem followed by
 "Please reason step by step, and put your final answer within \\boxed{}." (the Qwen2.5-Math prompt).
+Plain prompts (`plain_prompts`, no chat template): the driver swaps that instruction for
+`REASONING_INSTRUCTIONS[rollout.answer_format]`, so a model that obeys its prompt writes the answer
+where the reward reads it (`#### N` for "gsm8k", which ignores `\\boxed{}`).
 Chat template (`chat_prompts`, `data.chat_template`): for an instruct model the driver rewraps every
 prompt, train and eval alike, as the tokenizer's chat: a system turn asking for the final answer in
 the format the reward reads (`CHAT_INSTRUCTIONS[rollout.answer_format]`) and a user turn holding the
@@ -20,8 +23,14 @@ from rollout_workers.types import Prompt
 
 TINY_TEMPLATE = "Q: {question}\nA:"
 """Prompt of synthetic problems (the tiny model's tokenizer is trained on this format)."""
-REASONING_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
-"""Prompt of GSM8K/MATH problems for real models."""
+REASONING_INSTRUCTIONS = {
+    "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "gsm8k": "Please reason step by step, and write the final number on the last line after '#### '.",
+    "last_number": "Please reason step by step, and end with 'The answer is N.', where N is the final number.",
+}
+"""Last line of plain GSM8K/MATH prompts, by `rollout.answer_format`: ask for the answer where the reward reads it."""
+REASONING_TEMPLATE = "{problem}\n" + REASONING_INSTRUCTIONS["boxed"].replace("{}", "{{}}")
+"""Prompt of GSM8K/MATH problems as loaded (`plain_prompts` rewrites the instruction for other formats)."""
 CHAT_INSTRUCTIONS = {
     "boxed": "Solve the math problem. Put your final answer within \\boxed{}.",
     "gsm8k": "Solve the math problem step by step. On the last line write '#### ' followed by the final number.",
@@ -58,6 +67,20 @@ def problem_of(prompt: Prompt) -> str:
     if text.endswith(tail):
         return text[:-len(tail)]
     raise ValueError(f"prompt {prompt.uid!r} was not made by TINY_TEMPLATE or REASONING_TEMPLATE")
+
+
+def plain_prompts(prompts: Sequence[Prompt], answer_format: str) -> list[Prompt]:
+    """`prompts` with each `REASONING_TEMPLATE` instruction replaced by that of `answer_format`
+    (module docstring); synthetic `TINY_TEMPLATE` prompts are kept as they are (the tiny model's
+    format, whose warm-up teaches `\\boxed{}`). uid and gold unchanged; token ids dropped when the
+    text changes (they were the old text's)."""
+    if answer_format not in REASONING_INSTRUCTIONS:
+        raise ValueError(f"rollout.answer_format must be one of {list(REASONING_INSTRUCTIONS)}, got {answer_format!r}")
+    tail = "\n" + REASONING_INSTRUCTIONS["boxed"]
+    wanted = "\n" + REASONING_INSTRUCTIONS[answer_format]
+    return [replace(p, text=p.text[:-len(tail)] + wanted, token_ids=None)
+            if tail != wanted and p.text.endswith(tail) else p
+            for p in prompts]
 
 
 def chat_prompts(prompts: Sequence[Prompt], tokenizer, answer_format: str) -> list[Prompt]:
