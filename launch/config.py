@@ -55,15 +55,19 @@ class ModelConfig:
     """Embedded tiny model: attention heads."""
     sft_steps: int = 1500
     """Most supervised warm-up steps on the training prompts before RL (0 = none)."""
-    sft_stop_accuracy: float = 0.3
-    """End the warm-up once greedy accuracy on 64 training problems reaches this (0 = run all sft_steps)."""
+    sft_stop_accuracy: float = 0.5
+    """End the warm-up once greedy accuracy on sft_probe_size training problems reaches this (0 = run all sft_steps)."""
+    sft_probe_size: int = 256
+    """Training problems (the last of the training set) the warm-up's greedy probe reads."""
+    sft_probe_every: int = 5
+    """Probe every this many warm-up steps: the tiny model learns carries within ~50 steps, so a coarse probe stops anywhere on that rise."""
     sft_lr: float = 1e-3
     """Learning rate of the supervised warm-up."""
     sft_batch_size: int = 64
     """Examples per supervised warm-up step."""
 
     def __post_init__(self) -> None:
-        for key in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "sft_batch_size"):
+        for key in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "sft_batch_size", "sft_probe_size", "sft_probe_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.sft_steps < 0:

@@ -21,6 +21,17 @@ class SFTStats(NamedTuple):
     """Last probe result (nan when no probe ran)."""
 
 
+class StopProbe(NamedTuple):
+    """When the warm-up stops early: once `accuracy()` >= `stop_at`, asked every `every` steps."""
+
+    accuracy: Callable[[], float]
+    """Greedy accuracy of the model being trained (e.g. `greedy_probe` on training problems)."""
+    every: int
+    """Steps between probes."""
+    stop_at: float
+    """Accuracy that ends the warm-up."""
+
+
 def greedy_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                  golds: Sequence[str], max_new_tokens: int) -> float:
     """Fraction of prompts whose greedy completion's final answer equals the gold string exactly:
@@ -62,12 +73,11 @@ def sft_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targ
 
 def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
               targets: Sequence[str], steps: int, lr: float, batch_size: int, seed: int,
-              deadline_s: float | None = None, probe: Callable[[], float] | None = None,
-              probe_every: int = 25, stop_at: float = 0.0) -> SFTStats:
+              deadline_s: float | None = None, probe: StopProbe | None = None) -> SFTStats:
     """AdamW (constant lr after a 20-step warmup) on the next-token loss of the targets. Batches
     cycle through a seeded permutation. Stops early at `deadline_s` wall seconds (the
-    SFT-at-equal-time baseline) or once `probe()` >= `stop_at` (checked every `probe_every` steps):
-    tiny models learn carries abruptly, so a step count alone gives an unreliable start point."""
+    SFT-at-equal-time baseline) or once the probe's accuracy reaches its `stop_at`: tiny models
+    learn carries abruptly, so a step count alone gives an unreliable start point."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(prompts), generator=gen).tolist()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -88,9 +98,9 @@ def sft_train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
         loss_value = loss.item()
         if deadline_s is not None and time.perf_counter() - start > deadline_s:
             break
-        if probe is not None and stop_at > 0 and step % probe_every == 0:
-            accuracy = probe()
-            if accuracy >= stop_at:
+        if probe is not None and step % probe.every == 0:
+            accuracy = probe.accuracy()
+            if accuracy >= probe.stop_at:
                 break
     model.eval()
     return SFTStats(step, loss_value, time.perf_counter() - start, step * batch_size, accuracy)

@@ -36,7 +36,7 @@ from launch.config import Config, ConfigError, dump_yaml, help_text, list_preset
 from launch.eval import held_out_set
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, ds_accelerator, make_placement, preflight
-from launch.sft import greedy_probe, sft_train
+from launch.sft import StopProbe, greedy_probe, sft_train
 from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
@@ -397,12 +397,13 @@ def prepare_model(cfg: Config, run_dir: Path, train_prompts: list[Prompt]) -> tu
                                 cfg.model.tiny_heads, seed=cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    probe_set = train_prompts[-64:]  # training problems: the held-out set stays unseen until eval
-    probe = lambda: greedy_probe(model, tokenizer, [p.text for p in probe_set], [p.gold for p in probe_set],
-                                 cfg.rollout.max_new_tokens)
+    probe_set = train_prompts[-cfg.model.sft_probe_size:]  # training problems: the held-out set stays unseen until eval
+    accuracy = lambda: greedy_probe(model, tokenizer, [p.text for p in probe_set], [p.gold for p in probe_set],
+                                    cfg.rollout.max_new_tokens)
+    probe = StopProbe(accuracy, cfg.model.sft_probe_every, cfg.model.sft_stop_accuracy) if cfg.model.sft_stop_accuracy > 0 else None
     stats = sft_train(model, tokenizer, [p.text for p in train_prompts], [sft_target(p) for p in train_prompts],
                       cfg.model.sft_steps, cfg.model.sft_lr, cfg.model.sft_batch_size, cfg.train.seed,
-                      probe=probe, stop_at=cfg.model.sft_stop_accuracy)
+                      probe=probe)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     info = {"sft_steps": stats.steps, "sft_final_loss": stats.final_loss, "sft_seconds": stats.seconds,

@@ -10,6 +10,7 @@ from launch.bench.dash import (OURS, PLANS, PRESET, contender_overrides, fmt_spr
                                start_key, summarize, table, write_plot)
 from launch.bench.peers import PHASES, group_mix, sft_curve, trl_grpo_curve
 from launch.data.synthetic import synthetic_problems
+from launch.data.templates import sft_target
 
 
 def curve(*points: tuple[float, int, float]) -> list[dict]:
@@ -157,6 +158,28 @@ def test_sft_curve_smoke(tiny_model_dir):
     _check_curve(result.points)
     assert len(result.points) >= 2 and all(p["samples_generated"] == 0 for p in result.points)
     assert result.phases["learn"] == result.phases["total"] == result.points[-1]["train_seconds"]
+
+
+def test_warm_up_stops_at_the_first_probe_that_reaches_the_target(tiny_model_dir):
+    """The warm-start rule: a probe every `every` steps; the first reading >= stop_at ends SFT
+    there (steps = that probe's step); without one the warm-up runs all its steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launch.sft import StopProbe, sft_train
+
+    train = synthetic_problems(("add",), 2, 16, 0, "train")
+    texts, targets = [p.text for p in train], [sft_target(p) for p in train]
+    readings = iter([0.1, 0.4, 0.6, 0.9])
+    asked: list[float] = []
+    probe = StopProbe(lambda: asked.append(next(readings)) or asked[-1], every=3, stop_at=0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stats = sft_train(model, AutoTokenizer.from_pretrained(tiny_model_dir), texts, targets, steps=20, lr=1e-3,
+                      batch_size=4, seed=0, probe=probe)
+    assert (stats.steps, stats.probe_accuracy, asked) == (9, 0.6, [0.1, 0.4, 0.6])
+    never = StopProbe(lambda: 0.0, every=4, stop_at=0.5)
+    stats = sft_train(model, AutoTokenizer.from_pretrained(tiny_model_dir), texts, targets, steps=10, lr=1e-3,
+                      batch_size=4, seed=0, probe=never)
+    assert (stats.steps, stats.examples, stats.probe_accuracy) == (10, 40, 0.0)
 
 
 def test_group_mix_counts_uniform_groups(tiny_model_dir):

@@ -126,17 +126,23 @@ class Plan(NamedTuple):
     """model.sft_steps: most warm-up steps of the shared start."""
     sft_stop_accuracy: float
     """model.sft_stop_accuracy: the warm-up stops at this greedy accuracy on training problems."""
+    sft_probe_size: int
+    """model.sft_probe_size: training problems the warm-up's probe reads."""
+    sft_probe_every: int
+    """model.sft_probe_every: warm-up steps between probes."""
     sft_batch_size: int
     """model.sft_batch_size of the warm-up."""
 
 
 TINY = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
             max_new_tokens=16, lr=1e-4, eval_size=400, task="add", digits=2, train_size=6000, max_prompt_tokens=64,
-            micro_batch_tokens=2048, sft_steps=1500, sft_stop_accuracy=0.3, sft_batch_size=64)
+            micro_batch_tokens=2048, sft_steps=1500, sft_stop_accuracy=0.5, sft_batch_size=64, sft_probe_size=256,
+            sft_probe_every=5)
 TINY_QUICK = TINY._replace(prompts=512)
 REASONING = Plan(prompts=1024, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
                  max_new_tokens=96, lr=1e-4, eval_size=100, task="chain", digits=2, train_size=6000,
-                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=2000, sft_stop_accuracy=0.2, sft_batch_size=32)
+                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=2000, sft_stop_accuracy=0.2, sft_batch_size=32,
+                 sft_probe_size=64, sft_probe_every=25)
 REASONING_QUICK = REASONING._replace(prompts=512)
 PLANS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK, ("reasoning", False): REASONING,
          ("reasoning", True): REASONING_QUICK}
@@ -157,6 +163,7 @@ def shared_overrides(plan: Plan) -> list[str]:
             f"rollout.max_prompt_tokens={plan.max_prompt_tokens}",
             f"learner.micro_batch_tokens={plan.micro_batch_tokens}", f"model.sft_steps={plan.sft_steps}",
             f"model.sft_stop_accuracy={plan.sft_stop_accuracy}", f"model.sft_batch_size={plan.sft_batch_size}",
+            f"model.sft_probe_size={plan.sft_probe_size}", f"model.sft_probe_every={plan.sft_probe_every}",
             "run.progress=false"]
 
 
