@@ -83,7 +83,7 @@ from launch.bench.stats import aggregate
 
 PRESET = "tiny-cpu"
 """Every contender starts from the embedded default's config (then the plan's shared overrides),
-synchronous unless its name says async (the preset sets train.overlap=true)."""
+synchronous unless its name says async (train.overlap=false is set explicitly all the same)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
         "dash_unshared", "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
         "dash_async_tis")
@@ -189,7 +189,7 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
     per_iteration = plan.prompts_per_step if name in one_step else plan.prompts_per_generation
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)
-    # every contender but dash_async* is synchronous (the paper's algorithm; the preset overlaps)
+    # every contender but dash_async* is synchronous (the paper's algorithm), whatever the preset says
     return ["train.overlap=false", *variant, f"train.iterations={iterations}", f"eval.every={every}",
             f"train.seed={seed}", f"rollout.seed={seed}", f"learner.seed={seed}"]
 
