@@ -141,8 +141,8 @@ TINY = Plan(prompts=2048, eval_every_prompts=128, group_size=8, prompts_per_step
 TINY_QUICK = TINY._replace(prompts=512)
 REASONING = Plan(prompts=1024, eval_every_prompts=128, group_size=8, prompts_per_step=16, prompts_per_generation=64,
                  max_new_tokens=96, lr=1e-4, eval_size=100, task="chain", digits=2, train_size=6000,
-                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=2000, sft_stop_accuracy=0.2, sft_batch_size=32,
-                 sft_probe_size=64, sft_probe_every=25)
+                 max_prompt_tokens=48, micro_batch_tokens=2048, sft_steps=2000, sft_stop_accuracy=0.5, sft_batch_size=32,
+                 sft_probe_size=64, sft_probe_every=10)
 REASONING_QUICK = REASONING._replace(prompts=512)
 PLANS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK, ("reasoning", False): REASONING,
          ("reasoning", True): REASONING_QUICK}
