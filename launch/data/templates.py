@@ -29,7 +29,9 @@ REASONING_INSTRUCTIONS = {
     "last_number": "Please reason step by step, and end with 'The answer is N.', where N is the final number.",
 }
 """Last line of plain GSM8K/MATH prompts, by `rollout.answer_format`: ask for the answer where the reward reads it."""
-REASONING_TEMPLATE = "{problem}\n" + REASONING_INSTRUCTIONS["boxed"].replace("{}", "{{}}")
+LOADED_TAIL = "\n" + REASONING_INSTRUCTIONS["boxed"]
+"""What follows the problem in a GSM8K/MATH prompt as loaded."""
+REASONING_TEMPLATE = "{problem}" + LOADED_TAIL.replace("{}", "{{}}")
 """Prompt of GSM8K/MATH problems as loaded (`plain_prompts` rewrites the instruction for other formats)."""
 CHAT_INSTRUCTIONS = {
     "boxed": "Solve the math problem. Put your final answer within \\boxed{}.",
@@ -63,9 +65,8 @@ def problem_of(prompt: Prompt) -> str:
     head, tail = TINY_TEMPLATE.split("{question}")
     if text.startswith(head) and text.endswith(tail):
         return text[len(head):len(text) - len(tail)]
-    tail = REASONING_TEMPLATE.split("{problem}")[1].format()
-    if text.endswith(tail):
-        return text[:-len(tail)]
+    if text.endswith(LOADED_TAIL):
+        return text[:-len(LOADED_TAIL)]
     raise ValueError(f"prompt {prompt.uid!r} was not made by TINY_TEMPLATE or REASONING_TEMPLATE")
 
 
@@ -76,10 +77,9 @@ def plain_prompts(prompts: Sequence[Prompt], answer_format: str) -> list[Prompt]
     text changes (they were the old text's)."""
     if answer_format not in REASONING_INSTRUCTIONS:
         raise ValueError(f"rollout.answer_format must be one of {list(REASONING_INSTRUCTIONS)}, got {answer_format!r}")
-    tail = "\n" + REASONING_INSTRUCTIONS["boxed"]
     wanted = "\n" + REASONING_INSTRUCTIONS[answer_format]
-    return [replace(p, text=p.text[:-len(tail)] + wanted, token_ids=None)
-            if tail != wanted and p.text.endswith(tail) else p
+    return [replace(p, text=p.text[:-len(LOADED_TAIL)] + wanted, token_ids=None)
+            if wanted != LOADED_TAIL and p.text.endswith(LOADED_TAIL) else p
             for p in prompts]
 
 
