@@ -56,6 +56,12 @@ def test_summarize_gives_spreads_rates_and_ratios_of_medians():
     assert out["contenders"]["trl_grpo"]["seconds_to_target"]["median"] == 20
     assert out["ratio_dash_vs_standard_grpo"] == pytest.approx(5 / 10, abs=1e-12)
     assert out["ratio_dash_vs_trl"] == pytest.approx(5 / 20, abs=1e-12)
+    # interpolated to 0.40: dash 0.1/0.15 x 4, 0.1/0.2 x 5, 6 + 0.05/0.4 x 6 -> median 8/3;
+    # standard 0.1/(0.10, 0.11, 0.12) x 10 -> median 100/11; trl 10 + 0.05/0.25 x 10 = 12
+    assert dash["interpolated_seconds_to_target"]["median"] == pytest.approx(8 / 3, abs=1e-12)
+    assert dash["interpolated_seconds_to_target"]["max"] == pytest.approx(6.75, abs=1e-12)
+    assert out["interpolated_ratio_dash_vs_standard_grpo"] == pytest.approx((8 / 3) / (100 / 11), abs=1e-12)
+    assert out["interpolated_ratio_dash_vs_trl"] == pytest.approx((8 / 3) / 12, abs=1e-12)
     assert dash["phases"] == PHASES_OURS and dash["runs"][0]["orchestration_overhead"] == pytest.approx(0.15)
     assert out["contenders"]["trl_grpo"]["phases"]["other"] is None
 
@@ -123,6 +129,7 @@ def test_table_and_plot(tmp_path):
     assert "| dash | 5.0 (4.0-12.0) | 0.700 (0.700-0.750) | 26 | 307 | 10.0 | 6.0 | 1.0 | 2.0 | 0.5 | 1.5 | - |" in text
     assert "| trl_grpo | 20.0 (20.0-20.0) | 0.600 (0.600-0.600) | 8 | 80 | 20.0 | 3.0 | 1.0 | 6.0 | 0.0 | - | - |" in text
     assert "dash/standard_grpo 0.50; dash/trl 0.25 (ratios of medians)" in text
+    assert "interpolated between evaluations: dash/standard_grpo 0.29; dash/trl 0.22" in text
     assert fmt_spread({"median": None, "min": 7.0, "max": 7.0, "count": 1, "of": 3}) == "- (7.0-7.0) [1/3]"
     assert fmt_spread({"median": None, "min": None, "max": None, "count": 0, "of": 3}) == "- (0/3)"
     png = write_plot(out, tmp_path / "bench.png")

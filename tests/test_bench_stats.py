@@ -5,10 +5,12 @@ hand-computed numbers.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from launch.bench.stats import (Spread, aggregate, at_target, best_accuracy, choose_target, ratio, seconds_to_target,
-                                spread)
+from launch.bench.stats import (Spread, aggregate, at_target, best_accuracy, choose_target,
+                                interpolated_seconds_to_target, ratio, seconds_to_target, spread)
 
 
 def curve(*points: tuple[float, int, float]) -> list[dict]:
@@ -34,6 +36,17 @@ def test_first_crossing_best_and_ratio_edge_cases():
     assert ratio(None, 20.0) is None and ratio(4.0, None) is None and ratio(0.0, 0.0) is None
     with pytest.raises(ValueError, match="empty curve"):
         best_accuracy([])
+
+
+def test_interpolated_crossing_lies_on_the_line_between_the_evaluations_around_the_target():
+    c = curve((0, 0, 0.4), (10, 100, 0.45), (20, 200, 0.65), (30, 300, 0.5), (40, 400, 0.9))
+    # between (10 s, 0.45) and (20 s, 0.65): 10 + (0.50 - 0.45) / 0.20 x 10 = 12.5 s; the first-eval rule says 20
+    assert interpolated_seconds_to_target(c, 0.50) == pytest.approx(12.5, abs=1e-12)
+    assert seconds_to_target(c, 0.50) == 20
+    assert interpolated_seconds_to_target(c, 0.65) == pytest.approx(20.0, abs=1e-12)  # on an evaluation: that one
+    assert interpolated_seconds_to_target(c, 0.70) == pytest.approx(30 + 0.2 / 0.4 * 10, abs=1e-12)  # after a dip
+    assert interpolated_seconds_to_target(c, 0.40) == 0  # the start already there
+    assert interpolated_seconds_to_target(c, 0.95) is None
 
 
 def test_target_rule_is_halfway_to_the_weakest_compared_median_best():
@@ -75,6 +88,17 @@ def test_aggregate_medians_targets_and_ratios_of_medians():
     assert agg.best_accuracy["standard_grpo"].median == 0.60
     assert agg.ratio_dash_vs_standard_grpo == pytest.approx(5 / 20, abs=1e-12)
     assert agg.ratio_dash_vs_trl == pytest.approx(5 / 9, abs=1e-12)
+    # interpolated from the start (0 s, 0.20) or the last evaluation below 0.40:
+    # dash 0.2/0.3 x 5, 4 (on the evaluation), 0.2/0.35 x 6 -> median 24/7;
+    # standard 10 + 0.1/0.3 x 10, 10, 10 + 0.05/0.3 x 10 -> median 35/3; trl never, 0.2/0.7 x 7, 0.2/0.25 x 9 -> 7.2
+    interpolated = agg.interpolated_seconds_to_target
+    assert interpolated["dash"].median == pytest.approx(24 / 7, abs=1e-12)
+    assert (interpolated["dash"].min, interpolated["dash"].max) == (pytest.approx(10 / 3, abs=1e-12), 4)
+    assert interpolated["standard_grpo"].median == pytest.approx(35 / 3, abs=1e-12)
+    assert interpolated["trl_grpo"].median == pytest.approx(7.2, abs=1e-12)
+    assert (interpolated["trl_grpo"].count, interpolated["sft"].median) == (2, None)
+    assert agg.interpolated_ratio_dash_vs_standard_grpo == pytest.approx((24 / 7) / (35 / 3), abs=1e-12)
+    assert agg.interpolated_ratio_dash_vs_trl == pytest.approx((24 / 7) / 7.2, abs=1e-12)
 
 
 def test_aggregate_without_a_reachable_target_or_peers():
@@ -89,3 +113,19 @@ def test_aggregate_without_a_reachable_target_or_peers():
     assert only_ours.ratio_dash_vs_trl is None  # TRL not in the run
     with pytest.raises(ValueError, match="empty curve"):
         aggregate({"dash": [[]]})
+
+
+def test_rescore_reads_a_bench_json_and_prints_both_estimates(tmp_path, capsys):
+    from launch.bench.rescore import main
+
+    # only ours: bests 0.7 and 0.5 -> target 0.3 + 0.5 x 0.2 = 0.4; dash first eval 4 s, interpolated
+    # 0.1/0.4 x 4 = 1 s; standard 8 s and 0.1/0.2 x 8 = 4 s; ratios 0.50 and 0.25
+    result = {"contenders": {"dash": {"runs": [{"curve": curve((0, 0, 0.3), (4, 64, 0.7))}]},
+                             "standard_grpo": {"runs": [{"curve": curve((0, 0, 0.3), (8, 64, 0.5))}]}}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(result))
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "start 0.300, target 0.400" in out
+    assert "| dash | 4.0 (4.0-4.0) | 1.0 (1.0-1.0) | 0.50 / - | 0.25 / - |" in out
+    assert "| standard_grpo | 8.0 (8.0-8.0) | 4.0 (4.0-4.0) | 1.00 / - | 1.00 / - |" in out

@@ -59,8 +59,10 @@ excluded) at a run's first evaluation at or above it. Per contender the JSON giv
 max over seeds of seconds to target and final accuracy, and the medians of samples_per_second
 (generated samples per training second) and tokens_per_second; `ratio_dash_vs_standard_grpo` and
 `ratio_dash_vs_trl` are ratios of median seconds to target (lower is better; null when a median is
-missing). Phases: per seed, seconds per `time/*` key of metrics.jsonl summed over iterations; the
-JSON gives their medians. Orchestration overhead = time/other / time/total.
+missing). The `interpolated_` ones take the seconds where the line between the evaluations on either
+side of the target crosses it, so they do not depend on where the evaluations fall (re-score an old
+JSON with `python -m launch.bench.rescore runs/bench/tiny6.json`). Phases: per seed, seconds per
+`time/*` key of metrics.jsonl summed over iterations; the JSON gives their medians. Orchestration overhead = time/other / time/total.
 
 Writes the JSON, a plot next to it (same name, .png: accuracy against training seconds and against samples
 generated, a line per contender and seed) and prints a table.
@@ -384,6 +386,8 @@ def summarize(runs: dict[str, list[dict]], plan: Plan, regime: str, seeds: int, 
            "target_rule": "start + 0.5 x (lowest median best accuracy of dash / standard_grpo / trl_grpo - start)",
            "target_accuracy": agg.target_accuracy,
            "ratio_dash_vs_standard_grpo": agg.ratio_dash_vs_standard_grpo, "ratio_dash_vs_trl": agg.ratio_dash_vs_trl,
+           "interpolated_ratio_dash_vs_standard_grpo": agg.interpolated_ratio_dash_vs_standard_grpo,
+           "interpolated_ratio_dash_vs_trl": agg.interpolated_ratio_dash_vs_trl,
            "phase_note": "seconds summed over a run, median over seeds; score runs inside generate for our "
                          "contenders (streamed scoring, summed worker-seconds); TRL's learn includes its own "
                          "bookkeeping (other=null: not separable)",
@@ -395,6 +399,7 @@ def summarize(runs: dict[str, list[dict]], plan: Plan, regime: str, seeds: int, 
         phase_keys = sorted({k for r in rs for k in r["phases"]})
         out["contenders"][name] = {
             "seconds_to_target": agg.seconds_to_target[name]._asdict(),
+            "interpolated_seconds_to_target": agg.interpolated_seconds_to_target[name]._asdict(),
             "final_accuracy": agg.final_accuracy[name]._asdict(),
             "best_accuracy": agg.best_accuracy[name]._asdict(),
             "samples_per_second": _median([r["samples_generated"] / r["train_seconds"] if r["train_seconds"] else None
@@ -469,7 +474,9 @@ def table(result: dict) -> str:
             f"start groups all-right {g['all_right']:.2f} / all-wrong {g['all_wrong']:.2f}; "
             f"target {fmt(result['target_accuracy'], '.3f')} ({result['target_rule']}); "
             f"dash/standard_grpo {fmt(result['ratio_dash_vs_standard_grpo'], '.2f')}; "
-            f"dash/trl {fmt(result['ratio_dash_vs_trl'], '.2f')} (ratios of medians)\n")
+            f"dash/trl {fmt(result['ratio_dash_vs_trl'], '.2f')} (ratios of medians); interpolated between "
+            f"evaluations: dash/standard_grpo {fmt(result['interpolated_ratio_dash_vs_standard_grpo'], '.2f')}; "
+            f"dash/trl {fmt(result['interpolated_ratio_dash_vs_trl'], '.2f')}\n")
     return head + "\n".join(rows) + "\n" + tail
 
 

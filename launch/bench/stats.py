@@ -49,6 +49,24 @@ def seconds_to_target(curve: Sequence[dict], target: float) -> float | None:
     return at_target(curve, target, "train_seconds")
 
 
+def interpolated_seconds_to_target(curve: Sequence[dict], target: float) -> float | None:
+    """Training seconds at which the straight line between the last point below `target` and the
+    first point at or above it crosses `target` (None if the curve never reaches it; the first
+    point's seconds when it is already there). `seconds_to_target` rounds up to the next
+    evaluation, so a contender whose evaluation falls just after the crossing reads up to one
+    evaluation interval slow; this estimate does not depend on where the evaluations fall, at the
+    price of assuming accuracy rose linearly between them."""
+    below = None
+    for point in curve:
+        if point["accuracy"] >= target:
+            if below is None:
+                return point["train_seconds"]
+            fraction = (target - below["accuracy"]) / (point["accuracy"] - below["accuracy"])
+            return below["train_seconds"] + fraction * (point["train_seconds"] - below["train_seconds"])
+        below = point
+    return None
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, None when either is missing or the denominator is 0 (undefined)."""
     if numerator is None or denominator is None or denominator == 0:
@@ -108,6 +126,12 @@ class Aggregate(NamedTuple):
     """median seconds to target of dash / that of standard_grpo."""
     ratio_dash_vs_trl: float | None
     """median seconds to target of dash / that of trl_grpo."""
+    interpolated_seconds_to_target: dict[str, Spread]
+    """Contender -> spread over seeds of `interpolated_seconds_to_target`."""
+    interpolated_ratio_dash_vs_standard_grpo: float | None
+    """The same ratio of medians over the interpolated seconds."""
+    interpolated_ratio_dash_vs_trl: float | None
+    """The same ratio of medians over the interpolated seconds."""
 
 
 def aggregate(curves: dict[str, Sequence[Sequence[dict]]]) -> Aggregate:
@@ -123,10 +147,15 @@ def aggregate(curves: dict[str, Sequence[Sequence[dict]]]) -> Aggregate:
     to_target = {n: spread(v, missing_is_worst=True) for n, v in per_seed.items()}
     finals = {n: spread([c[-1]["accuracy"] for c in runs]) for n, runs in curves.items()}
 
-    def ratio_of_medians(a: str, b: str) -> float | None:
-        if a not in to_target or b not in to_target:
+    interpolated = {n: spread([None if target is None else interpolated_seconds_to_target(c, target) for c in runs],
+                              missing_is_worst=True) for n, runs in curves.items()}
+
+    def ratio_of_medians(spreads: dict[str, Spread], a: str, b: str) -> float | None:
+        if a not in spreads or b not in spreads:
             return None
-        return ratio(to_target[a].median, to_target[b].median)
+        return ratio(spreads[a].median, spreads[b].median)
 
     return Aggregate(start, target, to_target, finals, bests, per_seed,
-                     ratio_of_medians("dash", "standard_grpo"), ratio_of_medians("dash", "trl_grpo"))
+                     ratio_of_medians(to_target, "dash", "standard_grpo"), ratio_of_medians(to_target, "dash", "trl_grpo"),
+                     interpolated, ratio_of_medians(interpolated, "dash", "standard_grpo"),
+                     ratio_of_medians(interpolated, "dash", "trl_grpo"))
