@@ -103,6 +103,7 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
     assert seen["dash_async"][2:-1] == (*dash, "auto", True, True, "none")
     assert seen["dash_async_decoupled"][2:-1] == (*dash, "auto", True, True, "decoupled")
     assert seen["dash_async_tis"][2:-1] == (*dash, "auto", True, True, "tis")
+    assert seen["dash_half"][2:] == (True, "dash", plan.prompts_per_generation // 2, "auto", True, False, "none", False)
     assert seen["dash_async_half"][2:-1] == (True, "dash", plan.prompts_per_generation // 2, "auto", True, True, "none")
     assert {PLANS[(r, q)].task for r, q in PLANS} == {"add", "chain"}
 

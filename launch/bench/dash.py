@@ -28,6 +28,7 @@ optimizer step:
 | dash_async         | dash with train.overlap=true (PPO's ratio to the engine that sampled, one version stale; no old-logprob pass) |
 | dash_async_decoupled | dash_async with learner.off_policy=decoupled (decoupled PPO: ratio to the recomputed batch-start weights, times their weight over the sampler's, masked above is_cap) |
 | dash_async_tis     | dash_async with learner.off_policy=tis (the same, the weight truncated at is_cap) |
+| dash_half          | dash with half the preemptive batch (rollout.prompts_per_generation / 2), synchronous |
 | dash_async_half    | dash_async with half the preemptive batch (rollout.prompts_per_generation / 2): a sample lags 2-3 optimizer steps when learned, not 4-7 |
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench.peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
@@ -89,7 +90,7 @@ PRESET = "tiny-cpu"
 synchronous unless its name says async (train.overlap=false is set explicitly all the same)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
         "dash_unshared", "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
-        "dash_async_tis", "dash_async_half")
+        "dash_async_tis", "dash_half", "dash_async_half")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
 REGIMES = ("tiny", "reasoning")
@@ -187,11 +188,13 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
         "dash_async": ["train.overlap=true"],
         "dash_async_decoupled": ["train.overlap=true", "learner.off_policy=decoupled"],
         "dash_async_tis": ["train.overlap=true", "learner.off_policy=tis"],
+        "dash_half": [f"rollout.prompts_per_generation={plan.prompts_per_generation // 2}"],
         "dash_async_half": ["train.overlap=true", f"rollout.prompts_per_generation={plan.prompts_per_generation // 2}"],
     }[name]
     one_step = ("standard_grpo", "standard_grpo_no_handover", "standard_grpo_no_stream", "dash_no_preemptive")
     per_iteration = {**dict.fromkeys(one_step, plan.prompts_per_step),
-                     "dash_async_half": plan.prompts_per_generation // 2}.get(name, plan.prompts_per_generation)
+                     **dict.fromkeys(("dash_half", "dash_async_half"), plan.prompts_per_generation // 2)
+                     }.get(name, plan.prompts_per_generation)
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)
     # every contender but dash_async* is synchronous (the paper's algorithm), whatever the preset says
