@@ -63,7 +63,8 @@ max over seeds of seconds to target and final accuracy, and the medians of sampl
 missing). The `interpolated_` ones take the seconds where the line between the evaluations on either
 side of the target crosses it, so they do not depend on where the evaluations fall (re-score an old
 JSON with `python -m launch.bench.rescore runs/bench/tiny6.json`). Phases: per seed, seconds per
-`time/*` key of metrics.jsonl summed over iterations; the JSON gives their medians. Orchestration overhead = time/other / time/total.
+`time/*` key of metrics.jsonl summed over iterations; the JSON gives their medians. Orchestration
+overhead = time/other / time/total.
 
 Writes the JSON, a plot next to it (same name, .png: accuracy against training seconds and against samples
 generated, a line per contender and seed) and prints a table.
