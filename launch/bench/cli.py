@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.bench.dash import fmt, fmt_spread
+from launch.bench.output import fmt, fmt_spread
 
 BENCHES = {"learner": "launch.bench.learner", "engine": "launch.bench.engine", "sync": "launch.bench.sync",
            "dash": "launch.bench.dash"}

@@ -82,7 +82,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from launch.bench.output import write_json
+from launch.bench.output import fmt, fmt_spread, write_json
 from launch.bench.peers import PeerCurve
 from launch.bench.stats import aggregate
 
@@ -174,6 +174,7 @@ def shared_overrides(plan: Plan) -> list[str]:
 
 def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
     """What makes each of our contenders what it is, its seeds, iteration count and eval cadence."""
+    half = plan.prompts_per_generation // 2
     variant = {
         "dash": [],
         "standard_grpo": ["train.mode=standard_grpo", "learner.filter=false", "train.stream_learn=true"],
@@ -189,12 +190,12 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
         "dash_async": ["train.overlap=true"],
         "dash_async_decoupled": ["train.overlap=true", "learner.off_policy=decoupled"],
         "dash_async_tis": ["train.overlap=true", "learner.off_policy=tis"],
-        "dash_half": [f"rollout.prompts_per_generation={plan.prompts_per_generation // 2}"],
-        "dash_async_half": ["train.overlap=true", f"rollout.prompts_per_generation={plan.prompts_per_generation // 2}"],
+        "dash_half": [f"rollout.prompts_per_generation={half}"],
+        "dash_async_half": ["train.overlap=true", f"rollout.prompts_per_generation={half}"],
     }[name]
     one_step = ("standard_grpo", "standard_grpo_no_handover", "standard_grpo_no_stream", "dash_no_preemptive")
     per_iteration = {**dict.fromkeys(one_step, plan.prompts_per_step),
-                     **dict.fromkeys(("dash_half", "dash_async_half"), plan.prompts_per_generation // 2)
+                     **dict.fromkeys(("dash_half", "dash_async_half"), half)
                      }.get(name, plan.prompts_per_generation)
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)
@@ -448,18 +449,6 @@ def write_plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def fmt(x, spec: str = ".1f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def fmt_spread(s: dict, spec: str = ".1f") -> str:
-    """"median (min-max)" of a Spread dict, with how many seeds had a value when not all did."""
-    if s["median"] is None and s["count"] == 0:
-        return f"- (0/{s['of']})"
-    text = f"{fmt(s['median'], spec)} ({fmt(s['min'], spec)}-{fmt(s['max'], spec)})"
-    return text if s["count"] == s["of"] else f"{text} [{s['count']}/{s['of']}]"
 
 
 def table(result: dict) -> str:

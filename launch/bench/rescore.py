@@ -11,27 +11,23 @@ import json
 import sys
 from typing import Sequence
 
-from launch.bench.stats import Spread, aggregate, ratio
+from launch.bench.output import fmt, fmt_spread
+from launch.bench.stats import Spread, aggregate, ratio_of_medians
 
 
 def rescore_table(result: dict) -> str:
     """Markdown: per contender both seconds to target (median (min-max)) and both ratios to each peer."""
     agg = aggregate({n: [r["curve"] for r in c["runs"]] for n, c in result["contenders"].items()})
 
-    def cell(s: Spread) -> str:
-        return "-" if s.median is None else f"{s.median:.1f} ({s.min:.1f}-{s.max:.1f})"
-
     def ratios(spreads: dict[str, Spread], name: str) -> str:
-        out = [ratio(spreads[name].median, spreads[peer].median) if peer in spreads else None
-               for peer in ("standard_grpo", "trl_grpo")]
-        return " / ".join("-" if r is None else f"{r:.2f}" for r in out)
+        return " / ".join(fmt(ratio_of_medians(spreads, name, peer), ".2f") for peer in ("standard_grpo", "trl_grpo"))
 
-    target = "-" if agg.target_accuracy is None else f"{agg.target_accuracy:.3f}"
-    rows = [f"start {agg.start_accuracy:.3f}, target {target}",
+    rows = [f"start {agg.start_accuracy:.3f}, target {fmt(agg.target_accuracy, '.3f')}",
             "| contender | s to target (first eval) | s to target (interpolated) | vs standard_grpo / trl (first eval) "
             "| vs standard_grpo / trl (interpolated) |", "|---|---|---|---|---|"]
     for name in result["contenders"]:
-        rows.append(f"| {name} | {cell(agg.seconds_to_target[name])} | {cell(agg.interpolated_seconds_to_target[name])} "
+        rows.append(f"| {name} | {fmt_spread(agg.seconds_to_target[name]._asdict())} "
+                    f"| {fmt_spread(agg.interpolated_seconds_to_target[name]._asdict())} "
                     f"| {ratios(agg.seconds_to_target, name)} | {ratios(agg.interpolated_seconds_to_target, name)} |")
     return "\n".join(rows)
 

@@ -74,6 +74,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def ratio_of_medians(spreads: dict[str, Spread], a: str, b: str) -> float | None:
+    """Median of contender `a` over that of `b` (None when either is absent or has no median)."""
+    if a not in spreads or b not in spreads:
+        return None
+    return ratio(spreads[a].median, spreads[b].median)
+
+
 def spread(values: Sequence[float | None], missing_is_worst: bool = False) -> Spread:
     """Median, min and max of the seeds' values. With `missing_is_worst` (seconds to a target) a
     missing value counts as +infinity in the median: if half or more of the seeds never reached the
@@ -149,11 +156,6 @@ def aggregate(curves: dict[str, Sequence[Sequence[dict]]]) -> Aggregate:
 
     interpolated = {n: spread([None if target is None else interpolated_seconds_to_target(c, target) for c in runs],
                               missing_is_worst=True) for n, runs in curves.items()}
-
-    def ratio_of_medians(spreads: dict[str, Spread], a: str, b: str) -> float | None:
-        if a not in spreads or b not in spreads:
-            return None
-        return ratio(spreads[a].median, spreads[b].median)
 
     return Aggregate(start, target, to_target, finals, bests, per_seed,
                      ratio_of_medians(to_target, "dash", "standard_grpo"), ratio_of_medians(to_target, "dash", "trl_grpo"),
