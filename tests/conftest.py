@@ -88,34 +88,3 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from launch.tiny_model import _default_texts, write_tiny_model_dir
 
     return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"), _default_texts(), hidden_size=64, layers=2, heads=4)
-
-
-def kill_engine_at_sync_then_resume(monkeypatch, train_args: list[str], run_dir: Path) -> list[dict]:
-    """A real engine death at the weight sync of version 2: the run must stop with the SyncError
-    naming only that engine and a complete checkpoint at iteration 2 that records why; then
-    `--resume` (fresh engines) finishes. Returns the run's metrics.jsonl records."""
-    import json
-
-    import ray
-
-    from launch import checkpoints
-    from launch.sync_group import SyncGroup
-    from launch.train import main
-    from weight_sync.endpoint import SyncError
-
-    real_sync = SyncGroup.sync
-
-    def sync_killing_an_engine(self, version: int):
-        if version == 2:
-            ray.kill(self.workers[0])
-        return real_sync(self, version)
-
-    monkeypatch.setattr(SyncGroup, "sync", sync_killing_an_engine)
-    with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
-        main(train_args)
-    last = checkpoints.latest_complete(run_dir)
-    state = json.loads((last / "driver_state.json").read_text())
-    assert (last.name, state["stopped_by"], state["version"]) == ("iter_000002", "weight sync failure", 2)
-    monkeypatch.setattr(SyncGroup, "sync", real_sync)
-    assert main(["--resume", str(run_dir)]) == 0
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -23,7 +23,6 @@ from learner.config import LearnerConfig
 from launch.data.cursor import PromptCursor
 from launch.data.sources import load_prompts
 from launch.data.synthetic import synthetic_problems
-from conftest import kill_engine_at_sync_then_resume
 from test_integration import fake_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,23 +91,6 @@ def test_frozen_learner_rank_raises_instead_of_hanging(ray_local, tiny_model_dir
     finally:
         os.kill(frozen, signal.SIGCONT)
         learner.shutdown()
-
-
-@pytest.mark.faults
-@pytest.mark.slow
-def test_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_local, tiny_model_dir, tmp_path, monkeypatch):
-    """A real engine death at the weight sync of iteration 2: the driver names it, writes a complete
-    checkpoint at that boundary (the learner's step is kept) and stops; --resume brings fresh
-    engines to the learner's weights and finishes the run."""
-    run_dir = tmp_path / "run"
-    args = [f"model.path={tiny_model_dir}", "train.iterations=3", f"run.dir={run_dir}", "eval.size=8",
-            "rollout.prompts_per_generation=8", "learner.prompts_per_step=8", "rollout.group_size=4",
-            "rollout.max_new_tokens=8", "eval.max_new_tokens=8", "sync.timeout_s=20", "run.progress=false",
-            "rollout.reward_fn=tests.reward_fns:odd_length"]
-    recs = kill_engine_at_sync_then_resume(monkeypatch, args, run_dir)
-    assert [r["iteration"] for r in recs] == [1, 2, 3]
-    assert [r["policy_version"] for r in recs] == [1, 2, 3]
-    assert recs[2]["staleness_max"] == 0  # the fresh engines were synced to v2 before sampling
 
 
 @pytest.mark.faults

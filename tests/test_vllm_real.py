@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import ray
 from safetensors.torch import load_file
 
 try:
@@ -32,7 +33,6 @@ from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.vllm_engine import VLLMEngine, cpu_build_kwargs
-from conftest import kill_engine_at_sync_then_resume
 from rollout_workers.types import Prompt
 
 pytestmark = [pytest.mark.vllm,
@@ -293,25 +293,36 @@ def train_args(model_dir: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_dash_loop_with_real_vllm_engines(ray_local, model_dir, tmp_path):
+@pytest.mark.faults
+def test_dash_loop_with_real_vllm_engines_resumes_after_an_engine_killed_during_sync(ray_local, model_dir, tmp_path,
+                                                                                    monkeypatch):
     """`python -m launch.train rollout.engine=vllm`: a real vLLM engine actor, a DeepSpeed learner,
-    gloo sync into vLLM's reload path, 3 iterations, each sampled by the previous one's weights."""
+    gloo sync into vLLM's reload path, 3 iterations, each sampled by the previous one's weights.
+    The engine actor is killed at the weight sync of iteration 2: the driver names it, writes a
+    complete checkpoint and stops; --resume brings a fresh vLLM engine to the learner's weights
+    (version 2) before it samples iteration 3. The driver's fault path is the same for every
+    engine backend, so this real-engine run is its one run-level test."""
+    from launch import checkpoints
+    from launch.sync_group import SyncGroup
     from launch.train import main
+    from weight_sync.endpoint import SyncError
+
+    real_sync = SyncGroup.sync
+
+    def sync_killing_an_engine(self, version: int):
+        if version == 2:
+            ray.kill(self.workers[0])
+        return real_sync(self, version)
 
     run_dir = tmp_path / "run"
-    assert main(train_args(model_dir, run_dir)) == 0
+    monkeypatch.setattr(SyncGroup, "sync", sync_killing_an_engine)
+    with pytest.raises(SyncError, match=r"v2 failed .*engines: \['rollout-0'\]"):
+        main(train_args(model_dir, run_dir))
+    last = checkpoints.latest_complete(run_dir)
+    state = json.loads((last / "driver_state.json").read_text())
+    assert (last.name, state["stopped_by"], state["version"]) == ("iter_000002", "weight sync failure", 2)
+    monkeypatch.setattr(SyncGroup, "sync", real_sync)
+    assert main(["--resume", str(run_dir)]) == 0
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["policy_version"], r["staleness_max"]) for r in recs] == [(1, 1, 0), (2, 2, 0), (3, 3, 0)]
     assert "engine: vllm" in (run_dir / "config.yaml").read_text()
-
-
-@pytest.mark.slow
-@pytest.mark.faults
-def test_vllm_engine_killed_during_sync_stops_with_a_resumable_checkpoint(ray_local, model_dir, tmp_path,
-                                                                          monkeypatch):
-    """A real vLLM engine actor killed at the weight sync of iteration 2: the driver names it, writes
-    a complete checkpoint and stops; --resume brings a fresh vLLM engine to the learner's weights."""
-    run_dir = tmp_path / "run"
-    recs = kill_engine_at_sync_then_resume(monkeypatch, train_args(model_dir, run_dir), run_dir)
-    assert [(r["iteration"], r["policy_version"]) for r in recs] == [(1, 1), (2, 2), (3, 3)]
-    assert recs[2]["staleness_max"] == 0  # the fresh engine was synced to v2 before sampling
