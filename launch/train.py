@@ -25,7 +25,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import ray
 import torch
@@ -44,7 +44,7 @@ from learner.actor import LearnerGroup
 from learner.advantages import group_advantages
 from learner.batcher import LearnStats
 from rollout_workers.dispatch import BatchReport, Dispatcher
-from rollout_workers.engines.base import SamplingParamsSpec
+from rollout_workers.engines.base import GroupOutput, SamplingParamsSpec
 from rollout_workers.engines.registry import get_engine
 from launch.data.cursor import PromptCursor
 from launch.data.model_prompts import drop_long_prompts, prompts_for_model
@@ -134,7 +134,7 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
             run.prefetched = None
             run.learner.add_groups(groups)
             prompts, report.unsampled = report.unsampled, []  # every worker died during the prefetch
-        groups += learn_as_sampled(run, sample(run, prompts, run.iteration, report))
+        groups += learn_as_sampled(run, sample(run, prompts, run.iteration, report), prompts)
         # A prompt a worker refused (too long for the engine) never sends a group: its slot is
         # dropped, or left empty for the refill below (learner.refill).
         run.learner.drop_slots(sum(report.refused.values()))
@@ -146,7 +146,8 @@ def train_iteration(run: Run, prefetch_next: bool) -> IterationResult:
                 break
             refill_prompts += wanted
             run.learner.set_threads(thread_budget(cfg, "refill").learner)
-            groups += learn_as_sampled(run, sample(run, run.cursor.next_batch(wanted), run.iteration, report, refill))
+            refill_batch = run.cursor.next_batch(wanted)
+            groups += learn_as_sampled(run, sample(run, refill_batch, run.iteration, report, refill), refill_batch)
     # the engines are idle (or sample the next batch): the learn tail gets the cores (or shares them)
     run.learner.set_threads(thread_budget(cfg, "learn").learner)
     if prefetch_next:  # after the learner's share is set: the prefetch hands it more once it is done
@@ -203,17 +204,37 @@ def sync_engines(run: Run) -> SyncError | None:
     return None
 
 
-def learn_as_sampled(run: Run, groups: Iterable[ScoredGroup]) -> list[ScoredGroup]:
-    """Hand sampled groups to the learner: each as it arrives (train.stream_learn), or all of them
-    once the sampling ends, so that the engines had the cores to themselves (`thread_budget`)."""
+GroupT = TypeVar("GroupT", ScoredGroup, GroupOutput)
+
+
+def learn_as_sampled(run: Run, groups: Iterable[ScoredGroup], prompts: Sequence[Prompt]) -> list[ScoredGroup]:
+    """Hand the groups sampled for `prompts` to the learner: each as it arrives (train.stream_learn),
+    or all of them once the sampling ends, so that the engines had the cores to themselves
+    (`thread_budget`), in `prompts`' order (`in_prompt_order`)."""
     got = []
     for group in groups:
         got.append(group)
         if run.cfg.train.stream_learn:
             run.learner.add_groups([group])
     if not run.cfg.train.stream_learn:
+        got = in_prompt_order(got, prompts)
         run.learner.add_groups(got)
     return got
+
+
+def in_prompt_order(groups: Sequence[GroupT], prompts: Sequence[Prompt]) -> list[GroupT]:
+    """`groups` in the order of the `prompts` that asked for them (the data cursor's shuffled order),
+    not in the order they finished. The learner fills its optimizer steps in the order groups are
+    handed over (DASH Sec. 3.1: the preemptive batch's first prompts_per_step groups are step 0's),
+    and an engine finishes groups by length: vLLM hands back the shortest first, so by arrival the
+    batch's first step would learn only its shortest groups and its last step the longest, and
+    with several workers which groups share a step would depend on timing. A prompt drawn twice
+    keeps its first position (its groups stay in arrival order between themselves). Scored or not
+    (`launch.bench arrival` orders an engine's raw groups)."""
+    position: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        position.setdefault(p.uid, i)
+    return sorted(groups, key=lambda g: position[g.prompt.uid])
 
 
 def sample(run: Run, prompts: list[Prompt], iteration: int, report: BatchReport, refill: int = 0,
@@ -270,7 +291,8 @@ def sample_all(run: Run, prompts: list[Prompt], iteration: int) -> Sampled:
     """The prefetch thread's job: never restarts a worker (see `restart_dead_workers`). Once the
     engines are done, their cores go to the learner for the rest of its batch (`thread_budget`)."""
     report = BatchReport()
-    sampled = Sampled(list(sample(run, prompts, iteration, report, on_driver_thread=False)), report)
+    sampled = Sampled(in_prompt_order(list(sample(run, prompts, iteration, report, on_driver_thread=False)), prompts),
+                      report)
     run.learner.set_threads(thread_budget(run.cfg, "prefetched").learner)
     return sampled
 

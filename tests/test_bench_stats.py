@@ -129,3 +129,21 @@ def test_rescore_reads_a_bench_json_and_prints_both_estimates(tmp_path, capsys):
     assert "start 0.300, target 0.400" in out
     assert "| dash | 4.0 (4.0-4.0) | 1.0 (1.0-1.0) | 0.50 / - | 0.25 / - |" in out
     assert "| standard_grpo | 8.0 (8.0-8.0) | 4.0 (4.0-4.0) | 1.00 / - | 1.00 / - |" in out
+
+
+def test_arrival_slot_rows_describe_each_optimizer_steps_groups():
+    """`launch.bench arrival`: per step of prompts_per_step groups, hand-computed."""
+    from launch.bench.arrival import slot_rows
+    from rollout_workers.engines.base import GroupOutput
+    from rollout_workers.types import Completion, Prompt
+
+    def group(uid: str, *samples: tuple[int, bool]) -> GroupOutput:
+        completions = tuple(Completion(tuple(range(n)), (0.0,) * n, "stop", r"\boxed{7}" if right else r"\boxed{8}")
+                            for n, right in samples)
+        return GroupOutput(Prompt(uid, "Q", "7"), (1,), completions, 0)
+
+    groups = [group("a", (3, True), (5, True)), group("b", (2, False), (2, False)),
+              group("c", (4, True), (1, False)), group("d", (6, True), (6, False))]
+    assert slot_rows(groups, 2) == [
+        {"longest_completion": 3.5, "mean_completion": 3.0, "sample_accuracy": 0.5, "all_right": 1, "all_wrong": 1},
+        {"longest_completion": 5.0, "mean_completion": 4.25, "sample_accuracy": 0.5, "all_right": 0, "all_wrong": 0}]

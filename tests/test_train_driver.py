@@ -94,29 +94,50 @@ class _RecordingLearner:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_groups_reach_the_learner_as_sampled_or_once_the_sampling_ends(stream):
+def test_groups_reach_the_learner_as_sampled_or_once_the_sampling_ends_in_prompt_order(stream):
     """train.stream_learn: streamed, each group is handed over before the next is sampled (its
     backprop overlaps the sampling); not streamed, nothing reaches the learner until the engines
-    are done, so they had every core (thread_budget's "sample" phase)."""
+    are done, so they had every core (thread_budget's "sample" phase), and then in the order of
+    the prompts, not the order the engine finished them (the learner fills step 0 first)."""
     from types import SimpleNamespace
 
     from launch.train import learn_as_sampled
 
+    prompts = _prompts(3)
+    g0, g1, g2 = (SimpleNamespace(prompt=p) for p in prompts)
     events: list = []
 
     def sampled():
-        for g in ("g0", "g1", "g2"):
+        for g in (g2, g0, g1):  # as an engine finishes them: shortest first
             events.append(("engine", g))
             yield g
 
     cfg = load_config(None, [f"train.stream_learn={str(stream).lower()}"])
     run = SimpleNamespace(cfg=cfg, learner=_RecordingLearner(events))
-    assert learn_as_sampled(run, sampled()) == ["g0", "g1", "g2"]
+    got = learn_as_sampled(run, sampled(), prompts)
     if stream:
-        assert events == [("engine", "g0"), ("learner", ("g0",)), ("engine", "g1"), ("learner", ("g1",)),
-                          ("engine", "g2"), ("learner", ("g2",))]
+        assert got == [g2, g0, g1]
+        assert events == [("engine", g2), ("learner", (g2,)), ("engine", g0), ("learner", (g0,)),
+                          ("engine", g1), ("learner", (g1,))]
     else:
-        assert events == [("engine", "g0"), ("engine", "g1"), ("engine", "g2"), ("learner", ("g0", "g1", "g2"))]
+        assert got == [g0, g1, g2]
+        assert events == [("engine", g2), ("engine", g0), ("engine", g1), ("learner", (g0, g1, g2))]
+
+
+def test_in_prompt_order_follows_the_batch_and_keeps_a_repeated_prompts_groups_in_arrival_order():
+    """A batch that crosses the cursor's epoch boundary can hold a prompt twice: both its groups
+    take its first position, in the order they arrived; a group for no prompt of the batch is a bug."""
+    from types import SimpleNamespace
+
+    from launch.train import in_prompt_order
+
+    a, b, c = _prompts(3)
+    batch = [b, a, c, b]
+    first_b, second_b, ga, gc = (SimpleNamespace(prompt=p, n=n) for n, p in enumerate((b, b, a, c)))
+    assert in_prompt_order([gc, second_b, ga, first_b], batch) == [second_b, first_b, ga, gc]
+    assert in_prompt_order([], batch) == []
+    with pytest.raises(KeyError):
+        in_prompt_order([SimpleNamespace(prompt=Prompt("x", "Q", "1"))], batch)
 
 
 def test_console_line_shows_the_staleness_and_its_drift_only_on_stale_batches():

@@ -9,6 +9,7 @@
     python -m launch.bench prefill --model DIR             # HF engine: shared vs per-sample prompt prefill
     python -m launch.bench decode --model DIR              # HF engine: chunk budgets, ended rows leaving the batch
     python -m launch.bench layout --json runs/bench/layout.json  # learner micro-batch layouts: dense mask vs padded
+    python -m launch.bench arrival --model DIR             # real vLLM: what each DASH step learns, by arrival or prompt order
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from launch.bench.output import fmt, fmt_spread
 BENCHES = {"learner": "launch.bench.learner", "engine": "launch.bench.engine", "sync": "launch.bench.sync",
            "dash": "launch.bench.dash"}
 EXTRA = {"rewards": "launch.bench.rewards", "prefill": "launch.bench.prefill", "decode": "launch.bench.decode",
-         "layout": "launch.bench.layout"}
-"""Benchmarks run by name only (not by `all`): prefill and decode need a model directory; layout compares
-the learner's micro-batch layouts (a design measurement, not a table figure)."""
+         "layout": "launch.bench.layout", "arrival": "launch.bench.arrival"}
+"""Benchmarks run by name only (not by `all`): prefill, decode and arrival need a model directory; layout
+compares the learner's micro-batch layouts and arrival the order of a vLLM batch's groups (design
+measurements, not table figures)."""
 
 
 def machine() -> str:
