@@ -204,9 +204,6 @@ def sync_engines(run: Run) -> SyncError | None:
     return None
 
 
-GroupT = TypeVar("GroupT", ScoredGroup, GroupOutput)
-
-
 def learn_as_sampled(run: Run, groups: Iterable[ScoredGroup], prompts: Sequence[Prompt]) -> list[ScoredGroup]:
     """Hand the groups sampled for `prompts` to the learner: each as it arrives (train.stream_learn),
     or all of them once the sampling ends, so that the engines had the cores to themselves
@@ -220,6 +217,10 @@ def learn_as_sampled(run: Run, groups: Iterable[ScoredGroup], prompts: Sequence[
         got = in_prompt_order(got, prompts)
         run.learner.add_groups(got)
     return got
+
+
+GroupT = TypeVar("GroupT", ScoredGroup, GroupOutput)
+"""A group as the engines return it or as the workers score it: both name their prompt."""
 
 
 def in_prompt_order(groups: Sequence[GroupT], prompts: Sequence[Prompt]) -> list[GroupT]:
