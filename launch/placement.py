@@ -113,6 +113,8 @@ class ModelShape(NamedTuple):
     layers: int
     hidden: int
     vocab: int
+    context: int
+    """Positions the model takes (its config's max_position_embeddings): prompt and completion together."""
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -129,7 +131,23 @@ def model_shape(cfg: Config) -> ModelShape:
         model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())  # a tied embedding is one parameter
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelShape(n_params, int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size))
+    return ModelShape(n_params, int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size),
+                      int(text.max_position_embeddings))
+
+
+def context_problem(cfg: Config, context: int) -> str | None:
+    """Why the longest prompt and completion the config allows cannot fit the model's `context`
+    positions; None when they fit. The engines refuse a prompt that leaves too little room
+    (`rollout_workers.engines.base.encode_prompts`), so without this check every prompt of a run
+    whose limits add up past the context would be refused, one iteration after another."""
+    r = cfg.rollout
+    longest_new = max(r.max_new_tokens, cfg.eval.max_new_tokens)
+    if r.max_prompt_tokens + longest_new <= context:
+        return None
+    key = "rollout.max_new_tokens" if r.max_new_tokens >= cfg.eval.max_new_tokens else "eval.max_new_tokens"
+    return (f"context: rollout.max_prompt_tokens ({r.max_prompt_tokens}) + {key} ({longest_new}) = "
+            f"{r.max_prompt_tokens + longest_new} positions, more than the model's {context} "
+            f"(max_position_embeddings): lower one of them so that they add up to at most {context}")
 
 
 def colocated_memory_problem(cfg: Config, shape: ModelShape, gpu_bytes: int) -> str | None:
@@ -171,8 +189,8 @@ def gpu_memory_bytes(cfg: Config) -> int | None:
 def preflight(cfg: Config, joins_cluster: bool) -> None:
     """Refuse at once, naming everything missing, a run this machine cannot start: GPUs (local
     cluster only: a cluster that is joined is checked by `make_placement`), vLLM, a reachable
-    model, room on the GPU for a colocated engine and learner, an accelerator setting that
-    contradicts the config. Raises ConfigError."""
+    model, limits that fit the model's context, room on the GPU for a colocated engine and learner,
+    an accelerator setting that contradicts the config. Raises ConfigError."""
     problems = []
     if cfg.train.num_gpus and not joins_cluster:
         import torch
@@ -192,13 +210,23 @@ def preflight(cfg: Config, joins_cluster: bool) -> None:
     if model_missing:
         problems.append(f"model: model.path={model!r} is not a local directory, not in the Hugging Face "
                         "cache, and huggingface.co is unreachable")
-    if resolved_placement(cfg) == "colocated" and not model_missing:
+    shape = None
+    if not model_missing:
+        try:
+            shape = model_shape(cfg)
+        except (OSError, ValueError) as e:  # a directory without a readable config.json
+            problems.append(f"model: model.path={model!r} has no model config transformers can read ({e})")
+    if shape is not None:
+        problem = context_problem(cfg, shape.context)
+        if problem:
+            problems.append(problem)
+    if resolved_placement(cfg) == "colocated" and shape is not None:
         gpu_bytes = gpu_memory_bytes(cfg)
         if gpu_bytes is None:
             problems.append("GPU memory: train.placement=colocated checks that engine and learner fit on one GPU, "
                             "and this machine has no GPU to read its size from: set train.gpu_memory_gib")
         else:
-            problem = colocated_memory_problem(cfg, model_shape(cfg), gpu_bytes)
+            problem = colocated_memory_problem(cfg, shape, gpu_bytes)
             if problem:
                 problems.append(problem)
     wanted = ds_accelerator(cfg)

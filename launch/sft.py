@@ -6,10 +6,16 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rollout_workers.types import OVER_MAX_PROMPT_TOKENS
+
+TARGET_OVER_MAX_NEW_TOKENS = "sft_target_over_max_new_tokens"
+"""Why a row is left out of the warm-up: its target and EOS are longer than rollout.max_new_tokens."""
 
 
 class SFTStats(NamedTuple):
@@ -30,6 +36,34 @@ class StopProbe(NamedTuple):
     """Steps between probes."""
     stop_at: float
     """Accuracy that ends the warm-up."""
+
+
+class FittingRows(NamedTuple):
+    kept: list[int]
+    """Indices of the rows the warm-up learns from, in their order."""
+    skipped: Counter[str]
+    """Rows left out, by reason (OVER_MAX_PROMPT_TOKENS, TARGET_OVER_MAX_NEW_TOKENS)."""
+
+
+def rows_within_limits(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str],
+                       max_prompt_tokens: int, max_new_tokens: int) -> FittingRows:
+    """The rows whose prompt fits `max_prompt_tokens` (the RL path's own filter,
+    `launch.data.model_prompts.drop_long_prompts`) and whose target with its EOS fits
+    `max_new_tokens` (a completion the engine can write out before it is cut). A longer row would
+    teach text past the limits RL samples within, past the model's context when they add up to it
+    (the tiny model has 256 positions), and its length would be paid in every batch it joins:
+    MATH's worked solutions kept the embedded model's warm-up running for over 10 minutes."""
+    prompt_lens = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False).input_ids]
+    target_lens = [len(ids) + 1 for ids in tokenizer(list(targets), add_special_tokens=False).input_ids]  # + EOS
+    kept, skipped = [], Counter()
+    for i, (n_prompt, n_target) in enumerate(zip(prompt_lens, target_lens)):
+        if n_prompt > max_prompt_tokens:
+            skipped[OVER_MAX_PROMPT_TOKENS] += 1
+        elif n_target > max_new_tokens:
+            skipped[TARGET_OVER_MAX_NEW_TOKENS] += 1
+        else:
+            kept.append(i)
+    return FittingRows(kept, skipped)
 
 
 def greedy_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],

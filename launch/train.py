@@ -36,7 +36,7 @@ from launch.config import Config, ConfigError, dump_yaml, help_text, list_preset
 from launch.eval import held_out_set
 from launch.metrics import MetricsLogger, PhaseTimer, console_line, write_plots
 from launch.placement import Placement, ds_accelerator, make_placement, preflight
-from launch.sft import StopProbe, greedy_probe, sft_train
+from launch.sft import StopProbe, greedy_probe, rows_within_limits, sft_train
 from launch.tiny_model import write_tiny_model_dir
 from launch.actors import SyncedLearnerRank, SyncedRolloutWorker
 from launch.sync_group import SyncGroup
@@ -420,19 +420,27 @@ def prepare_model(cfg: Config, run_dir: Path, train_prompts: list[Prompt]) -> tu
                                 cfg.model.tiny_heads, seed=cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    probe_set = train_prompts[-cfg.model.sft_probe_size:]  # training problems: the held-out set stays unseen until eval
+    r = cfg.rollout
+    rows = rows_within_limits(tokenizer, [p.text for p in train_prompts], [sft_target(p) for p in train_prompts],
+                              r.max_prompt_tokens, r.max_new_tokens)
+    if not rows.kept and cfg.model.sft_steps:
+        raise ConfigError(f"no training row fits the SFT warm-up: each needs a prompt within rollout.max_prompt_tokens="
+                          f"{r.max_prompt_tokens} and a target within rollout.max_new_tokens={r.max_new_tokens} "
+                          f"(skipped: {dict(rows.skipped)}); raise them or set model.sft_steps=0")
+    sft_prompts = [train_prompts[i] for i in rows.kept]
+    probe_set = sft_prompts[-cfg.model.sft_probe_size:]  # training problems: the held-out set stays unseen until eval
     accuracy = lambda: greedy_probe(model, tokenizer, [p.text for p in probe_set], [p.gold for p in probe_set],
-                                    cfg.rollout.max_new_tokens)
+                                    r.max_new_tokens)
     probe = StopProbe(accuracy, cfg.model.sft_probe_every, cfg.model.sft_stop_accuracy) if cfg.model.sft_stop_accuracy > 0 else None
-    stats = sft_train(model, tokenizer, [p.text for p in train_prompts], [sft_target(p) for p in train_prompts],
+    stats = sft_train(model, tokenizer, [p.text for p in sft_prompts], [sft_target(p) for p in sft_prompts],
                       cfg.model.sft_steps, cfg.model.sft_lr, cfg.model.sft_batch_size, cfg.train.seed,
                       probe=probe)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     info = {"sft_steps": stats.steps, "sft_final_loss": stats.final_loss, "sft_seconds": stats.seconds,
-            "sft_probe_accuracy": stats.probe_accuracy}
-    print(f"SFT warm-up: {stats.steps} steps in {stats.seconds:.0f}s, loss {stats.final_loss:.3f}, "
-          f"probe accuracy {stats.probe_accuracy:.2f}", flush=True)
+            "sft_probe_accuracy": stats.probe_accuracy, "sft_rows": len(rows.kept), "sft_rows_skipped": dict(rows.skipped)}
+    print(f"SFT warm-up: {stats.steps} steps in {stats.seconds:.0f}s, loss {stats.final_loss:.3f}, probe accuracy "
+          f"{stats.probe_accuracy:.2f}, on {len(rows.kept)} rows (left out: {dict(rows.skipped) or 'none'})", flush=True)
     (run_dir / "sft.json").write_text(json.dumps(info))
     return out, info
 

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from launch.config import ConfigError, load_config
-from launch.placement import (ModelShape, colocated_memory_problem, ds_accelerator, make_placement, missing_resources,
+from launch.placement import (ModelShape, colocated_memory_problem, context_problem, ds_accelerator, make_placement, missing_resources,
                               model_shape, plan_bundles, preflight)
 from learner.actor import LearnerGroup
 from rollout_workers.worker import make_rollout_workers
@@ -94,7 +94,24 @@ def qwen05b_dir(path: Path) -> Path:
 
 def test_model_shape_counts_parameters_from_the_config_alone(tmp_path):
     shape = model_shape(load_config(None, [f"model.path={qwen05b_dir(tmp_path)}"]))
-    assert shape == ModelShape(494_032_768, 24, 896, 151_936)  # Qwen2.5-0.5B's published count
+    assert shape == ModelShape(494_032_768, 24, 896, 151_936, 32_768)  # Qwen2.5-0.5B's published count
+
+
+def test_limits_past_the_models_context_are_refused_before_any_actor_starts(monkeypatch):
+    """The engines refuse a prompt that leaves no room for max_new_tokens in the context, so a
+    config whose limits add up past it would have every prompt refused: the embedded model has
+    256 positions, and 64 + 200 = 264."""
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    cfg = load_config(None, ["rollout.max_new_tokens=200"])
+    assert model_shape(cfg).context == 256
+    assert context_problem(cfg, 256) == ("context: rollout.max_prompt_tokens (64) + rollout.max_new_tokens (200) = "
+                                         "264 positions, more than the model's 256 (max_position_embeddings): lower "
+                                         "one of them so that they add up to at most 256")
+    with pytest.raises(ConfigError, match=r"rollout\.max_new_tokens \(200\) = 264 positions"):
+        preflight(cfg, joins_cluster=False)
+    assert "eval.max_new_tokens (193) = 257" in context_problem(load_config(None, ["eval.max_new_tokens=193"]), 256)
+    assert context_problem(load_config(None, ["rollout.max_new_tokens=192"]), 256) is None  # 64 + 192 = 256 fits
+    preflight(load_config(None, ["rollout.max_new_tokens=192"]), joins_cluster=False)
 
 
 def colocated(tmp_path, *overrides):
