@@ -54,7 +54,7 @@ class ModelConfig:
     tiny_heads: int = 4
     """Embedded tiny model: attention heads."""
     sft_steps: int = 1500
-    """Most supervised warm-up steps on the training prompts before RL (0 = none)."""
+    """Most supervised warm-up steps on the training prompts before RL (0 = none). It learns the rows whose prompt fits rollout.max_prompt_tokens and whose target fits rollout.max_new_tokens; the rest are counted in RUN/sft.json."""
     sft_stop_accuracy: float = 0.5
     """End the warm-up once greedy accuracy on sft_probe_size training problems reaches this (0 = run all sft_steps)."""
     sft_probe_size: int = 256
