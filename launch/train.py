@@ -541,6 +541,10 @@ def setup(cfg: Config, run_dir: Path) -> tuple[Run, dict]:
         raise ConfigError(f"no prompt of the {'train' if not train.prompts else 'eval'} split fits in "
                           f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} "
                           f"(skipped rows: {dict(train.skipped + evals.skipped)})")
+    if len(train.prompts) < batch_prompts(cfg):  # a batch never holds a prompt twice (PromptCursor.next_batch)
+        key = "rollout.prompts_per_generation" if cfg.train.mode == "dash" else "learner.prompts_per_step"
+        raise ConfigError(f"{key}={batch_prompts(cfg)} is more than the {len(train.prompts)} training prompts that fit "
+                          f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} (skipped rows: {dict(train.skipped)})")
     data_info = {"train_prompts": len(train.prompts), "eval_prompts": len(evals.prompts),
                  "skipped_rows": dict(train.skipped + evals.skipped)}
     connect_ray(cfg)

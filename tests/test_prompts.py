@@ -284,8 +284,29 @@ def test_cursor_epochs_are_seeded_permutations() -> None:
     assert sorted(p.uid for p in epoch0) == sorted(p.uid for p in epoch1) == sorted(f"p{i}" for i in range(10))
     assert epoch0 != epoch1
     assert cursor.state()["epoch"] == 1
-    assert PromptCursor(_prompts(10), seed=1).next_batch(20) == epoch0 + epoch1
     assert PromptCursor(_prompts(10), seed=2).next_batch(10) != epoch0
+
+
+def test_a_batch_across_an_epoch_boundary_never_holds_a_prompt_twice() -> None:
+    """The dispatcher refuses a batch with a repeated uid ("groups could not be told apart"): a
+    run whose batch crossed into a new epoch that began with a prompt from the old one's tail
+    would stop there. Epoch orders come from one-epoch batches (which never cross)."""
+    reference = PromptCursor(_prompts(5), seed=0)
+    assert [p.uid for p in reference.next_batch(5)] == ["p0", "p1", "p3", "p2", "p4"]
+    assert [p.uid for p in reference.next_batch(5)] == ["p4", "p1", "p0", "p3", "p2"]  # begins with epoch 0's last
+    cursor = PromptCursor(_prompts(5), seed=0)
+    assert [p.uid for p in cursor.next_batch(3)] == ["p0", "p1", "p3"]
+    # Epoch 0's last two, then epoch 1 passes over p4 (held) and gives p1.
+    assert [p.uid for p in cursor.next_batch(3)] == ["p2", "p4", "p1"]
+    assert (cursor.state()["epoch"], cursor.state()["index"]) == (1, 2)
+    assert [p.uid for p in cursor.next_batch(3)] == ["p0", "p3", "p2"]
+    for n in (1, 2, 3, 4, 5, 4, 3, 5, 2, 5):
+        batch = cursor.next_batch(n)
+        assert len({p.uid for p in batch}) == n
+    with pytest.raises(ValueError, match="a batch of 6 distinct prompts cannot be drawn from 5"):
+        cursor.next_batch(6)
+    with pytest.raises(ValueError, match="distinct uids"):
+        PromptCursor(_prompts(2) + _prompts(1), seed=0)
 
 
 def test_cursor_resume_continues_exactly() -> None:
@@ -307,3 +328,15 @@ def test_cursor_rejects_foreign_state() -> None:
         PromptCursor(_prompts(6), seed=0).load_state(state)
     with pytest.raises(ValueError, match="at least one"):
         PromptCursor([], seed=0)
+
+
+def test_a_run_with_fewer_training_prompts_than_a_batch_is_refused_before_any_actor_starts(tmp_path, capsys) -> None:
+    """GSM8K on the embedded model kept 6 prompts within 64 tokens: its first batch of 64 had to
+    repeat prompts, and the run died in the dispatcher. Now it stops with the keys to change."""
+    from launch.train import main
+
+    code = main(["data.synthetic_train_size=10", "model.sft_steps=0", f"run.dir={tmp_path / 'run'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "rollout.prompts_per_generation=64 is more than the 10 training prompts that fit rollout.max_prompt_tokens=64" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

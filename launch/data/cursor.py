@@ -13,12 +13,14 @@ from rollout_workers.types import Prompt
 
 class PromptCursor:
     """Walks a prompt list in a fresh deterministic shuffle per epoch (from (seed, epoch)), wrapping
-    across epochs. `state()`/`load_state()` make a resumed run draw exactly the prompts an
-    uninterrupted one would (resume covers the data cursor)."""
+    across epochs (a batch may span two). `state()`/`load_state()` make a resumed run draw exactly
+    the prompts an uninterrupted one would (resume covers the data cursor)."""
 
     def __init__(self, prompts: Sequence[Prompt], seed: int) -> None:
         if not prompts:
             raise ValueError("PromptCursor needs at least one prompt")
+        if len({p.uid for p in prompts}) != len(prompts):
+            raise ValueError("PromptCursor needs prompts with distinct uids")
         self.prompts = list(prompts)
         self.seed = seed
         self.epoch = 0
@@ -32,18 +34,24 @@ class PromptCursor:
         return order
 
     def next_batch(self, n: int) -> list[Prompt]:
-        """The next `n` prompts (a batch may span the end of an epoch)."""
-        if n < 1:
-            raise ValueError(f"batch size must be >= 1, got {n}")
+        """The next `n` prompts, never one twice: the engines and the learner tell a batch's groups
+        apart by prompt uid. A batch that crosses into a new epoch passes over the new epoch's
+        prompts it already holds (it drew them at the end of the last epoch), so those are not
+        drawn again in the new epoch. `n` may not exceed the number of prompts."""
+        if not 1 <= n <= len(self.prompts):
+            raise ValueError(f"a batch of {n} distinct prompts cannot be drawn from {len(self.prompts)}")
         batch: list[Prompt] = []
+        held: set[str] = set()
         while len(batch) < n:
             if self.index == len(self._order):
                 self.epoch += 1
                 self.index = 0
                 self._order = self._permutation()
-            take = min(n - len(batch), len(self._order) - self.index)
-            batch += [self.prompts[i] for i in self._order[self.index:self.index + take]]
-            self.index += take
+            prompt = self.prompts[self._order[self.index]]
+            self.index += 1
+            if prompt.uid not in held:
+                held.add(prompt.uid)
+                batch.append(prompt)
         return batch
 
     def state(self) -> dict:
