@@ -271,6 +271,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"learner.micro_batch_tokens ({l.micro_batch_tokens}) is smaller than rollout.max_prompt_tokens + "
             f"rollout.max_new_tokens ({longest}): the longest sample would not fit in one micro-batch")
+    if r.group_size < 2:
+        raise ConfigError(f"rollout.group_size={r.group_size}: a group-relative advantage needs at least two completions "
+                          f"per prompt (learner.advantage={l.advantage} of one completion is 0 or undefined), so "
+                          "nothing would be learned; use rollout.group_size >= 2")
     if cfg.train.mode == "dash" and r.prompts_per_generation % l.prompts_per_step:
         raise ConfigError(
             f"rollout.prompts_per_generation ({r.prompts_per_generation}) must be a multiple of "

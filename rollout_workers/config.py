@@ -34,7 +34,7 @@ class RolloutConfig:
     num_workers: int = 1
     """Number of rollout worker actors (one engine each)."""
     group_size: int = 8
-    """G: completions sampled per prompt."""
+    """G: completions sampled per prompt (>= 2: the advantage compares a completion with its group)."""
     prompts_per_generation: int = 64
     """Preemptive batch: prompts submitted to the engines in one call per iteration."""
     temperature: float = 1.0

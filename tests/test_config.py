@@ -45,6 +45,7 @@ def test_wrong_type_names_key_and_type():
     (["rollout.prompts_per_generation=24", "learner.prompts_per_step=16"], r"must be a multiple of learner\.prompts_per_step"),
     (["model.path=/nonexistent/model"], r"model\.path '/nonexistent/model' does not exist"),
     (["rollout.group_size=0"], r"rollout\.group_size must be >= 1"),
+    (["rollout.group_size=1"], r"rollout\.group_size=1: a group-relative advantage needs at least two completions"),
     (["learner.torch_threads=-1"], r"learner\.torch_threads must be >= 0"),
     (["learner.refill=true", "train.overlap=true"], r"learner\.refill=true with train\.overlap=true is not supported"),
     (["learner.refill=true", "train.mode=standard_grpo"], r"learner\.refill=true needs the gradient filter"),
