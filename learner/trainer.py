@@ -234,6 +234,14 @@ class RankTrainer:
         it is a collective: every rank builds its trainer."""
         if backends.flag_group_needed or dist.get_backend() != "gloo":
             self.flag_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        if deepspeed.get_accelerator().device_name() == "cpu":
+            # Bit-exact runs on CPU: with more than one intra-op thread, the backward of an index
+            # with repeated entries (index_put with accumulate: the shared prompt heads' KV rows,
+            # `batch_select_indices` in `forward_logprobs`) sums in thread order, so two runs of one
+            # config drifted apart in the 9th digit after the first optimizer step. The
+            # deterministic kernels cost nothing measurable here (README, "Reliability"). On CUDA
+            # this would need CUBLAS_WORKSPACE_CONFIG and cost speed; GPU runs are not bit-exact.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()

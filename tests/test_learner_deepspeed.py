@@ -386,6 +386,31 @@ def test_cpu_flags_and_barrier_go_through_the_side_group_when_one_is_built(train
     assert (tmp_path / "hf" / "dash_export.json").exists()
 
 
+def test_cpu_passes_are_bit_exact_with_two_threads(trainers):
+    """Two runs of one config must agree to the bit on CPU. With two intra-op threads, the backward
+    of the shared prompt heads' KV-row selection (an index with repeated rows: 64 groups of 8 rows
+    over their heads) summed in thread order, so the same pass gave another gradient each time and
+    runs drifted apart after their first optimizer step. The rank turns on torch's deterministic
+    kernels on CPU."""
+    trainer = trainers(0)
+    assert torch.are_deterministic_algorithms_enabled()
+    samples = select_samples(make_groups(64, seed=0, group_size=8), "grpo", 0.1, True).samples
+    (rows,) = pack_samples(samples, 100_000, True)
+    mb = collate([samples[i] for i in rows], "token_mean", None, True)
+    assert mb.prompt_heads.shape[0] < mb.input_ids.shape[0]  # rows share heads: the index repeats
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradients = []
+        for _ in range(4):
+            trainer.forward_backward(mb, True, False)
+            gradients.append(trainer.full_gradients(1000.0))
+            trainer.discard_gradients()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g[name], gradients[0][name]) for g in gradients[1:] for name in g)
+
+
 def test_bad_input_clear_errors(trainers):
     cfg = LearnerConfig(prompts_per_step=2, micro_batch_tokens=16)
     batcher = StreamingBatcher(cfg, LocalRankPool(trainers(0)), MAX_NEW)
