@@ -239,8 +239,8 @@ class RankTrainer:
             # with repeated entries (index_put with accumulate: the shared prompt heads' KV rows,
             # `batch_select_indices` in `forward_logprobs`) sums in thread order, so two runs of one
             # config drifted apart in the 9th digit after the first optimizer step. The
-            # deterministic kernels cost nothing measurable here (README, "Reliability"). On CUDA
-            # this would need CUBLAS_WORKSPACE_CONFIG and cost speed; GPU runs are not bit-exact.
+            # deterministic kernels cost nothing measurable on the tiny default's batches (README,
+            # "Reliability"). On CUDA this would need CUBLAS_WORKSPACE_CONFIG and cost speed.
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.cfg = cfg
         self.rank = dist.get_rank()
