@@ -22,7 +22,7 @@ from launch.data.synthetic import synthetic_problems
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (Engine, EngineOptions, NativeWeightTransfer, SamplingParamsSpec, Sleepable,
                                           make_engine)
-from rollout_workers.engines.hf import CutRow, HFEngine, cut_at_eos
+from rollout_workers.engines.hf import CutRow, HFEngine, ReservedLayer, cut_at_eos
 from rollout_workers.engines.registry import ENGINES, engine_names, get_engine
 from rollout_workers.types import Prompt
 
@@ -232,6 +232,56 @@ def test_ended_rows_leave_the_batch_and_the_rest_keep_their_cache(engine):
     for g, c in completions:
         want = _teacher_forced_logprobs(engine, g.prompt_token_ids, c.token_ids, 1.0)
         torch.testing.assert_close(torch.tensor(c.logprobs_sampler), want, atol=1e-4, rtol=0)
+
+
+def test_reserved_cache_layer_holds_what_transformers_own_layer_holds():
+    """`ReservedLayer` (KV written in place into a reserved buffer) against transformers'
+    `DynamicLayer` (grown by torch.cat) through what a decode does: a prefill, the G-fold repeat,
+    steps, rows leaving, and steps past the reserved capacity (it grows): the same keys and
+    values, bit for bit, at every point."""
+    from transformers.cache_utils import DynamicLayer
+
+    gen = torch.Generator().manual_seed(0)
+    kv = lambda n, t: (torch.randn(n, 2, t, 4, generator=gen), torch.randn(n, 2, t, 4, generator=gen))  # (N, H, T, D)
+    reserved, dynamic = ReservedLayer(capacity=6), DynamicLayer()
+    both = lambda: [(layer.update(*step), layer.get_seq_length()) for layer in (reserved, dynamic)]
+
+    def check(out):
+        (keys_r, values_r), length_r = out[0]
+        (keys_d, values_d), length_d = out[1]
+        assert length_r == length_d == keys_d.shape[-2]
+        assert torch.equal(keys_r, keys_d) and torch.equal(values_r, values_d)
+
+    step = kv(2, 3)  # prefill: 2 prompts, 3 tokens
+    check(both())
+    for layer in (reserved, dynamic):
+        layer.batch_repeat_interleave(3)  # G = 3
+    for t in range(2):
+        step = kv(6, 1)
+        check(both())
+    keep = torch.tensor([0, 2, 5])
+    for layer in (reserved, dynamic):
+        layer.batch_select_indices(keep)  # rows that ended leave
+    for t in range(4):  # 3 + 2 + 4 = 9 positions: past the capacity of 6
+        step = kv(3, 1)
+        check(both())
+    assert reserved.get_seq_length() == 9 and reserved._keys_buffer.shape[-2] >= 9
+
+
+def test_reserved_cache_samples_what_the_growing_cache_samples(tiny_model_dir):
+    """The engine's reserved KV cache (fast path) against transformers' growing one (reference):
+    the same seed draws the same tokens, with logprobs equal to float rounding, with rows leaving
+    the batch on the way and with a capacity estimate that holds."""
+    params = SamplingParamsSpec(n=4, temperature=1.0, max_new_tokens=10, seed=11)
+    runs = {}
+    for reserve in (True, False):
+        eng = HFEngine(str(tiny_model_dir), gen_batch_tokens=150, seed=0, reserve_cache=reserve)
+        runs[reserve] = [c for g in eng.generate(PROMPTS, params) for c in g.completions]
+    assert {c.finish_reason for c in runs[True]} == {"stop", "length"}
+    assert [c.token_ids for c in runs[True]] == [c.token_ids for c in runs[False]]
+    for fast, ref in zip(runs[True], runs[False]):
+        torch.testing.assert_close(torch.tensor(fast.logprobs_sampler), torch.tensor(ref.logprobs_sampler),
+                                   atol=1e-5, rtol=0)
 
 
 def _cut_one_element_at_a_time(new_tokens: torch.Tensor, logprobs: torch.Tensor, eos_ids) -> list[CutRow]:

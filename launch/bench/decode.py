@@ -1,11 +1,13 @@
 """Benchmark: completion tokens/s of the transformers engine's decode on a model directory, for
 chunk budgets (`rollout.gen_batch_tokens`) and with ended rows leaving the batch
 (`HFEngine(compact_at=1/8)`, the default) or kept to the end (`compact_at` > 1, what
-`model.generate` does). The prompts are the bench regime's synthetic task in its plain template.
+`model.generate` does), and with the KV cache reserved for the whole decode (`--cache reserved`,
+the default) or grown by `torch.cat` at every token (`dynamic`, what `model.generate` does). The prompts are the bench regime's synthetic task in its plain template.
 
     python -m launch.bench decode --model runs/bench/starts/<reasoning start>/sft_model --task chain \\
         --max-new-tokens 96 --threads 2 --json runs/bench/decode.json
     python -m launch.bench decode --model DIR --budgets 16384 131072 --compact-at 0.125 2 --repeats 3
+    python -m launch.bench decode --model DIR --budgets 131072 --compact-at 0.125 --cache reserved dynamic --repeats 3
 
 Every mode samples the same prompts with the same seed; the modes alternate, `--repeats` times
 each, and the table shows each mode's fastest repeat (the JSON keeps every timing).
@@ -35,6 +37,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--budgets", type=int, nargs="+", default=[16384, 131072], help="gen_batch_tokens values")
     ap.add_argument("--compact-at", type=float, nargs="+", default=[0.125, 2.0],
                     help="HFEngine compact_at values (> 1: ended rows stay to the end)")
+    ap.add_argument("--cache", nargs="+", choices=("reserved", "dynamic"), default=["reserved"],
+                    help="KV cache: reserved for the whole decode (the engine's) or grown by torch.cat per token")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the result here")
@@ -42,10 +46,11 @@ def main(argv: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     prompts = synthetic_problems([args.task], 2, args.prompts, 0, "train")
     params = SamplingParamsSpec(n=args.group_size, max_new_tokens=args.max_new_tokens, seed=0)
-    # Built directly, not through the engine registry: compact_at is the engine's internal switch
-    # under test here, not a setting of the rollout section.
-    engines = {f"budget={b} compact_at={c}": HFEngine(args.model, gen_batch_tokens=b, compact_at=c)
-               for b in args.budgets for c in args.compact_at}
+    # Built directly, not through the engine registry: compact_at and the cache are the engine's
+    # internal switches under test here, not settings of the rollout section.
+    engines = {f"budget={b} compact_at={c} cache={k}": HFEngine(args.model, gen_batch_tokens=b, compact_at=c,
+                                                                  reserve_cache=k == "reserved")
+               for b in args.budgets for c in args.compact_at for k in args.cache}
     runs: dict[str, list[dict]] = {mode: [] for mode in engines}
     for engine in engines.values():  # warm-up: first calls pay allocation and kernel selection
         list(engine.generate(prompts[:2], params))

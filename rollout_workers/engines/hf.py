@@ -12,7 +12,9 @@ chat template's system turn) are longer than the completions.
 
 The decode loop (`HFEngine._decode`) replaces `model.generate` because generate keeps computing
 every finished row until the longest row of the batch ends; here rows that ended leave the batch
-and the KV cache (`DynamicCache.batch_select_indices`). Its logprobs are those of the distribution
+and the KV cache (`DynamicCache.batch_select_indices`), and the cache is reserved for the whole
+decode (`ReservedLayer`) instead of grown by `torch.cat` at every step, which copies all of it
+each token. Its logprobs are those of the distribution
 each token was drawn from (after the temperature and top-p warpers), which is what the PPO
 importance ratio's denominator must be, taken one (N, V) step at a time: keeping the scores of all
 steps would be (N, T, V) floats, 13 GB for a 65k-token budget and a 49k vocabulary.
@@ -26,6 +28,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from rollout_workers.config import RolloutConfig
 from rollout_workers.engines.base import (TORCH_DTYPES, Engine, EngineOptions, GroupOutput, SamplingParamsSpec,
@@ -45,7 +48,7 @@ class HFEngine(Engine):
 
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
                  gen_batch_tokens: int = RolloutConfig.gen_batch_tokens, seed: int = 0, shared_prefill: bool = True,
-                 compact_at: float = 0.125) -> None:
+                 compact_at: float = 0.125, reserve_cache: bool = True) -> None:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"HFEngine dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         if gen_batch_tokens < 1:
@@ -67,6 +70,8 @@ class HFEngine(Engine):
         """Fraction of a decode batch whose rows have ended at which they leave it (`_decode`); > 1 = never
         (what `model.generate` does: launch.bench.decode's baseline). 1/8 measured best of 1/32-1/2 on
         the reasoning task (README, "Sampling speed")."""
+        self._reserve_cache = reserve_cache
+        """False: transformers' `DynamicLayer`, grown by `torch.cat` at every token (launch.bench.decode's baseline)."""
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
         """The model's name for its KV cache argument: transformers >= 5.20 renamed past_key_values
         to cache (5.19 is what the vLLM CPU build pins, so both must work)."""
@@ -144,12 +149,14 @@ class HFEngine(Engine):
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, P)
         # Argmax gives G identical completions: decode once, copy G times.
         copies = 1 if params.greedy else params.n
+        # The cache holds the prompt and every new token but the last (never run through the model).
+        capacity = input_ids.shape[1] + params.max_new_tokens - 1
         if self._shared_prefill:
-            cache = self._prefill(input_ids, attention_mask)
+            cache = self._prefill(input_ids, attention_mask, capacity)
             cache.batch_repeat_interleave(copies)
         input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
         if not self._shared_prefill:
-            cache = self._prefill(input_ids, attention_mask)
+            cache = self._prefill(input_ids, attention_mask, capacity)
         # Sampling from the policy itself: none of the knobs a checkpoint's generation_config may
         # set (Qwen sets top_k and repetition_penalty) applies; only the requested temperature and top-p.
         warpers = []
@@ -168,11 +175,14 @@ class HFEngine(Engine):
             completions = [c for c in completions for _ in range(params.n)]
         return completions
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DynamicCache:
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int) -> DynamicCache:
         """The KV cache of all but the last token of the left-padded prompts `input_ids` (B, P), at
         the positions of their unpadded tokens; the decode runs the last token. Sampling calls it
-        for the B distinct prompts and repeats the cache G times (shared prefill)."""
+        for the B distinct prompts and repeats the cache G times (shared prefill). Its full-attention
+        layers reserve `capacity` positions (sliding-window layers keep transformers' own)."""
         cache = DynamicCache(config=self._model.config)
+        if self._reserve_cache:
+            cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
         if input_ids.shape[1] > 1:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P)
             # logits_to_keep=1: the prefill's logits are not used, and all of them would be (B, P, V) floats.
@@ -222,6 +232,62 @@ class HFEngine(Engine):
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], -1)
             step_ids, position = sampled[:, None], position + 1
         return tokens, logprobs
+
+
+class ReservedLayer(DynamicLayer):
+    """One layer's KV cache in buffers reserved for the whole decode, (N, H, capacity, D) each:
+    a step writes its token's keys and values in place and attention reads a view of the filled
+    positions. transformers' `DynamicLayer` grows by `torch.cat`, which copies the whole cache at
+    every token: on the reasoning bench's decode (512 rows, 96 new tokens) that was 40% of the
+    step (`python -m launch.bench decode`, README "Sampling speed"). Past `capacity` it grows by
+    doubling, so a wrong estimate costs time, never tokens."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"ReservedLayer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.length = 0
+        self._keys_buffer = self._values_buffer = None  # (N, H, capacity, D)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        n, heads, _, dim = key_states.shape
+        self._keys_buffer = key_states.new_empty(n, heads, self.capacity, dim)
+        self._values_buffer = value_states.new_empty(n, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._keys_buffer.shape[-2]:
+            grow = max(end, 2 * self._keys_buffer.shape[-2]) - self._keys_buffer.shape[-2]
+            self._keys_buffer = torch.nn.functional.pad(self._keys_buffer, (0, 0, 0, grow))
+            self._values_buffer = torch.nn.functional.pad(self._values_buffer, (0, 0, 0, grow))
+        self._keys_buffer[:, :, self.length:end] = key_states
+        self._values_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        return self._view()
+
+    def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = self._keys_buffer[:, :, :self.length], self._values_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            self._keys_buffer = self._keys_buffer.repeat_interleave(repeats, dim=0)
+            self._values_buffer = self._values_buffer.repeat_interleave(repeats, dim=0)
+            self._view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length:
+            self._keys_buffer, self._values_buffer = self._keys_buffer[indices], self._values_buffer[indices]
+            self._view()
 
 
 class CutRow(NamedTuple):
