@@ -48,7 +48,9 @@ class SyncedRolloutWorker(RolloutWorker):
     def receive_weights(self, version: int) -> int:
         """Receive every bucket of `version`, then load them in one go; returns the version now served.
         On any failure the engine keeps its previous weights and version."""
-        received = self._receiver.receive(version)
+        # The receive casts and copies tensors: on the worker's torch thread, like the engine's work
+        # (rollout_workers/worker.py's docstring says why).
+        received = self._on_torch_thread(self._receiver.receive, version)
         return self.update_weights(received.named_tensors, received.version)
 
     def weight_control(self, call: ControlCall) -> None:

@@ -6,6 +6,14 @@ Scoring is off the engine's critical path: the engine runs on its own thread (`G
 keeps sampling the rest of the batch while the actor's thread scores the groups it has finished
 (the reward pool works in separate processes) and streams them out, in engine order.
 
+All of the worker's tensor work (sampling, loading and reading weights, receiving a weight sync)
+runs on one long-lived thread, the worker's torch thread. Why: libgomp gives every thread that
+starts a parallel region its own team of helper threads, kept while that thread lives, and once
+a process holds more helpers than cores it stops spin-waiting between regions. A weight copy on
+one of Ray's long-lived method threads was enough: every later decode step's hundreds of small
+regions then paid a sleep and wake-up, and sampling the reasoning bench's batch took 35% longer
+(1.3 of 2 cores busy; README, "Sampling speed").
+
 Advantages are left None: the learner computes them in one place.
 
 The engine is private to the worker: callers (the driver, launch's weight-sync subclass) use the
@@ -20,6 +28,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Generic, Iterator, NamedTuple, Sequence, TypeVar
 
@@ -101,32 +111,52 @@ class _Failed(NamedTuple):
 _END = object()
 
 
+def torch_thread(name: str) -> ThreadPoolExecutor:
+    """The one long-lived thread a worker runs its tensor work on (see the module docstring),
+    named `<name>-torch_0`."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-torch")
+
+
+def on_thread(executor: ThreadPoolExecutor, timeout_s: float, fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` run on `executor`'s thread; raises TimeoutError after `timeout_s` (the thread is
+    busy with something that never ends) instead of waiting forever."""
+    try:
+        return executor.submit(fn, *args).result(timeout=timeout_s)
+    except FutureTimeout:
+        raise TimeoutError(f"{getattr(fn, '__qualname__', fn)} did not finish within {timeout_s:.0f} s "
+                           f"on the worker's torch thread") from None
+
+
 class GroupFeed(Generic[T]):
-    """Runs a generator (the engine's `generate`) on its own thread, so that it keeps producing
+    """Runs a generator (the engine's `generate`) on `executor`'s thread, so that it keeps producing
     while the consumer works on what it already produced; iterating the feed yields the items in
     production order and re-raises the generator's exception. `on_item(k)` runs on the producer
     thread as item k leaves the generator. Use as a context manager: leaving it (batch done,
     cancelled, or failed) stops the producer after its current item, closes the generator on its
     own thread, and waits for it (ENGINE_STOP_TIMEOUT_S) so the engine is free again."""
 
-    def __init__(self, source: Generator[T, None, None], on_item: Callable[[int], None] | None = None,
-                 cancelled: Callable[[], bool] = lambda: False, name: str = "engine") -> None:
+    def __init__(self, source: Generator[T, None, None], executor: ThreadPoolExecutor,
+                 on_item: Callable[[int], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
+                 name: str = "engine") -> None:
         self._source = source
+        self._executor = executor
         self._on_item = on_item
         self._cancelled = cancelled
+        self._name = name
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"{name}-feed", daemon=True)
+        self._pumping: Future | None = None
 
     def __enter__(self) -> "GroupFeed[T]":
-        self._thread.start()
+        self._pumping = self._executor.submit(self._pump)
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=ENGINE_STOP_TIMEOUT_S)
-        if self._thread.is_alive():
-            raise RuntimeError(f"{self._thread.name}: the engine did not stop within {ENGINE_STOP_TIMEOUT_S:.0f} s")
+        try:
+            self._pumping.result(timeout=ENGINE_STOP_TIMEOUT_S)
+        except FutureTimeout:
+            raise RuntimeError(f"{self._name}: the engine did not stop within {ENGINE_STOP_TIMEOUT_S:.0f} s") from None
 
     def _pump(self) -> None:
         try:
@@ -184,6 +214,7 @@ class RolloutWorker:
         torch.set_num_threads(self._own_threads)
         self._cfg = cfg
         self._name = name
+        self._torch_thread = torch_thread(name)
         self._engine = make_engine(cfg, model_path, EngineOptions(
             device=actor_device(), weight_transfer_backend=weight_transfer_backend, vllm_module=vllm_module))
         self._rewards = RewardPool(cfg.reward_fn, processes=cfg.reward_processes, timeout_s=cfg.reward_timeout_s,
@@ -221,14 +252,19 @@ class RolloutWorker:
         in use."""
         self._acquire_engine("update_weights")
         try:
-            self._engine.update_weights(named_tensors, version)
+            self._on_torch_thread(self._engine.update_weights, named_tensors, version)
             return self._engine.version
         finally:
             self._engine_lock.release()
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """CPU copies of the engine's current weights by checkpoint name (equality checks after a sync)."""
-        return [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()]
+        return self._on_torch_thread(lambda: [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()])
+
+    def _on_torch_thread(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on the worker's torch thread (module docstring), within
+        rollout.engine_lock_timeout_s. Not a remote method: for this class and its subclasses."""
+        return on_thread(self._torch_thread, self._cfg.engine_lock_timeout_s, fn, *args)
 
     def _acquire_engine(self, what: str) -> None:
         if not self._engine_lock.acquire(timeout=self._cfg.engine_lock_timeout_s):
@@ -351,7 +387,7 @@ class RolloutWorker:
                 # (done, cancelled by the driver, or failed) stops the engine before the lock is released.
                 threads = request.engine_threads or self._own_threads
                 with GroupFeed(with_torch_threads(threads, self._engine.generate(kept, request.params)),
-                               first_progress, cancelled, self._name) as groups:
+                               self._torch_thread, first_progress, cancelled, self._name) as groups:
                     for scored in self._score_stream(groups, request.batch_id, cancelled):
                         yield scored
             finally:
@@ -399,8 +435,9 @@ class RolloutWorker:
         return kept, refused
 
     def close(self) -> None:
-        """Stop the reward pool's processes."""
+        """Stop the reward pool's processes and the torch thread."""
         self._rewards.close()
+        self._torch_thread.shutdown(wait=False)
 
 
 def make_rollout_workers(cfg: RolloutConfig, model_path: str, placement_group=None, vllm_module: str = "vllm",

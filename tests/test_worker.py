@@ -19,7 +19,7 @@ from rollout_workers.dispatch import BatchReport, Dispatcher
 from rollout_workers.engines.base import MissingCapability, SamplingParamsSpec
 from rollout_workers.rewards import score_math
 from rollout_workers.types import Prompt, ScoredGroup
-from rollout_workers.worker import RolloutRequest, make_rollout_workers
+from rollout_workers.worker import RolloutRequest, RolloutWorker, make_rollout_workers
 
 PARAMS = SamplingParamsSpec(n=2, max_new_tokens=6, seed=0)
 
@@ -115,6 +115,46 @@ def test_weights_interface_of_the_worker(workers, tiny_model_dir):
     for name, tensor in fake.items():
         if name in hf:
             assert torch.equal(hf[name], tensor), name
+
+
+def test_all_tensor_work_of_a_worker_runs_on_its_one_torch_thread(ray_local, tiny_model_dir):
+    """libgomp gives each thread that starts a parallel region its own helper threads; with more
+    helpers than cores it stops spin-waiting, and sampling slowed by 35% once a weight load had run
+    on one of Ray's method threads (README, "Sampling speed"). So sampling, loading and reading
+    weights all run on the worker's one torch thread, across requests."""
+    from safetensors.torch import load_file
+
+    # Defined here, so that Ray ships the class by value (the tests folder is not importable in a worker).
+    class ThreadRecordingWorker(RolloutWorker):
+        """A worker whose engine notes the thread of each sampling chunk, weight load and weight read."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.seen: list[tuple[str, str]] = []
+            engine = self._engine
+            for method in ("sample_token_ids", "update_weights", "named_weights"):
+                def recorded(*a, _fn=getattr(engine, method), _name=method, **kw):
+                    self.seen.append((_name, threading.current_thread().name))
+                    return _fn(*a, **kw)
+                setattr(engine, method, recorded)
+
+        def threads_seen(self) -> list[tuple[str, str]]:
+            return list(self.seen)
+
+    [w] = make_rollout_workers(_cfg(), str(tiny_model_dir), name_prefix="t", worker_cls=ThreadRecordingWorker)
+    try:
+        disp = Dispatcher([w], timeout_s=120)
+        assert len(list(disp.run(_prompts(2, "t1"), batch_id=1, params=PARAMS))) == 2
+        named = list(load_file(str(tiny_model_dir / "model.safetensors")).items())
+        assert ray.get(w.update_weights.remote(named, 1), timeout=60) == 1
+        assert len(ray.get(w.named_weights.remote(), timeout=60)) >= len(named) - 1
+        assert len(list(disp.run(_prompts(2, "t2"), batch_id=2, params=PARAMS))) == 2
+        seen = ray.get(w.threads_seen.remote(), timeout=60)
+    finally:
+        ray.kill(w)
+    assert [m for m, _ in seen].count("update_weights") == 1 and [m for m, _ in seen].count("named_weights") == 1
+    assert [m for m, _ in seen].count("sample_token_ids") >= 2  # one chunk per request at least
+    assert {t for _, t in seen} == {"t-0-torch_0"}
 
 
 def test_missing_capability_is_named_and_leaves_the_worker_usable(workers):

@@ -1,5 +1,6 @@
-"""Scoring off the engine's critical path: `GroupFeed` runs the engine's generator on its own
-thread, so the engine keeps sampling while the worker scores what it finished.
+"""Scoring off the engine's critical path: `GroupFeed` runs the engine's generator on the worker's
+torch thread, so the engine keeps sampling while the worker scores what it finished; and every
+piece of a worker's tensor work runs on that one thread.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_worker_overlap.py
 """
@@ -10,13 +11,20 @@ from typing import Iterator
 
 import pytest
 
-from rollout_workers.worker import GroupFeed
+from rollout_workers.worker import GroupFeed, torch_thread
 
 WAIT_S = 30.0
 """Deadlock guard only: a correct feed answers at once; a serial one never would."""
 
 
-def test_engine_produces_the_next_group_while_the_consumer_scores():
+@pytest.fixture
+def executor():
+    pool = torch_thread("w")
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def test_engine_produces_the_next_group_while_the_consumer_scores(executor):
     produced_second = threading.Event()
 
     def engine() -> Iterator[int]:
@@ -26,7 +34,7 @@ def test_engine_produces_the_next_group_while_the_consumer_scores():
         yield 2
 
     seen = []
-    with GroupFeed(engine()) as feed:
+    with GroupFeed(engine(), executor) as feed:
         for item in feed:
             if item == 0:
                 # "Scoring" group 0 waits for the engine to have produced group 1: a serial loop
@@ -36,15 +44,15 @@ def test_engine_produces_the_next_group_while_the_consumer_scores():
     assert seen == [0, 1, 2]  # production order, each item exactly once
 
 
-def test_progress_callback_runs_as_items_leave_the_engine():
+def test_progress_callback_runs_as_items_leave_the_engine(executor):
     calls = []
-    with GroupFeed((c for c in "abc"), on_item=lambda k: calls.append((k, threading.current_thread().name)),
+    with GroupFeed((c for c in "abc"), executor, on_item=lambda k: calls.append((k, threading.current_thread().name)),
                    name="w") as feed:
         assert list(feed) == ["a", "b", "c"]
-    assert calls == [(0, "w-feed"), (1, "w-feed"), (2, "w-feed")]
+    assert calls == [(0, "w-torch_0"), (1, "w-torch_0"), (2, "w-torch_0")]
 
 
-def test_engine_error_is_raised_after_the_groups_before_it():
+def test_engine_error_is_raised_after_the_groups_before_it(executor):
     def engine() -> Iterator[int]:
         yield 0
         yield 1
@@ -52,13 +60,13 @@ def test_engine_error_is_raised_after_the_groups_before_it():
 
     seen = []
     with pytest.raises(ValueError, match="engine broke"):
-        with GroupFeed(engine()) as feed:
+        with GroupFeed(engine(), executor) as feed:
             for item in feed:
                 seen.append(item)
     assert seen == [0, 1]
 
 
-def test_leaving_early_stops_and_closes_the_engine_on_its_thread():
+def test_leaving_early_stops_and_closes_the_engine_on_its_thread(executor):
     state = {"advanced_to": -1, "closed_on": None}
     gate = threading.Event()
 
@@ -71,16 +79,16 @@ def test_leaving_early_stops_and_closes_the_engine_on_its_thread():
         finally:
             state["closed_on"] = threading.current_thread().name
 
-    with GroupFeed(engine(), name="w") as feed:
+    with GroupFeed(engine(), executor, name="w") as feed:
         for item in feed:
             assert item == 0
             break  # the driver gave up on the batch
         gate.set()
-    assert state["closed_on"] == "w-feed"  # generator closed where it ran, before the feed's exit returned
+    assert state["closed_on"] == "w-torch_0"  # generator closed where it ran, before the feed's exit returned
     assert state["advanced_to"] <= 1  # stopped after the chunk in progress, not run to the end
 
 
-def test_cancel_while_waiting_for_the_engine_ends_the_stream():
+def test_cancel_while_waiting_for_the_engine_ends_the_stream(executor):
     release = threading.Event()
     cancelled = threading.Event()
 
@@ -90,7 +98,7 @@ def test_cancel_while_waiting_for_the_engine_ends_the_stream():
         yield 1
 
     seen = []
-    with GroupFeed(engine(), cancelled=cancelled.is_set) as feed:
+    with GroupFeed(engine(), executor, cancelled=cancelled.is_set) as feed:
         for item in feed:
             seen.append(item)
             cancelled.set()  # the driver cancels while the engine samples the next chunk
@@ -98,7 +106,7 @@ def test_cancel_while_waiting_for_the_engine_ends_the_stream():
     assert seen == [0]
 
 
-def test_engine_samples_with_the_threads_its_request_names():
+def test_engine_samples_with_the_threads_its_request_names(executor):
     """train.thread_handover: the engine's request carries its share of the cores; the count is
     in force while the engine runs on the feed's thread."""
     import torch
@@ -113,7 +121,7 @@ def test_engine_samples_with_the_threads_its_request_names():
             yield torch.get_num_threads()
             yield torch.get_num_threads()
 
-        with GroupFeed(with_torch_threads(2, engine())) as feed:
+        with GroupFeed(with_torch_threads(2, engine()), executor) as feed:
             assert list(feed) == [2, 2]  # torch caps the count at the cores it sees (2 on CI)
     finally:
         torch.set_num_threads(before)
