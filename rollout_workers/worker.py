@@ -12,7 +12,7 @@ starts a parallel region its own team of helper threads, kept while that thread 
 a process holds more helpers than cores it stops spin-waiting between regions. A weight copy on
 one of Ray's long-lived method threads was enough: every later decode step's hundreds of small
 regions then paid a sleep and wake-up, and sampling the reasoning bench's batch took 35% longer
-(1.3 of 2 cores busy; README, "Sampling speed").
+(1.3 of 2 cores busy; README, "Sampling speed (third round)").
 
 Advantages are left None: the learner computes them in one place.
 
@@ -115,16 +115,6 @@ def torch_thread(name: str) -> ThreadPoolExecutor:
     """The one long-lived thread a worker runs its tensor work on (see the module docstring),
     named `<name>-torch_0`."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-torch")
-
-
-def on_thread(executor: ThreadPoolExecutor, timeout_s: float, fn: Callable[..., T], *args) -> T:
-    """`fn(*args)` run on `executor`'s thread; raises TimeoutError after `timeout_s` (the thread is
-    busy with something that never ends) instead of waiting forever."""
-    try:
-        return executor.submit(fn, *args).result(timeout=timeout_s)
-    except FutureTimeout:
-        raise TimeoutError(f"{getattr(fn, '__qualname__', fn)} did not finish within {timeout_s:.0f} s "
-                           f"on the worker's torch thread") from None
 
 
 class GroupFeed(Generic[T]):
@@ -262,9 +252,15 @@ class RolloutWorker:
         return self._on_torch_thread(lambda: [(n, t.detach().cpu().clone()) for n, t in self._engine.named_weights()])
 
     def _on_torch_thread(self, fn: Callable[..., T], *args) -> T:
-        """`fn(*args)` on the worker's torch thread (module docstring), within
-        rollout.engine_lock_timeout_s. Not a remote method: for this class and its subclasses."""
-        return on_thread(self._torch_thread, self._cfg.engine_lock_timeout_s, fn, *args)
+        """`fn(*args)` on the worker's torch thread (module docstring); raises TimeoutError after
+        rollout.engine_lock_timeout_s (the thread is busy with something that never ends) instead of
+        waiting forever. Not a remote method: for this class and its subclasses."""
+        timeout_s = self._cfg.engine_lock_timeout_s
+        try:
+            return self._torch_thread.submit(fn, *args).result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"{self._name}: {getattr(fn, '__qualname__', fn)} did not finish within "
+                               f"{timeout_s:.0f} s on the worker's torch thread") from None
 
     def _acquire_engine(self, what: str) -> None:
         if not self._engine_lock.acquire(timeout=self._cfg.engine_lock_timeout_s):

@@ -2,7 +2,8 @@
 chunk budgets (`rollout.gen_batch_tokens`) and with ended rows leaving the batch
 (`HFEngine(compact_at=1/8)`, the default) or kept to the end (`compact_at` > 1, what
 `model.generate` does), and with the KV cache reserved for the whole decode (`--cache reserved`,
-the default) or grown by `torch.cat` at every token (`dynamic`, what `model.generate` does). The prompts are the bench regime's synthetic task in its plain template.
+the default) or grown by `torch.cat` at every token (`dynamic`, what `model.generate` does). The
+prompts are the bench regime's synthetic task in its plain template.
 
     python -m launch.bench decode --model runs/bench/starts/<reasoning start>/sft_model --task chain \\
         --max-new-tokens 96 --threads 2 --json runs/bench/decode.json

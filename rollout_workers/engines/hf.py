@@ -13,11 +13,11 @@ chat template's system turn) are longer than the completions.
 The decode loop (`HFEngine._decode`) replaces `model.generate` because generate keeps computing
 every finished row until the longest row of the batch ends; here rows that ended leave the batch
 and the KV cache (`DynamicCache.batch_select_indices`), and the cache is reserved for the whole
-decode (`ReservedLayer`) instead of grown by `torch.cat` at every step, which copies all of it
-each token. Its logprobs are those of the distribution
-each token was drawn from (after the temperature and top-p warpers), which is what the PPO
-importance ratio's denominator must be, taken one (N, V) step at a time: keeping the scores of all
-steps would be (N, T, V) floats, 13 GB for a 65k-token budget and a 49k vocabulary.
+decode (`ReservedLayer`) instead of grown by `torch.cat`, which copies all of it at every token.
+Its logprobs are those of the distribution each token was drawn from (after the temperature and
+top-p warpers), which is what the PPO importance ratio's denominator must be, taken one (N, V)
+step at a time: keeping the scores of all steps would be (N, T, V) floats, 13 GB for a 65k-token
+budget and a 49k vocabulary.
 
     PYTHONPATH=$PWD python -m pytest -q tests/test_engines.py
 """
@@ -238,9 +238,10 @@ class ReservedLayer(DynamicLayer):
     """One layer's KV cache in buffers reserved for the whole decode, (N, H, capacity, D) each:
     a step writes its token's keys and values in place and attention reads a view of the filled
     positions. transformers' `DynamicLayer` grows by `torch.cat`, which copies the whole cache at
-    every token: on the reasoning bench's decode (512 rows, 96 new tokens) that was 40% of the
-    step (`python -m launch.bench decode`, README "Sampling speed"). Past `capacity` it grows by
-    doubling, so a wrong estimate costs time, never tokens."""
+    every token: the reasoning bench's decode (512 rows, up to 96 new tokens) took 2.93 s that way
+    and 2.22 s with this layer (`python -m launch.bench decode --cache reserved dynamic`, README
+    "Sampling speed (third round)"). Past `capacity` it grows by doubling, so a wrong estimate
+    costs time, never tokens."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
