@@ -105,6 +105,9 @@ def test_our_contenders_get_equal_prompts_and_valid_configs(regime, quick):
     assert seen["dash_async_tis"][2:-1] == (*dash, "auto", True, True, "tis")
     assert seen["dash_half"][2:] == (True, "dash", plan.prompts_per_generation // 2, "auto", True, False, "none", False)
     assert seen["dash_async_half"][2:-1] == (True, "dash", plan.prompts_per_generation // 2, "auto", True, True, "none")
+    assert seen["dash_async_half_bf16"] == seen["dash_async_half"]
+    assert [n for n in OURS if load_config(PRESET, shared_overrides(plan) + contender_overrides(n, plan)).rollout.dtype
+            != "float32"] == ["dash_async_half_bf16"]
     assert seen["dash_async_step"][2:-1] == (True, "dash", plan.prompts_per_step, "auto", True, True, "none")
     assert {PLANS[(r, q)].task for r, q in PLANS} == {"add", "chain"}
 

@@ -30,6 +30,7 @@ optimizer step:
 | dash_async_tis     | dash_async with learner.off_policy=tis (the same, the weight truncated at is_cap) |
 | dash_half          | dash with half the preemptive batch (rollout.prompts_per_generation / 2), synchronous |
 | dash_async_half    | dash_async with half the preemptive batch (rollout.prompts_per_generation / 2): a sample lags 2-3 optimizer steps when learned, not 4-7 |
+| dash_async_half_bf16 | dash_async_half with a bfloat16 engine (rollout.dtype=bfloat16: AMX/AVX512-BF16 matmuls where the CPU has them; the learner stays fp32, and the stale batch's PPO ratio is to the bf16 sampler's logprobs) |
 | dash_async_step    | dash_async with one optimizer step's prompts per engine call (rollout.prompts_per_generation = learner.prompts_per_step): every sample lags exactly 1 step |
 | trl_grpo           | TRL 1.16 GRPOTrainer, its own transformers generation (launch.bench.peers)    |
 | sft                | continued supervised fine-tuning (launch.sft), same start (finding 1)         |
@@ -92,7 +93,7 @@ PRESET = "tiny-cpu"
 synchronous unless its name says async (train.overlap=false is set explicitly all the same)."""
 OURS = ("standard_grpo", "dash", "dash_no_filter", "dash_no_preemptive", "dash_recompute", "dash_no_handover",
         "dash_unshared", "standard_grpo_no_handover", "dash_stream", "standard_grpo_no_stream", "dash_async", "dash_async_decoupled",
-        "dash_async_tis", "dash_half", "dash_async_half", "dash_async_step")
+        "dash_async_tis", "dash_half", "dash_async_half", "dash_async_half_bf16", "dash_async_step")
 PEERS = ("trl_grpo", "sft")
 CONTENDERS = OURS + PEERS
 REGIMES = ("tiny", "reasoning")
@@ -193,12 +194,13 @@ def contender_overrides(name: str, plan: Plan, seed: int = 0) -> list[str]:
         "dash_async_tis": ["train.overlap=true", "learner.off_policy=tis"],
         "dash_half": [f"rollout.prompts_per_generation={half}"],
         "dash_async_half": ["train.overlap=true", f"rollout.prompts_per_generation={half}"],
+        "dash_async_half_bf16": ["train.overlap=true", f"rollout.prompts_per_generation={half}", "rollout.dtype=bfloat16"],
         "dash_async_step": ["train.overlap=true", f"rollout.prompts_per_generation={plan.prompts_per_step}"],
     }[name]
     one_step = ("standard_grpo", "standard_grpo_no_handover", "standard_grpo_no_stream", "dash_no_preemptive",
                 "dash_async_step")
     per_iteration = {**dict.fromkeys(one_step, plan.prompts_per_step),
-                     **dict.fromkeys(("dash_half", "dash_async_half"), half)
+                     **dict.fromkeys(("dash_half", "dash_async_half", "dash_async_half_bf16"), half)
                      }.get(name, plan.prompts_per_generation)
     iterations = max(1, plan.prompts // per_iteration)
     every = max(1, plan.eval_every_prompts // per_iteration)

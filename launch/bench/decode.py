@@ -9,6 +9,7 @@ prompts are the bench regime's synthetic task in its plain template.
         --max-new-tokens 96 --threads 2 --json runs/bench/decode.json
     python -m launch.bench decode --model DIR --budgets 16384 131072 --compact-at 0.125 2 --repeats 3
     python -m launch.bench decode --model DIR --budgets 131072 --compact-at 0.125 --cache reserved dynamic --repeats 3
+    python -m launch.bench decode --model DIR --budgets 131072 --compact-at 0.125 --dtype float32 bfloat16 --repeats 3
 
 Every mode samples the same prompts with the same seed; the modes alternate, `--repeats` times
 each, and the table shows each mode's fastest repeat (the JSON keeps every timing).
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> dict:
                     help="HFEngine compact_at values (> 1: ended rows stay to the end)")
     ap.add_argument("--cache", nargs="+", choices=("reserved", "dynamic"), default=["reserved"],
                     help="KV cache: reserved for the whole decode (the engine's) or grown by torch.cat per token")
+    ap.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                    help="engine weight dtype (rollout.dtype); bfloat16 uses AMX/AVX512-BF16 matmuls where the CPU has them")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the result here")
@@ -49,9 +52,9 @@ def main(argv: list[str]) -> dict:
     params = SamplingParamsSpec(n=args.group_size, max_new_tokens=args.max_new_tokens, seed=0)
     # Built directly, not through the engine registry: compact_at and the cache are the engine's
     # internal switches under test here, not settings of the rollout section.
-    engines = {f"budget={b} compact_at={c} cache={k}": HFEngine(args.model, gen_batch_tokens=b, compact_at=c,
-                                                                  reserve_cache=k == "reserved")
-               for b in args.budgets for c in args.compact_at for k in args.cache}
+    engines = {f"budget={b} compact_at={c} cache={k} dtype={d}": HFEngine(args.model, dtype=d, gen_batch_tokens=b,
+                                                                            compact_at=c, reserve_cache=k == "reserved")
+               for b in args.budgets for c in args.compact_at for k in args.cache for d in args.dtype}
     runs: dict[str, list[dict]] = {mode: [] for mode in engines}
     for engine in engines.values():  # warm-up: first calls pay allocation and kernel selection
         list(engine.generate(prompts[:2], params))
