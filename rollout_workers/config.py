@@ -66,6 +66,13 @@ class RolloutConfig:
     """vLLM: where its engine core runs: "process" (a process of its own, vLLM's default: the GPU
     layout), "inline" (in the worker actor's process: on CPU 1.8 s to start instead of 17 s) or
     "auto" (inline on CPU, process on GPU). Sets VLLM_ENABLE_V1_MULTIPROCESSING for the engine."""
+    vllm_cpu_reserved_cores: int = -1
+    """vLLM's CPU build with its engine core in its own process only: cores kept off the model's
+    threads for vLLM's scheduler process (VLLM_CPU_NUM_OF_RESERVED_CPU); -1 = vLLM's own rule (one
+    per local rank). On 2 cores that halves the model's threads: 0 gave a 34M-param model 1.6x the
+    tokens/s (1,266-1,436 against 818-877 at batch 256), and a 0.1M one, whose steps the scheduler
+    dominates, 0.6-0.8x (`python -m launch.bench engine --engines vllm --vllm-engine-core process`
+    with and without VLLM_CPU_NUM_OF_RESERVED_CPU=0, README "Sampling speed")."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
     reward_fn: str = DEFAULT_REWARD_FN
@@ -90,6 +97,9 @@ class RolloutConfig:
         _one_of("rollout.dtype", self.dtype, ENGINE_DTYPES)
         _one_of("rollout.answer_format", self.answer_format, ANSWER_FORMATS)
         _one_of("rollout.vllm_engine_core", self.vllm_engine_core, VLLM_ENGINE_CORE_MODES)
+        if self.vllm_cpu_reserved_cores < -1:
+            raise ValueError(f"rollout.vllm_cpu_reserved_cores must be >= 0 (or -1: vLLM's own rule), "
+                             f"got {self.vllm_cpu_reserved_cores}")
         for key in ("num_workers", "group_size", "prompts_per_generation", "max_new_tokens",
                     "max_prompt_tokens", "gen_batch_tokens", "tensor_parallel_size", "cpu_kv_cache_mb",
                     "reward_processes"):

@@ -309,6 +309,22 @@ def test_engine_core_placement_is_configured(tiny_model_dir, monkeypatch):
         assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == flag, core
 
 
+def test_cores_reserved_for_vllms_scheduler_are_configured(tiny_model_dir, monkeypatch):
+    """`rollout.vllm_cpu_reserved_cores` reaches vLLM (VLLM_CPU_NUM_OF_RESERVED_CPU, read when its
+    engine core spawns the model's process) only where it means something: the CPU build with its
+    engine core in its own process. -1 leaves vLLM's own rule."""
+    with pytest.raises(ValueError, match=r"rollout\.vllm_cpu_reserved_cores must be >= 0 \(or -1"):
+        RolloutConfig(vllm_cpu_reserved_cores=-2)
+    if torch.cuda.is_available():
+        pytest.skip("the setting is the CPU build's")
+    for core, reserved, expected in (("process", 0, "0"), ("process", 2, "2"), ("process", -1, None),
+                                     ("inline", 0, None), ("auto", 0, None)):
+        monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+        make_engine(RolloutConfig(engine="vllm", vllm_engine_core=core, vllm_cpu_reserved_cores=reserved),
+                    str(tiny_model_dir), EngineOptions(vllm_module=FAKE))
+        assert os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == expected, (core, reserved)
+
+
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face hub cache under tmp (HF_HOME / HF_HUB_CACHE), offline."""

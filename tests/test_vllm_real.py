@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import ray
@@ -233,6 +234,22 @@ def assert_serves(engine: VLLMEngine, weights: dict[str, torch.Tensor]) -> None:
     assert not unequal
 
 
+def thread_cpus(pid: int) -> set[int]:
+    """The cores any thread of process `pid` may run on (the union of its threads' affinities,
+    /proc/PID/task/*/status; vLLM pins each OMP thread of its model's process to one core)."""
+    cpus: set[int] = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            allowed = next(line.split()[1] for line in status.read_text().splitlines()
+                           if line.startswith("Cpus_allowed_list"))
+        except FileNotFoundError:  # the thread ended
+            continue
+        for part in allowed.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def reload_through_engine_core(model_dir: str, multiprocessing: bool) -> dict:
     """Build an engine with its engine core in its own process (`multiprocessing`, vLLM's default
     and the GPU layout) or in this one, sync new weights (float64, so the cast to the engine's
@@ -257,7 +274,10 @@ def reload_through_engine_core(model_dir: str, multiprocessing: bool) -> dict:
     sent = {n: t.to(torch.float32) for n, t in new.items()}
     sent["lm_head.weight"] = sent["model.embed_tokens.weight"]  # tied: lm_head reads back as the embedding
     groups = list(engine.generate(PROMPTS[:3], SamplingParamsSpec(n=2, max_new_tokens=4, seed=1)))
-    return {"engine_core_client": engine.llm.llm_engine.engine_core.__class__.__name__,
+    # The cores vLLM let its model's process (named VLLM::Worker) compute on.
+    model_cpus = [sorted(thread_cpus(c.pid)) for c in psutil.Process().children(recursive=True)
+                  if c.name().endswith("Worker")]
+    return {"engine_core_client": engine.llm.llm_engine.engine_core.__class__.__name__, "model_cpus": model_cpus,
             "version": engine.version, "read_back": sorted(read_back), "sent": sorted(sent),
             "unequal": sorted(n for n, t in read_back.items() if n not in sent or not torch.equal(t, sent[n])),
             "dtypes": sorted({str(t.dtype) for t in read_back.values()}),
@@ -268,10 +288,13 @@ def reload_through_engine_core(model_dir: str, multiprocessing: bool) -> dict:
 def test_reload_with_the_engine_core_in_its_own_process_multiprocess(model_dir):
     """The GPU layout on CPU: vLLM's engine core in its own process, where `collective_rpc`
     arguments and results are msgpack-encoded. A sync (version 1) reads back bit-equal to what was
-    sent, cast to the engine's dtype, and sampling works after it."""
+    sent, cast to the engine's dtype, and sampling works after it. With no core reserved for
+    vLLM's scheduler (`rollout.vllm_cpu_reserved_cores=0`), the model's process gets every core of a
+    one-NUMA-node machine; vLLM's own rule keeps one off (half of a 2-core machine)."""
     script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from test_vllm_real import reload_through_engine_core; "
               "print('RESULT ' + json.dumps(reload_through_engine_core(sys.argv[2], True)))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # as VLLMEngine.from_config sets it for vllm_cpu_reserved_cores=0
     proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(model_dir)],
                           capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -283,6 +306,9 @@ def test_reload_with_the_engine_core_in_its_own_process_multiprocess(model_dir):
     assert result["read_back"] == result["sent"] and result["unequal"] == [] and result["dtypes"] == ["torch.float32"]
     assert len(result["groups"]) == 3
     assert all(v == 1 and len(lens) == 2 and min(lens) >= 1 for v, lens in result["groups"])
+    assert len(result["model_cpus"]) == 1, result["model_cpus"]  # one model process (VLLM::Worker)
+    if len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) <= 1:  # vLLM binds a rank to one NUMA node
+        assert result["model_cpus"] == [sorted(os.sched_getaffinity(0))]
 
 
 def train_args(model_dir: Path, run_dir: Path) -> list[str]:

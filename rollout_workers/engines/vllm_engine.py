@@ -192,6 +192,10 @@ class VLLMEngine(Engine):
         # Read by vLLM when the LLM is built (and cached from then on, vllm/envs.py
         # enable_envs_cache); this process builds one engine only.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
+        if on_cpu and core == "process" and cfg.vllm_cpu_reserved_cores >= 0:
+            # vLLM keeps cores off the model's OMP threads for its scheduler process
+            # (vllm/utils/ompmultiprocessing.py); the spawned processes inherit this.
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.vllm_cpu_reserved_cores)
         return cls(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                    gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=cfg.enable_prefix_caching,
                    enable_sleep_mode=cfg.enable_sleep_mode, weight_transfer_backend=options.weight_transfer_backend,
