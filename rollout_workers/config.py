@@ -71,8 +71,8 @@ class RolloutConfig:
     threads for vLLM's scheduler process (VLLM_CPU_NUM_OF_RESERVED_CPU); -1 = vLLM's own rule (one
     per local rank). On 2 cores that halves the model's threads: 0 gave a 34M-param model 1.6x the
     tokens/s (1,266-1,436 against 818-877 at batch 256), and a 0.1M one, whose steps the scheduler
-    dominates, 0.6-0.8x (`python -m launch.bench engine --engines vllm --vllm-engine-core process`
-    with and without VLLM_CPU_NUM_OF_RESERVED_CPU=0, README "Sampling speed")."""
+    dominates, 0.6-0.8x (`python -m launch.bench engine --engines vllm --vllm-engine-core process
+    --vllm-cpu-reserved-cores 0` against -1, README "Performance")."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker actor (fractions allowed on CPU-only machines)."""
     reward_fn: str = DEFAULT_REWARD_FN

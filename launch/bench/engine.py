@@ -6,6 +6,7 @@ tokens/s grows many-fold from batch 1 to batch 256 (arXiv 2505.17218 Sec. 4).
     python -m launch.bench engine --json runs/bench_engine.json
     python -m launch.bench engine --batch-sizes 1 16 --max-new-tokens 16 --models tiny --engines vllm
     python -m launch.bench engine --engines vllm --models 30m --vllm-engine-core process   # the GPU layout
+    python -m launch.bench engine --engines vllm --models 30m --vllm-engine-core process --vllm-cpu-reserved-cores 0
 """
 from __future__ import annotations
 
@@ -33,19 +34,23 @@ MODELS = {
 ENGINES = ("transformers", "vllm")
 
 
-def bench_engine(kind: str, path: Path, device: str, max_batch: int, vllm_engine_core: str = "inline") -> Engine:
+def bench_engine(kind: str, path: Path, device: str, max_batch: int, vllm_engine_core: str = "inline",
+                 vllm_cpu_reserved_cores: int = -1) -> Engine:
     """The engine `kind` on the model at `path`. The transformers engine is the registry's
     (`make_engine`), with a budget that holds the largest batch in one generate() call: one call,
     one batch size. vLLM is built directly: the curve needs `max_num_seqs` = the largest batch (so
     that no batch is split into waves) and a fixed 1 GiB KV cache, which the rollout section does
     not express. `vllm_engine_core`: "inline" (in this process, as rollout workers run it on CPU)
     or "process" (its own process, vLLM's default and the GPU layout); vLLM caches the setting when
-    the first LLM is built, so one bench process measures one layout."""
+    the first LLM is built, so one bench process measures one layout. `vllm_cpu_reserved_cores`: as
+    rollout.vllm_cpu_reserved_cores (-1: vLLM's own rule)."""
     if kind == "transformers":
         return make_engine(RolloutConfig(engine=kind, gen_batch_tokens=10 ** 9), str(path), EngineOptions(device=device))
     from rollout_workers.engines.vllm_engine import VLLMEngine
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if vllm_engine_core == "process" else "0"
+    if vllm_cpu_reserved_cores >= 0:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(vllm_cpu_reserved_cores)
     return VLLMEngine(str(path), vllm_module="vllm", llm_kwargs={
         "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30, "max_num_seqs": max_batch})
 
@@ -64,7 +69,8 @@ def run_engine(kind: str, paths: dict[str, Path], args: argparse.Namespace) -> d
     out: dict = {}
     started = time.perf_counter()
     for name, path in paths.items():
-        engine = bench_engine(kind, path, args.device, max(args.batch_sizes), args.vllm_engine_core)
+        engine = bench_engine(kind, path, args.device, max(args.batch_sizes), args.vllm_engine_core,
+                              args.vllm_cpu_reserved_cores)
         n_params = sum(p.numel() for n, p in engine.named_weights() if n != "lm_head.weight")
         measure(engine, 2, 4)  # warm-up (allocator, kernels)
         sizes, rates, skipped = [], [], []
@@ -97,6 +103,9 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--vllm-engine-core", choices=("inline", "process"), default="inline",
                     help="where vLLM's engine core runs: in this process (rollout.vllm_engine_core=auto on CPU) "
                          "or in its own (the GPU layout)")
+    ap.add_argument("--vllm-cpu-reserved-cores", type=int, default=-1,
+                    help="with --vllm-engine-core process: cores kept off the model for vLLM's scheduler "
+                         "(rollout.vllm_cpu_reserved_cores; -1: vLLM's own rule)")
     ap.add_argument("--budget-s", type=float, default=110.0,
                     help="per engine: skip a batch size (listed under skipped_batch_sizes) predicted to end past "
                          "this many seconds")
@@ -105,7 +114,7 @@ def main(argv: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     # "models": the transformers curves (as before vLLM joined), "vllm": vLLM's, or why it did not run.
     result: dict = {"max_new_tokens": args.max_new_tokens, "device": args.device, "threads": args.threads,
-                    "vllm_engine_core": args.vllm_engine_core}
+                    "vllm_engine_core": args.vllm_engine_core, "vllm_cpu_reserved_cores": args.vllm_cpu_reserved_cores}
     texts = _default_texts()
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: write_tiny_model_dir(Path(tmp) / name, texts, **MODELS[name]) for name in args.models}
