@@ -151,12 +151,15 @@ def test_trl_grpo_curve_smoke(tiny_model_dir):
     train = synthetic_problems(("add",), 3, 16, 0, "train")
     evals = synthetic_problems(("add",), 3, 8, 0, "eval")
     result = trl_grpo_curve(tiny_model_dir, train, evals, group_size=2, max_new_tokens=8, lr=1e-4, prompts_per_step=2,
-                            time_budget_s=2.0, eval_every_s=1.0, seed=0)
+                            time_budget_s=2.0, eval_every_prompts=4, seed=0)
     _check_curve(result.points)
     assert len(result.points) >= 2
     samples = [p["samples_generated"] for p in result.points]
-    # Every TRL step generates prompts_per_step x G = 4 completions, all of which are scored.
+    # Every TRL step generates prompts_per_step x G = 4 completions, all of which are scored; the
+    # evaluations fall every 4 prompts (8 samples, 2 steps), the last one at the time budget.
     assert samples[0] == 0 and samples[-1] > 0 and all(n % 4 == 0 for n in samples), samples
+    assert samples[1:-1] == [8 * k for k in range(1, len(samples) - 1)], samples
+    assert samples[-1] - samples[-2] <= 8 if len(samples) > 2 else samples[-1] <= 8, samples
     assert set(result.phases) == {*PHASES, "total"}
     assert result.tokens_generated >= samples[-1]  # at least one token per scored completion
     assert result.phases["total"] == result.points[-1]["train_seconds"]

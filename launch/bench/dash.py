@@ -54,7 +54,10 @@ Budget. `launch.train` has no wall-clock cap, so our contenders get the same num
 rollout.prompts_per_generation prompts in dash mode and learner.prompts_per_step prompts otherwise,
 so iterations = prompts / that. They evaluate every `--eval-every-prompts` prompts. The two peers
 have no such knob in common with us, so they get a time budget: the longest training time of our
-contenders in the same seed round (capped by --budget-s), evaluating at the same number of points.
+contenders in the same seed round (capped by --budget-s). TRL evaluates every `--eval-every-prompts`
+prompts as ours do (until 2026-12-07 it evaluated at `n` evenly spaced times of its budget, so with
+a long budget its first evaluation fell far past its crossing); SFT, which samples no prompts,
+evaluates at the same number of evenly spaced times as ours.
 
 Target and ratios (launch/bench/stats.py): target = start + 0.5 x (lowest median best accuracy of
 dash / standard_grpo / trl_grpo - start); seconds_to_target = training seconds (evaluation
@@ -262,15 +265,14 @@ def run_peer(name: str, seed: int, plan: Plan, model_dir: Path, cfg, budget_s: f
 
     train_prompts = load_prompts(cfg.data, "train").prompts
     eval_prompts = load_prompts(cfg.data, "eval").prompts[:cfg.eval.size]
-    every = budget_s / max(1, n_evals)
     t0 = time.perf_counter()
     if name == "trl_grpo":
         result: PeerCurve = trl_grpo_curve(model_dir, train_prompts, eval_prompts, plan.group_size, plan.max_new_tokens,
-                                           plan.lr, plan.prompts_per_step, budget_s, every, seed,
+                                           plan.lr, plan.prompts_per_step, budget_s, plan.eval_every_prompts, seed,
                                            eval_max_new_tokens=cfg.eval.max_new_tokens,
                                            temperature=cfg.rollout.temperature)
     else:
-        result = sft_curve(model_dir, train_prompts, eval_prompts, budget_s, every, cfg.model.sft_lr,
+        result = sft_curve(model_dir, train_prompts, eval_prompts, budget_s, budget_s / max(1, n_evals), cfg.model.sft_lr,
                            cfg.model.sft_batch_size, seed, max_new_tokens=cfg.eval.max_new_tokens)
     return {"seed": seed, "curve": result.points, "phases": result.phases, "time_budget_s": budget_s,
             "train_seconds": result.points[-1]["train_seconds"], "wall_seconds": time.perf_counter() - t0,

@@ -152,11 +152,14 @@ class _Clock:
 
 
 def trl_grpo_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompts: Sequence[Prompt], group_size: int,
-                   max_new_tokens: int, lr: float, prompts_per_step: int, time_budget_s: float, eval_every_s: float,
-                   seed: int, eval_max_new_tokens: int | None = None, temperature: float = 1.0) -> PeerCurve:
+                   max_new_tokens: int, lr: float, prompts_per_step: int, time_budget_s: float,
+                   eval_every_prompts: int, seed: int, eval_max_new_tokens: int | None = None,
+                   temperature: float = 1.0) -> PeerCurve:
     """TRL GRPOTrainer from `model_dir` for `time_budget_s` training seconds; greedy accuracy at the
-    start, every `eval_every_s` training seconds and at the end. `samples_generated` counts the
-    completions TRL scored (each generation batch passes through the reward function once).
+    start, after every `eval_every_prompts` training prompts (the cadence of our contenders, so
+    that a seconds-to-target reads the same number of prompts on both sides, whatever the time
+    budget) and at the end. `samples_generated` counts the completions TRL scored (each generation
+    batch passes through the reward function once); prompts = samples / G.
 
     Matched to our learner's defaults: no KL (beta 0, finding 3), PPO clip 0.2, group-std
     advantages, "dapo" loss = our token_mean over the optimizer batch, constant lr, grad clip 1,
@@ -165,8 +168,9 @@ def trl_grpo_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompt
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    if time_budget_s <= 0 or eval_every_s <= 0:
-        raise ValueError(f"time_budget_s and eval_every_s must be > 0, got {time_budget_s}, {eval_every_s}")
+    if time_budget_s <= 0 or eval_every_prompts < 1:
+        raise ValueError(f"time_budget_s must be > 0 and eval_every_prompts >= 1, got {time_budget_s}, "
+                         f"{eval_every_prompts}")
     eval_tokens = eval_max_new_tokens or max_new_tokens
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -195,23 +199,23 @@ def trl_grpo_curve(model_dir: Path, train_prompts: Sequence[Prompt], eval_prompt
                 generate_timer.enabled = True
 
         class BudgetAndEval(TrainerCallback):
-            """Evaluates on the training clock's schedule and stops at the budget."""
+            """Evaluates every eval_every_prompts training prompts and stops at the time budget."""
 
             def __init__(self) -> None:
-                self.next_eval = eval_every_s
+                self.next_eval = eval_every_prompts
 
             def on_train_begin(self, args, state, control, **kwargs):
                 clock.start, clock.paused = time.perf_counter(), 0.0
                 points.append(curve_point(0.0, 0, evaluate()))
 
             def on_step_end(self, args, state, control, **kwargs):
-                now = clock.seconds()
+                now, prompts = clock.seconds(), scoring["samples"] // group_size
                 if now >= time_budget_s:
                     control.should_training_stop = True
-                if now >= self.next_eval or control.should_training_stop:
+                if prompts >= self.next_eval or control.should_training_stop:
                     points.append(curve_point(now, scoring["samples"], evaluate()))
-                    while self.next_eval <= now:
-                        self.next_eval += eval_every_s
+                    while self.next_eval <= prompts:
+                        self.next_eval += eval_every_prompts
                 return control
 
         # Checkpointing is on by default and ~40% slower on CPU. transformers < 5.20 (the vLLM CPU
