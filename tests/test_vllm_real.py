@@ -33,7 +33,7 @@ except ImportError as e:
 from rollout_workers.engines.base import SamplingParamsSpec
 from rollout_workers.engines.hf import HFEngine
 from rollout_workers.config import RolloutConfig
-from rollout_workers.engines.vllm_engine import VLLMEngine, cpu_build_kwargs
+from rollout_workers.engines.vllm_engine import VLLMEngine, cpu_build_kwargs, place_engine_core
 from rollout_workers.types import Prompt
 
 pytestmark = [pytest.mark.vllm,
@@ -250,12 +250,13 @@ def thread_cpus(pid: int) -> set[int]:
     return cpus
 
 
-def reload_through_engine_core(model_dir: str, multiprocessing: bool) -> dict:
+def reload_through_engine_core(model_dir: str, multiprocessing: bool, cpu_reserved_cores: int = -1) -> dict:
     """Build an engine with its engine core in its own process (`multiprocessing`, vLLM's default
     and the GPU layout) or in this one, sync new weights (float64, so the cast to the engine's
-    float32 is part of it) as version 1, read them back and sample. Run in a fresh interpreter
-    (`main` below); returns what the test checks, JSON-safe."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+    float32 is part of it) as version 1, read them back and sample, with `cpu_reserved_cores` as
+    rollout.vllm_cpu_reserved_cores. Run in a fresh interpreter (`main` below); returns what the
+    test checks, JSON-safe."""
+    place_engine_core("process" if multiprocessing else "inline", cpu_reserved_cores, on_cpu=True)
     torch.set_num_threads(1)
     started = time.perf_counter()
     engine = VLLMEngine(model_dir, vllm_module="vllm", llm_kwargs=CPU_LLM)
@@ -292,9 +293,8 @@ def test_reload_with_the_engine_core_in_its_own_process_multiprocess(model_dir):
     vLLM's scheduler (`rollout.vllm_cpu_reserved_cores=0`), the model's process gets every core of a
     one-NUMA-node machine; vLLM's own rule keeps one off (half of a 2-core machine)."""
     script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from test_vllm_real import reload_through_engine_core; "
-              "print('RESULT ' + json.dumps(reload_through_engine_core(sys.argv[2], True)))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
-           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # as VLLMEngine.from_config sets it for vllm_cpu_reserved_cores=0
+              "print('RESULT ' + json.dumps(reload_through_engine_core(sys.argv[2], True, cpu_reserved_cores=0)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(model_dir)],
                           capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import tempfile
 import time
@@ -46,11 +45,9 @@ def bench_engine(kind: str, path: Path, device: str, max_batch: int, vllm_engine
     rollout.vllm_cpu_reserved_cores (-1: vLLM's own rule)."""
     if kind == "transformers":
         return make_engine(RolloutConfig(engine=kind, gen_batch_tokens=10 ** 9), str(path), EngineOptions(device=device))
-    from rollout_workers.engines.vllm_engine import VLLMEngine
+    from rollout_workers.engines.vllm_engine import VLLMEngine, place_engine_core
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if vllm_engine_core == "process" else "0"
-    if vllm_cpu_reserved_cores >= 0:
-        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(vllm_cpu_reserved_cores)
+    place_engine_core(vllm_engine_core, vllm_cpu_reserved_cores, on_cpu=device == "cpu")
     return VLLMEngine(str(path), vllm_module="vllm", llm_kwargs={
         "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30, "max_num_seqs": max_batch})
 

@@ -115,6 +115,17 @@ def load_vllm(vllm_module: ModuleType | str | None, weight_path: str = "reload")
     return vllm_module
 
 
+def place_engine_core(core: str, cpu_reserved_cores: int, on_cpu: bool) -> None:
+    """Tell vLLM where its engine core runs, "inline" (this process) or "process" (its own), and,
+    on the CPU build with its own process, how many cores to keep off the model's OMP threads for
+    its scheduler (vllm/utils/ompmultiprocessing.py; -1 keeps vLLM's rule). Environment variables,
+    read by vLLM when the LLM is built and cached from then on (vllm/envs.py enable_envs_cache), so
+    a process builds its engines with one placement; spawned processes inherit them."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
+    if on_cpu and core == "process" and cpu_reserved_cores >= 0:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cpu_reserved_cores)
+
+
 CPU_STEP_TOKENS = 4096
 """Tokens one engine step may schedule on vLLM's CPU build (its own default there, 0.32.0),
 raised to the model's context where that is longer (vLLM requires it without chunked prefill)."""
@@ -189,13 +200,7 @@ class VLLMEngine(Engine):
             # On CPU the engine core runs in this (the worker actor's) process: 1.8 s to start
             # instead of 17 s for a spawned one, and one process less per engine.
             core = "inline" if on_cpu else "process"
-        # Read by vLLM when the LLM is built (and cached from then on, vllm/envs.py
-        # enable_envs_cache); this process builds one engine only.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inline" else "1"
-        if on_cpu and core == "process" and cfg.vllm_cpu_reserved_cores >= 0:
-            # vLLM keeps cores off the model's OMP threads for its scheduler process
-            # (vllm/utils/ompmultiprocessing.py); the spawned processes inherit this.
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.vllm_cpu_reserved_cores)
+        place_engine_core(core, cfg.vllm_cpu_reserved_cores, on_cpu)
         return cls(model_path, dtype=cfg.dtype, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                    gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=cfg.enable_prefix_caching,
                    enable_sleep_mode=cfg.enable_sleep_mode, weight_transfer_backend=options.weight_transfer_backend,
